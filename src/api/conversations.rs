@@ -1,0 +1,89 @@
+//! `PUT/GET /api/conversations/{cid}/`: membership, owned by the main app (service role).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+use super::auth::Caller;
+use super::error::{ApiError, JsonBody};
+use super::AppState;
+use crate::auth::Role;
+use crate::ids::{id_from_json, is_valid_id, now_rfc3339};
+use crate::store::Conversation;
+
+/// Most members a conversation may have.
+pub const MAX_MEMBERS: usize = 10_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutConversation {
+    members: Vec<Value>,
+}
+
+fn conversation_id(cid: &str) -> Result<&str, ApiError> {
+    if is_valid_id(cid) {
+        Ok(cid)
+    } else {
+        Err(ApiError::BadRequest(
+            "conversation id must be 1-64 characters of [A-Za-z0-9_-]".into(),
+        ))
+    }
+}
+
+pub async fn put(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cid): Path<String>,
+    JsonBody(body): JsonBody<PutConversation>,
+) -> Result<(StatusCode, Json<Conversation>), ApiError> {
+    caller.require(Role::Service)?;
+    let cid = conversation_id(&cid)?;
+    if body.members.len() > MAX_MEMBERS {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_MEMBERS} members"
+        )));
+    }
+    let members = body
+        .members
+        .iter()
+        .map(|m| {
+            id_from_json(m).ok_or_else(|| {
+                ApiError::BadRequest(format!("member {m} is not a valid user id"))
+            })
+        })
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    let conv = Conversation {
+        id: cid.to_owned(),
+        members,
+        updated_at: now_rfc3339(),
+    };
+    let previous = state.store.conversations.put(conv.clone())?;
+    state.store.flush().await?;
+    let status = if previous.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(conv)))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cid): Path<String>,
+) -> Result<Json<Conversation>, ApiError> {
+    let cid = conversation_id(&cid)?;
+    let conv = state
+        .store
+        .conversations
+        .get(cid)
+        .ok_or_else(|| ApiError::NotFound("conversation not found".into()))?;
+    let who = &caller.0;
+    if who.role != Role::Service && !conv.members.contains(&who.user_id) {
+        return Err(ApiError::Forbidden("not a member of this conversation".into()));
+    }
+    Ok(Json((*conv).clone()))
+}

@@ -1,0 +1,254 @@
+//! Topic ACL (DESIGN "Topics and ACL") as plain functions: the gateway asks, these answer.
+//!
+//! | topic                       | subscribe                          | publish                   |
+//! |-----------------------------|------------------------------------|---------------------------|
+//! | `users/{uid}/notifications` | user `uid` (exact filter); admin   | callbus only              |
+//! | `chat/{cid}`                | members of `cid`; admin            | members of `cid`          |
+//! | `$SYS/#`                    | admin                              | nobody                    |
+//! | anything else, wildcards    | admin                              | nobody                    |
+
+use crate::auth::{Identity, Role};
+use crate::ids::is_valid_id;
+
+/// A topic name or filter, classified by the ACL's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind<'a> {
+    /// `users/{uid}/notifications`
+    Notifications(&'a str),
+    /// `chat/{cid}`
+    Chat(&'a str),
+    /// Anything else, including `$SYS/...` and wildcard filters.
+    Other,
+}
+
+/// Classifies a concrete topic or an exact filter.
+pub fn classify(topic: &str) -> TopicKind<'_> {
+    let mut levels = topic.split('/');
+    match (levels.next(), levels.next(), levels.next(), levels.next()) {
+        (Some("users"), Some(uid), Some("notifications"), None) if is_valid_id(uid) => {
+            TopicKind::Notifications(uid)
+        }
+        (Some("chat"), Some(cid), None, None) if is_valid_id(cid) => TopicKind::Chat(cid),
+        _ => TopicKind::Other,
+    }
+}
+
+/// The notifications topic of a user.
+pub fn notifications_topic(uid: &str) -> String {
+    format!("users/{uid}/notifications")
+}
+
+/// The chat topic of a conversation.
+pub fn chat_topic(cid: &str) -> String {
+    format!("chat/{cid}")
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("not allowed to subscribe to this filter")]
+    Subscribe,
+    #[error("not a member of this conversation")]
+    NotMember,
+    #[error("only callbus publishes to this topic")]
+    ReadOnlyTopic,
+    #[error("admin tokens are read-only")]
+    ReadOnlyRole,
+    #[error("malformed topic or filter")]
+    Malformed,
+}
+
+/// Whether `filter` is a syntactically valid MQTT filter callbus is willing to route.
+/// Shared subscriptions (`$share/...`) are refused outright: they would let a subscriber divert
+/// messages away from the others in its group, which no callbus client needs.
+pub fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') || filter.starts_with("$share/") {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, level)| {
+        if level.contains('#') {
+            *level == "#" && i == last
+        } else {
+            !level.contains('+') || *level == "+"
+        }
+    })
+}
+
+/// Whether a filter contains a wildcard.
+pub fn has_wildcard(filter: &str) -> bool {
+    filter.contains('+') || filter.contains('#')
+}
+
+/// Decides a SUBSCRIBE filter. `is_member(cid)` answers membership from the store.
+pub fn authorize_subscribe(
+    who: &Identity,
+    filter: &str,
+    is_member: impl FnOnce(&str) -> bool,
+) -> Result<(), Denied> {
+    if !is_valid_filter(filter) {
+        return Err(Denied::Malformed);
+    }
+    if who.role == Role::Admin {
+        return Ok(());
+    }
+    if has_wildcard(filter) {
+        return Err(Denied::Subscribe);
+    }
+    match classify(filter) {
+        TopicKind::Notifications(uid) if uid == who.user_id => Ok(()),
+        TopicKind::Chat(cid) if is_member(cid) => Ok(()),
+        TopicKind::Chat(_) => Err(Denied::NotMember),
+        _ => Err(Denied::Subscribe),
+    }
+}
+
+/// Decides a PUBLISH. On success returns the conversation id: clients publish only to chat.
+pub fn authorize_publish<'t>(
+    who: &Identity,
+    topic: &'t str,
+    is_member: impl FnOnce(&str) -> bool,
+) -> Result<&'t str, Denied> {
+    if topic.is_empty() || has_wildcard(topic) || topic.contains('\0') {
+        return Err(Denied::Malformed);
+    }
+    if who.role == Role::Admin {
+        return Err(Denied::ReadOnlyRole);
+    }
+    match classify(topic) {
+        TopicKind::Chat(cid) if is_member(cid) => Ok(cid),
+        TopicKind::Chat(_) => Err(Denied::NotMember),
+        _ => Err(Denied::ReadOnlyTopic),
+    }
+}
+
+/// Whether a delivered topic still passes the subscriber's ACL. Run on every delivery so that a
+/// membership change takes effect at once, existing subscriptions included.
+pub fn may_receive(who: &Identity, topic: &str, is_member: impl FnOnce(&str) -> bool) -> bool {
+    if who.role == Role::Admin {
+        return true;
+    }
+    match classify(topic) {
+        TopicKind::Notifications(uid) => uid == who.user_id,
+        TopicKind::Chat(cid) => is_member(cid),
+        TopicKind::Other => false,
+    }
+}
+
+/// MQTT topic matching (`+` one level, `#` the rest); `$`-topics only match filters that start
+/// with a `$` level themselves.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && !filter.starts_with('$') {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(uid: &str, role: Role) -> Identity {
+        Identity {
+            user_id: uid.into(),
+            username: uid.into(),
+            first_name: String::new(),
+            last_name: String::new(),
+            role,
+        }
+    }
+    fn member(cid: &str) -> bool {
+        cid == "c1"
+    }
+
+    #[test]
+    fn own_notifications_only() {
+        let alice = who("alice", Role::User);
+        assert_eq!(authorize_subscribe(&alice, "users/alice/notifications", member), Ok(()));
+        assert_eq!(
+            authorize_subscribe(&alice, "users/bob/notifications", member),
+            Err(Denied::Subscribe)
+        );
+    }
+
+    #[test]
+    fn chat_members_only() {
+        let alice = who("alice", Role::User);
+        assert_eq!(authorize_subscribe(&alice, "chat/c1", member), Ok(()));
+        assert_eq!(authorize_subscribe(&alice, "chat/c2", member), Err(Denied::NotMember));
+        assert_eq!(authorize_publish(&alice, "chat/c1", member), Ok("c1"));
+        assert_eq!(authorize_publish(&alice, "chat/c2", member), Err(Denied::NotMember));
+    }
+
+    #[test]
+    fn wildcards_and_other_topics() {
+        let alice = who("alice", Role::User);
+        for f in ["#", "users/+/notifications", "chat/#", "$SYS/#", "other", "chat/c1/x"] {
+            assert!(authorize_subscribe(&alice, f, member).is_err(), "{f}");
+        }
+        let admin = who("ops", Role::Admin);
+        for f in ["#", "users/+/notifications", "chat/#", "$SYS/#", "other"] {
+            assert_eq!(authorize_subscribe(&admin, f, member), Ok(()), "{f}");
+        }
+        assert_eq!(authorize_subscribe(&admin, "$share/g/#", member), Err(Denied::Malformed));
+        assert_eq!(authorize_subscribe(&admin, "a/#/b", member), Err(Denied::Malformed));
+        assert_eq!(authorize_subscribe(&admin, "a/b+", member), Err(Denied::Malformed));
+    }
+
+    #[test]
+    fn nobody_publishes_to_notifications_sys_or_other() {
+        let alice = who("alice", Role::User);
+        let service = who("app", Role::Service);
+        for t in ["users/alice/notifications", "users/bob/notifications", "$SYS/x", "other"] {
+            assert_eq!(authorize_publish(&alice, t, member), Err(Denied::ReadOnlyTopic), "{t}");
+            assert_eq!(authorize_publish(&service, t, member), Err(Denied::ReadOnlyTopic));
+        }
+        assert_eq!(authorize_publish(&alice, "chat/+", member), Err(Denied::Malformed));
+    }
+
+    #[test]
+    fn admin_is_read_only() {
+        let admin = who("ops", Role::Admin);
+        assert_eq!(authorize_publish(&admin, "chat/c1", member), Err(Denied::ReadOnlyRole));
+        assert!(may_receive(&admin, "chat/c9", member));
+    }
+
+    #[test]
+    fn delivery_rechecks_membership() {
+        let alice = who("alice", Role::User);
+        assert!(may_receive(&alice, "chat/c1", member));
+        assert!(!may_receive(&alice, "chat/c2", member));
+        assert!(may_receive(&alice, "users/alice/notifications", member));
+        assert!(!may_receive(&alice, "users/bob/notifications", member));
+    }
+
+    #[test]
+    fn matching() {
+        assert!(filter_matches("#", "chat/1"));
+        assert!(filter_matches("chat/+", "chat/1"));
+        assert!(!filter_matches("chat/+", "chat/1/x"));
+        assert!(filter_matches("users/+/notifications", "users/a/notifications"));
+        assert!(!filter_matches("#", "$SYS/uptime"));
+        assert!(filter_matches("$SYS/#", "$SYS/uptime"));
+        assert!(filter_matches("chat/1", "chat/1"));
+        assert!(!filter_matches("chat/1", "chat/2"));
+    }
+
+    #[test]
+    fn classify_rejects_bad_ids() {
+        assert_eq!(classify("chat/a.b"), TopicKind::Other);
+        assert_eq!(classify("users//notifications"), TopicKind::Other);
+        assert_eq!(classify("users/7/notifications"), TopicKind::Notifications("7"));
+    }
+}

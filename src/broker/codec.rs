@@ -1,0 +1,72 @@
+//! MQTT 3.1.1 framing for the client-facing listeners, on rumqttc's packet codec.
+
+use bytes::BytesMut;
+pub(crate) use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+pub(crate) use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
+
+/// Decodes the next whole packet from `buf`, or `None` if more bytes are needed.
+pub(crate) fn decode(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>, CodecError> {
+    match Packet::read(buf, max_size) {
+        Ok(packet) => Ok(Some(packet)),
+        Err(CodecError::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Appends a packet's bytes to `out`.
+pub(crate) fn encode(packet: Packet, out: &mut BytesMut) {
+    // Every packet we write is either small or a publish that was already accepted under the
+    // payload limit; usize::MAX turns off the codec's outgoing size check.
+    if let Err(e) = packet.write(out, usize::MAX) {
+        tracing::warn!(error = %e, "could not encode an outgoing packet");
+    }
+}
+
+/// The protocol level of a CONNECT at the start of `buf`, read before full parsing so that an
+/// unsupported level (MQTT 3.1 is 3, MQTT 5 is 5) gets CONNACK "unacceptable protocol version"
+/// rather than a dropped socket.
+pub(crate) fn connect_protocol_level(buf: &[u8]) -> Option<u8> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    // Skip the remaining-length varint (1 to 4 bytes).
+    let mut pos = 1;
+    loop {
+        let byte = *buf.get(pos)?;
+        pos += 1;
+        if byte & 0x80 == 0 || pos > 4 {
+            break;
+        }
+    }
+    let name_len = u16::from_be_bytes([*buf.get(pos)?, *buf.get(pos + 1)?]) as usize;
+    buf.get(pos + 2 + name_len).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_protocol_level() {
+        // CONNECT, remaining length 12, "MQTT", level 4.
+        let v4 = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
+        assert_eq!(connect_protocol_level(&v4), Some(4));
+        let v31 = [0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60];
+        assert_eq!(connect_protocol_level(&v31), Some(3));
+        assert_eq!(connect_protocol_level(&[0x30, 0]), None);
+        assert_eq!(connect_protocol_level(&[0x10]), None);
+    }
+
+    #[test]
+    fn decodes_across_partial_reads() {
+        let mut out = BytesMut::new();
+        encode(Packet::PingReq, &mut out);
+        let mut partial = BytesMut::from(&out[..1]);
+        assert!(matches!(decode(&mut partial, 1024), Ok(None)));
+        partial.extend_from_slice(&out[1..]);
+        assert!(matches!(decode(&mut partial, 1024), Ok(Some(Packet::PingReq))));
+    }
+}

@@ -1,0 +1,145 @@
+//! Configuration file (`config/rumqttd.toml`): rumqttd's router settings plus the limits of
+//! callbus's own client-facing listeners. Unknown keys are refused, and so are rumqttd listener
+//! sections (`v4`, `v5`, `ws`, `console`, ...): clients must never reach the router without the
+//! ACL checks, so callbus never opens a rumqttd port.
+
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::broker::RouterSettings;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// rumqttd's router (`[router]` as in rumqttd's own config).
+    pub router: RouterSettings,
+    /// callbus's listeners.
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+}
+
+/// Limits of the client-facing MQTT listeners (TCP and WebSocket).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Largest MQTT packet accepted, in bytes (SDP offers run 2 to 16 KB).
+    pub max_payload_size: usize,
+    /// Most client connections at once, TCP and WebSocket together.
+    pub max_connections: usize,
+    /// Longest keepalive honoured; a client asking for 0 (none) or more gets this.
+    pub max_keepalive_secs: u16,
+    /// Time allowed between accepting a socket and its CONNECT.
+    pub connect_timeout_ms: u64,
+    /// Denied publishes a connection may make before it is disconnected.
+    pub violation_limit: u32,
+    /// Sustained publishes per second per connection.
+    pub publish_rate: u32,
+    /// Publishes a connection may burst above the sustained rate.
+    pub publish_burst: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_size: 128 * 1024,
+            max_connections: 20_000,
+            max_keepalive_secs: 600,
+            connect_timeout_ms: 5_000,
+            violation_limit: 50,
+            publish_rate: 200,
+            publish_burst: 500,
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |what: &str| Err(ConfigError::Invalid(what.to_owned()));
+        if self.max_payload_size < 64 * 1024 {
+            return bad("gateway.max_payload_size must be at least 65536 (SDP offers need it)");
+        }
+        if self.max_connections == 0 || self.max_keepalive_secs == 0 || self.publish_rate == 0 {
+            return bad("gateway.max_connections, max_keepalive_secs and publish_rate must be > 0");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl FileConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: String::new(),
+            source,
+        })?;
+        config.gateway.validate()?;
+        config.router.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+}
+
+/// The configuration shipped in `config/rumqttd.toml`, also used when no file is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/rumqttd.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses() {
+        let c = FileConfig::parse(DEFAULT_CONFIG).unwrap();
+        assert!(c.gateway.max_payload_size >= 64 * 1024);
+    }
+
+    #[test]
+    fn rumqttd_listeners_are_refused() {
+        let text = format!(
+            "{DEFAULT_CONFIG}\n[v4.1]\nname = \"v4\"\nlisten = \"0.0.0.0:1883\"\nnext_connection_delay_ms = 1\n"
+        );
+        let err = FileConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("v4"), "{err}");
+    }
+
+    #[test]
+    fn small_payload_limit_is_refused() {
+        let text = format!("{DEFAULT_CONFIG}\n[gateway]\nmax_payload_size = 20480\n");
+        assert!(FileConfig::parse(&text).is_err());
+    }
+}

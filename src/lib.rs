@@ -1,0 +1,18 @@
+//! callbus: WebRTC call signaling and per-user notifications over MQTT.
+//!
+//! - [`broker`]: the embedded rumqttd router and callbus's own client-facing MQTT listeners
+//!   (TCP and WebSocket), which check every packet before the router sees it.
+//! - [`bridge`]: policy — topic ACL, payload validation, sender stamping.
+//! - [`api`]: the axum REST API.
+//! - [`store`]: durable state in sled.
+//! - [`auth`], [`ids`], [`config`]: identity, identifiers, configuration.
+//! - [`server`]: wires the parts together.
+
+pub mod api;
+pub mod auth;
+pub mod bridge;
+pub mod broker;
+pub mod config;
+pub mod ids;
+pub mod server;
+pub mod store;

@@ -1,0 +1,176 @@
+//! The `callbus` command: `serve` runs the service, `token` prints a JWT.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use callbus::auth::{Authenticator, Role};
+use callbus::config::{FileConfig, DEFAULT_CONFIG};
+use callbus::server::{Server, Settings};
+
+/// The secret `--dev` falls back to when CALLBUS_JWT_SECRET is unset. Never for production:
+/// `--dev` refuses non-loopback addresses.
+const DEV_SECRET: &str = "callbus-dev-secret-do-not-use-in-production";
+
+#[derive(Parser)]
+#[command(name = "callbus", version, about = "WebRTC call signaling and notifications over MQTT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker, the MQTT listeners (TCP and WebSocket) and the REST API.
+    Serve(ServeArgs),
+    /// Print a JWT signed with CALLBUS_JWT_SECRET.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Configuration file (router settings and listener limits).
+    #[arg(long, env = "CALLBUS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where sled keeps calls and conversations.
+    #[arg(long, env = "CALLBUS_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// HTTP address: REST API, demo page and MQTT over WebSocket at /mqtt.
+    #[arg(long, env = "CALLBUS_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// MQTT over TCP address.
+    #[arg(long, env = "CALLBUS_MQTT", default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// Seconds a call may ring before it is missed.
+    #[arg(long, env = "CALLBUS_RING_TIMEOUT", default_value_t = 60)]
+    ring_timeout: u64,
+    /// Shared secret for TURN REST credentials (coturn's static-auth-secret).
+    #[arg(long, env = "CALLBUS_TURN_SECRET")]
+    turn_secret: Option<String>,
+    /// TURN URIs handed out with credentials, comma separated.
+    #[arg(long, env = "CALLBUS_TURN_URIS", value_delimiter = ',')]
+    turn_uris: Vec<String>,
+    /// Origins allowed to call the REST API from a browser (repeatable).
+    #[arg(long = "cors-origin", env = "CALLBUS_CORS_ORIGIN", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+    /// Development mode: dev tokens for the demo page, a fixed secret if none is set,
+    /// loopback addresses only.
+    #[arg(long, env = "CALLBUS_DEV")]
+    dev: bool,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// User id (the token's sub).
+    #[arg(long)]
+    sub: String,
+    /// Display name.
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long, value_enum, default_value_t = Role::User)]
+    role: Role,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    ttl: u64,
+}
+
+fn jwt_secret(dev: bool) -> anyhow::Result<Vec<u8>> {
+    match std::env::var("CALLBUS_JWT_SECRET") {
+        Ok(s) if !s.is_empty() => Ok(s.into_bytes()),
+        _ if dev => {
+            warn!("CALLBUS_JWT_SECRET is not set: using the fixed development secret");
+            Ok(DEV_SECRET.as_bytes().to_vec())
+        }
+        _ => bail!("CALLBUS_JWT_SECRET must be set (or run with --dev for a local demo)"),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.dev && !(args.http.ip().is_loopback() && args.mqtt.ip().is_loopback()) {
+        bail!("--dev serves development tokens to anyone: it only binds loopback addresses");
+    }
+    let config = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::parse(DEFAULT_CONFIG)?,
+    };
+    let settings = Settings {
+        config,
+        data_dir: args.data_dir.clone(),
+        jwt_secret: jwt_secret(args.dev)?,
+    };
+    let _ = (&args.turn_secret, &args.turn_uris, &args.cors_origins, args.ring_timeout);
+    let http = TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("binding HTTP on {}", args.http))?;
+    let mqtt = TcpListener::bind(args.mqtt)
+        .await
+        .with_context(|| format!("binding MQTT on {}", args.mqtt))?;
+    let server = Server::start(settings, http, mqtt).await?;
+    if args.dev {
+        println!(
+            "callbus (dev) on http://{} and mqtt://{}: try `callbus token --sub alice`",
+            server.http_addr, server.mqtt_addr
+        );
+    }
+    let token = server.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        token.cancel();
+    });
+    server.wait().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    if !callbus::ids::is_valid_id(&args.sub) {
+        bail!("--sub must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    let secret = jwt_secret(false)?;
+    let token = Authenticator::new(&secret).issue(
+        &args.sub,
+        args.username.as_deref(),
+        args.role,
+        args.ttl,
+    )?;
+    println!("{token}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Token(args) => token(args),
+    }
+}

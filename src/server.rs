@@ -1,0 +1,105 @@
+//! Wires the parts together: store, router, gateway listeners and the HTTP API, under one
+//! cancellation token. Takes already-bound listeners so tests can use ephemeral ports.
+
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::api::{self, AppState};
+use crate::auth::Authenticator;
+use crate::bridge::Bridge;
+use crate::broker::{self, Broker, Gateway};
+use crate::config::FileConfig;
+use crate::store::Store;
+
+/// Everything `serve` needs besides its listeners.
+pub struct Settings {
+    pub config: FileConfig,
+    pub data_dir: PathBuf,
+    pub jwt_secret: Vec<u8>,
+}
+
+/// A started server.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Starts every part; returns once all of them accept connections.
+    pub async fn start(
+        settings: Settings,
+        http: TcpListener,
+        mqtt: TcpListener,
+    ) -> anyhow::Result<Server> {
+        let http_addr = http.local_addr()?;
+        let mqtt_addr = mqtt.local_addr()?;
+        let data_dir = settings.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+            .await?
+            .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
+        let auth = Authenticator::new(&settings.jwt_secret);
+        let broker = Broker::start(settings.config.router.clone())
+            .await
+            .context("starting the embedded broker")?;
+        let shutdown = CancellationToken::new();
+        let bridge = Bridge::new(auth.clone(), store.clone());
+        let gateway = Gateway::new(
+            broker,
+            bridge,
+            settings.config.gateway.clone(),
+            shutdown.clone(),
+        );
+        let tracker = TaskTracker::new();
+        tracker.spawn(broker::tcp::serve(mqtt, gateway.clone(), tracker.clone()));
+        let state = AppState {
+            store,
+            auth,
+            gateway,
+        };
+        let app = api::router(state)
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(http, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+            tracker.close();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        });
+        info!(%http_addr, %mqtt_addr, "callbus ready");
+        Ok(Server {
+            http_addr,
+            mqtt_addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting, closes every session and waits (bounded) for them to end.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+
+    /// Resolves when the server has stopped.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// A handle that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
