@@ -88,12 +88,13 @@ impl Authenticator {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid,
-            }
-        })?;
+        let data =
+            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                    _ => AuthError::Invalid,
+                }
+            })?;
         let c = data.claims;
         if !is_valid_id(&c.sub) {
             return Err(AuthError::BadSubject);
@@ -157,7 +158,9 @@ mod tests {
     #[test]
     fn username_defaults_to_sub_and_role_to_user() {
         let auth = Authenticator::new(b"secret");
-        let id = auth.verify(&auth.issue("7", None, Role::User, 60).unwrap()).unwrap();
+        let id = auth
+            .verify(&auth.issue("7", None, Role::User, 60).unwrap())
+            .unwrap();
         assert_eq!(id.username, "7");
         assert_eq!(id.role, Role::User);
     }

@@ -16,7 +16,11 @@ use callbus::server::{Server, Settings};
 const DEV_SECRET: &str = "callbus-dev-secret-do-not-use-in-production";
 
 #[derive(Parser)]
-#[command(name = "callbus", version, about = "WebRTC call signaling and notifications over MQTT")]
+#[command(
+    name = "callbus",
+    version,
+    about = "WebRTC call signaling and notifications over MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,7 +58,11 @@ struct ServeArgs {
     #[arg(long, env = "CALLBUS_TURN_URIS", value_delimiter = ',')]
     turn_uris: Vec<String>,
     /// Origins allowed to call the REST API from a browser (repeatable).
-    #[arg(long = "cors-origin", env = "CALLBUS_CORS_ORIGIN", value_delimiter = ',')]
+    #[arg(
+        long = "cors-origin",
+        env = "CALLBUS_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
     cors_origins: Vec<String>,
     /// Development mode: dev tokens for the demo page, a fixed secret if none is set,
     /// loopback addresses only.
@@ -101,7 +109,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         jwt_secret: jwt_secret(args.dev)?,
     };
-    let _ = (&args.turn_secret, &args.turn_uris, &args.cors_origins, args.ring_timeout);
+    let _ = (
+        &args.turn_secret,
+        &args.turn_uris,
+        &args.cors_origins,
+        args.ring_timeout,
+    );
     let http = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding HTTP on {}", args.http))?;

@@ -65,8 +65,7 @@ impl Server {
             auth,
             gateway,
         };
-        let app = api::router(state)
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
             let served = axum::serve(http, app)

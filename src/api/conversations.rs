@@ -50,9 +50,8 @@ pub async fn put(
         .members
         .iter()
         .map(|m| {
-            id_from_json(m).ok_or_else(|| {
-                ApiError::BadRequest(format!("member {m} is not a valid user id"))
-            })
+            id_from_json(m)
+                .ok_or_else(|| ApiError::BadRequest(format!("member {m} is not a valid user id")))
         })
         .collect::<Result<BTreeSet<_>, _>>()?;
     let conv = Conversation {
@@ -62,6 +61,12 @@ pub async fn put(
     };
     let previous = state.store.conversations.put(conv.clone())?;
     state.store.flush().await?;
+    // Removed members stop receiving at once, existing subscriptions included.
+    if let Some(previous) = &previous {
+        for uid in previous.members.difference(&conv.members) {
+            state.gateway.revoke_chat(uid, cid).await;
+        }
+    }
     let status = if previous.is_some() {
         StatusCode::OK
     } else {
@@ -83,7 +88,9 @@ pub async fn get(
         .ok_or_else(|| ApiError::NotFound("conversation not found".into()))?;
     let who = &caller.0;
     if who.role != Role::Service && !conv.members.contains(&who.user_id) {
-        return Err(ApiError::Forbidden("not a member of this conversation".into()));
+        return Err(ApiError::Forbidden(
+            "not a member of this conversation".into(),
+        ));
     }
     Ok(Json((*conv).clone()))
 }

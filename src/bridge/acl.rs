@@ -175,7 +175,10 @@ mod tests {
     #[test]
     fn own_notifications_only() {
         let alice = who("alice", Role::User);
-        assert_eq!(authorize_subscribe(&alice, "users/alice/notifications", member), Ok(()));
+        assert_eq!(
+            authorize_subscribe(&alice, "users/alice/notifications", member),
+            Ok(())
+        );
         assert_eq!(
             authorize_subscribe(&alice, "users/bob/notifications", member),
             Err(Denied::Subscribe)
@@ -186,41 +189,81 @@ mod tests {
     fn chat_members_only() {
         let alice = who("alice", Role::User);
         assert_eq!(authorize_subscribe(&alice, "chat/c1", member), Ok(()));
-        assert_eq!(authorize_subscribe(&alice, "chat/c2", member), Err(Denied::NotMember));
+        assert_eq!(
+            authorize_subscribe(&alice, "chat/c2", member),
+            Err(Denied::NotMember)
+        );
         assert_eq!(authorize_publish(&alice, "chat/c1", member), Ok("c1"));
-        assert_eq!(authorize_publish(&alice, "chat/c2", member), Err(Denied::NotMember));
+        assert_eq!(
+            authorize_publish(&alice, "chat/c2", member),
+            Err(Denied::NotMember)
+        );
     }
 
     #[test]
     fn wildcards_and_other_topics() {
         let alice = who("alice", Role::User);
-        for f in ["#", "users/+/notifications", "chat/#", "$SYS/#", "other", "chat/c1/x"] {
+        for f in [
+            "#",
+            "users/+/notifications",
+            "chat/#",
+            "$SYS/#",
+            "other",
+            "chat/c1/x",
+        ] {
             assert!(authorize_subscribe(&alice, f, member).is_err(), "{f}");
         }
         let admin = who("ops", Role::Admin);
         for f in ["#", "users/+/notifications", "chat/#", "$SYS/#", "other"] {
             assert_eq!(authorize_subscribe(&admin, f, member), Ok(()), "{f}");
         }
-        assert_eq!(authorize_subscribe(&admin, "$share/g/#", member), Err(Denied::Malformed));
-        assert_eq!(authorize_subscribe(&admin, "a/#/b", member), Err(Denied::Malformed));
-        assert_eq!(authorize_subscribe(&admin, "a/b+", member), Err(Denied::Malformed));
+        assert_eq!(
+            authorize_subscribe(&admin, "$share/g/#", member),
+            Err(Denied::Malformed)
+        );
+        assert_eq!(
+            authorize_subscribe(&admin, "a/#/b", member),
+            Err(Denied::Malformed)
+        );
+        assert_eq!(
+            authorize_subscribe(&admin, "a/b+", member),
+            Err(Denied::Malformed)
+        );
     }
 
     #[test]
     fn nobody_publishes_to_notifications_sys_or_other() {
         let alice = who("alice", Role::User);
         let service = who("app", Role::Service);
-        for t in ["users/alice/notifications", "users/bob/notifications", "$SYS/x", "other"] {
-            assert_eq!(authorize_publish(&alice, t, member), Err(Denied::ReadOnlyTopic), "{t}");
-            assert_eq!(authorize_publish(&service, t, member), Err(Denied::ReadOnlyTopic));
+        for t in [
+            "users/alice/notifications",
+            "users/bob/notifications",
+            "$SYS/x",
+            "other",
+        ] {
+            assert_eq!(
+                authorize_publish(&alice, t, member),
+                Err(Denied::ReadOnlyTopic),
+                "{t}"
+            );
+            assert_eq!(
+                authorize_publish(&service, t, member),
+                Err(Denied::ReadOnlyTopic)
+            );
         }
-        assert_eq!(authorize_publish(&alice, "chat/+", member), Err(Denied::Malformed));
+        assert_eq!(
+            authorize_publish(&alice, "chat/+", member),
+            Err(Denied::Malformed)
+        );
     }
 
     #[test]
     fn admin_is_read_only() {
         let admin = who("ops", Role::Admin);
-        assert_eq!(authorize_publish(&admin, "chat/c1", member), Err(Denied::ReadOnlyRole));
+        assert_eq!(
+            authorize_publish(&admin, "chat/c1", member),
+            Err(Denied::ReadOnlyRole)
+        );
         assert!(may_receive(&admin, "chat/c9", member));
     }
 
@@ -238,7 +281,10 @@ mod tests {
         assert!(filter_matches("#", "chat/1"));
         assert!(filter_matches("chat/+", "chat/1"));
         assert!(!filter_matches("chat/+", "chat/1/x"));
-        assert!(filter_matches("users/+/notifications", "users/a/notifications"));
+        assert!(filter_matches(
+            "users/+/notifications",
+            "users/a/notifications"
+        ));
         assert!(!filter_matches("#", "$SYS/uptime"));
         assert!(filter_matches("$SYS/#", "$SYS/uptime"));
         assert!(filter_matches("chat/1", "chat/1"));
@@ -249,6 +295,9 @@ mod tests {
     fn classify_rejects_bad_ids() {
         assert_eq!(classify("chat/a.b"), TopicKind::Other);
         assert_eq!(classify("users//notifications"), TopicKind::Other);
-        assert_eq!(classify("users/7/notifications"), TopicKind::Notifications("7"));
+        assert_eq!(
+            classify("users/7/notifications"),
+            TopicKind::Notifications("7")
+        );
     }
 }

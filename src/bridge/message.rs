@@ -67,7 +67,8 @@ pub fn stamp(mut msg: ChatMessage, sender: &Identity) -> Vec<u8> {
         "sender_username".into(),
         Value::String(sender.username.clone()),
     );
-    msg.body.insert("id".into(), Value::String(new_message_id()));
+    msg.body
+        .insert("id".into(), Value::String(new_message_id()));
     msg.body.insert("ts".into(), Value::String(now_rfc3339()));
     Value::Object(msg.body).to_string().into_bytes()
 }

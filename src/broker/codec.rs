@@ -54,7 +54,9 @@ mod tests {
         // CONNECT, remaining length 12, "MQTT", level 4.
         let v4 = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
         assert_eq!(connect_protocol_level(&v4), Some(4));
-        let v31 = [0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60];
+        let v31 = [
+            0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60,
+        ];
         assert_eq!(connect_protocol_level(&v31), Some(3));
         assert_eq!(connect_protocol_level(&[0x30, 0]), None);
         assert_eq!(connect_protocol_level(&[0x10]), None);
@@ -67,6 +69,9 @@ mod tests {
         let mut partial = BytesMut::from(&out[..1]);
         assert!(matches!(decode(&mut partial, 1024), Ok(None)));
         partial.extend_from_slice(&out[1..]);
-        assert!(matches!(decode(&mut partial, 1024), Ok(Some(Packet::PingReq))));
+        assert!(matches!(
+            decode(&mut partial, 1024),
+            Ok(Some(Packet::PingReq))
+        ));
     }
 }

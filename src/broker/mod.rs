@@ -6,6 +6,7 @@
 //! in-process rumqttd link per connection. Every rumqttd type stays inside this module.
 
 mod codec;
+mod registry;
 pub mod session;
 pub mod tcp;
 pub mod ws;
@@ -26,7 +27,9 @@ impl RouterSettings {
     pub fn validate(&self) -> Result<(), String> {
         let r = &self.0;
         if r.max_segment_size < 1024 || r.max_segment_count == 0 {
-            return Err("router.max_segment_size must be >= 1024 and max_segment_count >= 1".into());
+            return Err(
+                "router.max_segment_size must be >= 1024 and max_segment_count >= 1".into(),
+            );
         }
         if r.max_connections == 0 || r.max_outgoing_packet_count == 0 {
             return Err("router.max_connections and max_outgoing_packet_count must be > 0".into());
@@ -91,10 +94,13 @@ impl Broker {
     ) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), BrokerError> {
         let router = router.clone();
         // link() blocks until the router answers, so keep it off the async workers.
-        tokio::task::spawn_blocking(move || router.link(&client_id))
-            .await
-            .map_err(|_| BrokerError::RouterGone)?
-            .map_err(|e| BrokerError::Link(e.to_string()))
+        tokio::task::spawn_blocking(move || {
+            router
+                .link(&client_id)
+                .map_err(|e| BrokerError::Link(e.to_string()))
+        })
+        .await
+        .map_err(|_| BrokerError::RouterGone)?
     }
 
     /// An in-process link to the router for one client session.
@@ -107,10 +113,7 @@ impl Broker {
 
     /// Publishes an event of callbus's own (notifications, mirrored signaling, errors).
     pub fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), BrokerError> {
-        let mut tx = self
-            .internal
-            .lock()
-            .map_err(|_| BrokerError::RouterGone)?;
+        let mut tx = self.internal.lock().map_err(|_| BrokerError::RouterGone)?;
         tx.publish(topic.to_owned(), payload.into())
             .map(|_| ())
             .map_err(|_| BrokerError::RouterGone)

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -25,9 +25,10 @@ use super::codec::{
     self, ConnAck, ConnectReturnCode, Packet, Protocol, PubAck, PubComp, PubRec, Publish, QoS,
     SubAck, SubscribeReasonCode, UnsubAck,
 };
+use super::registry::{Command, Registration, Registry};
 use super::{namespaced_client_id, Broker};
-use crate::auth::Identity;
-use crate::bridge::acl::{filter_matches, notifications_topic};
+use crate::auth::{Identity, Role};
+use crate::bridge::acl::{chat_topic, filter_matches, notifications_topic};
 use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
 use crate::bridge::{Bridge, PublishOutcome};
 use crate::config::GatewayConfig;
@@ -55,6 +56,7 @@ struct GatewayInner {
     limits: GatewayConfig,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
+    registry: Arc<Registry>,
 }
 
 impl Gateway {
@@ -72,6 +74,7 @@ impl Gateway {
                 limits,
                 permits,
                 shutdown,
+                registry: Arc::default(),
             }),
         }
     }
@@ -82,6 +85,30 @@ impl Gateway {
 
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    /// Makes every live session of `user_id` drop its `chat/{cid}` subscription, and returns
+    /// once each has told the router (bounded, so a stuck session cannot hold up the caller; its
+    /// deliveries are still checked against membership one by one).
+    pub async fn revoke_chat(&self, user_id: &str, cid: &str) {
+        let mut waits = Vec::new();
+        for session in self.inner.registry.sessions_of(user_id) {
+            let (done, wait) = oneshot::channel();
+            let cid = cid.to_owned();
+            if session.send(Command::Revoke { cid, done }).await.is_ok() {
+                waits.push(wait);
+            }
+        }
+        let all = futures_util::future::join_all(waits);
+        if tokio::time::timeout(Duration::from_secs(2), all)
+            .await
+            .is_err()
+        {
+            warn!(
+                user = user_id,
+                cid, "a session did not confirm a revocation in time"
+            );
+        }
     }
 
     /// Runs one client connection to its end. `peer` names it in logs.
@@ -147,8 +174,11 @@ impl Gateway {
             0 => max_ka,
             k => k.min(max_ka),
         };
+        let (registration, commands) = self.inner.registry.register(&identity.user_id);
         let mut session = Session {
             gateway: self.clone(),
+            _registration: registration,
+            commands,
             identity,
             tx,
             rx,
@@ -301,6 +331,8 @@ enum End {
 
 struct Session {
     gateway: Gateway,
+    _registration: Registration,
+    commands: mpsc::Receiver<Command>,
     identity: Identity,
     tx: LinkTx,
     rx: LinkRx,
@@ -346,6 +378,11 @@ impl Session {
                     Ok(None) => {}
                     Err(_) => return End::Router,
                 },
+                Some(command) = self.commands.recv() => {
+                    if let Err(end) = self.on_command(command) {
+                        return end;
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => return End::Idle,
                 _ = shutdown.cancelled() => return End::Shutdown,
             }
@@ -458,7 +495,10 @@ impl Session {
         }
     }
 
-    async fn on_subscribe(&mut self, subscribe: rumqttc::mqttbytes::v4::Subscribe) -> Result<(), End> {
+    async fn on_subscribe(
+        &mut self,
+        subscribe: rumqttc::mqttbytes::v4::Subscribe,
+    ) -> Result<(), End> {
         let bridge = &self.gateway.inner.bridge;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::new();
@@ -471,6 +511,11 @@ impl Session {
                 };
                 codes.push(SubscribeReasonCode::Success(qos));
                 self.subscriptions.insert(filter.path.clone(), qos);
+                if filter.path.starts_with('$') {
+                    // rumqttd publishes no `$` topics and drops links that subscribe to them;
+                    // an admin's `$SYS/#` is granted and stays callbus's own business.
+                    continue;
+                }
                 allowed.push(rq::Filter {
                     path: filter.path,
                     qos: rq::QoS::AtMostOnce,
@@ -499,13 +544,33 @@ impl Session {
         Ok(())
     }
 
+    fn on_command(&mut self, command: Command) -> Result<(), End> {
+        match command {
+            Command::Revoke { cid, done } => {
+                let topic = chat_topic(&cid);
+                if self.identity.role != Role::Admin && self.subscriptions.remove(&topic).is_some()
+                {
+                    debug!(%topic, "membership revoked, dropping the subscription");
+                    self.tx.unsubscribe(topic).map_err(|_| End::Router)?;
+                }
+                let _ = done.send(());
+            }
+        }
+        Ok(())
+    }
+
     async fn on_notification(&mut self, note: Notification) -> Result<(), End> {
         match note {
-            Notification::Forward(forward) => self.deliver(forward.publish.topic, forward.publish.payload),
+            Notification::Forward(forward) => {
+                self.deliver(forward.publish.topic, forward.publish.payload)
+            }
             note @ Notification::DeviceAck(_) => {
                 // The router confirms each subscription; release the SUBACK waiting for it.
                 if let Some(rq::Packet::SubAck(ack, _)) = Option::<rq::Packet>::from(note) {
-                    let pos = self.pending_subacks.iter().position(|(p, _)| *p == ack.pkid);
+                    let pos = self
+                        .pending_subacks
+                        .iter()
+                        .position(|(p, _)| *p == ack.pkid);
                     if let Some((pkid, codes)) = pos.and_then(|i| self.pending_subacks.remove(i)) {
                         self.send(Packet::SubAck(SubAck::new(pkid, codes)));
                     }
