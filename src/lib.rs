@@ -4,6 +4,7 @@
 //!   (TCP and WebSocket), which check every packet before the router sees it.
 //! - [`bridge`]: policy — topic ACL, payload validation, sender stamping.
 //! - [`api`]: the axum REST API.
+//! - [`calls`]: the call state machine and the service that changes and announces calls.
 //! - [`store`]: durable state in sled.
 //! - [`auth`], [`ids`], [`config`]: identity, identifiers, configuration.
 //! - [`server`]: wires the parts together.
@@ -12,6 +13,7 @@ pub mod api;
 pub mod auth;
 pub mod bridge;
 pub mod broker;
+pub mod calls;
 pub mod config;
 pub mod ids;
 pub mod server;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use tokio::net::TcpListener;
 use tracing::warn;
 
+use callbus::api::turn::TurnConfig;
 use callbus::auth::{Authenticator, Role};
 use callbus::config::{FileConfig, DEFAULT_CONFIG};
 use callbus::server::{Server, Settings};
@@ -104,17 +105,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::parse(DEFAULT_CONFIG)?,
     };
-    let settings = Settings {
-        config,
-        data_dir: args.data_dir.clone(),
-        jwt_secret: jwt_secret(args.dev)?,
+    if args.ring_timeout == 0 {
+        bail!("--ring-timeout must be at least 1 second");
+    }
+    let mut settings = Settings::new(config, args.data_dir.clone(), jwt_secret(args.dev)?);
+    settings.ring_timeout = std::time::Duration::from_secs(args.ring_timeout);
+    settings.dev = args.dev;
+    settings.cors_origins = args.cors_origins.clone();
+    settings.turn = match &args.turn_secret {
+        Some(secret) if !secret.is_empty() => {
+            if args.turn_uris.is_empty() {
+                bail!("--turn-secret needs --turn-uris (e.g. turn:turn.example.com:3478)");
+            }
+            Some(TurnConfig {
+                secret: secret.clone(),
+                uris: args.turn_uris.clone(),
+                ttl_secs: 24 * 3600,
+            })
+        }
+        _ => None,
     };
-    let _ = (
-        &args.turn_secret,
-        &args.turn_uris,
-        &args.cors_origins,
-        args.ring_timeout,
-    );
     let http = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding HTTP on {}", args.http))?;

@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::api::turn::TurnConfig;
 use crate::api::{self, AppState};
 use crate::auth::Authenticator;
 use crate::bridge::Bridge;
 use crate::broker::{self, Broker, Gateway};
+use crate::calls::Calls;
 use crate::config::FileConfig;
 use crate::store::Store;
 
@@ -23,6 +25,27 @@ pub struct Settings {
     pub config: FileConfig,
     pub data_dir: PathBuf,
     pub jwt_secret: Vec<u8>,
+    /// How long a call rings before it is missed.
+    pub ring_timeout: Duration,
+    pub turn: Option<TurnConfig>,
+    pub cors_origins: Vec<String>,
+    /// Development mode: `/api/dev/token` on.
+    pub dev: bool,
+}
+
+impl Settings {
+    /// Defaults for everything but the file config, data dir and secret.
+    pub fn new(config: FileConfig, data_dir: PathBuf, jwt_secret: Vec<u8>) -> Self {
+        Self {
+            config,
+            data_dir,
+            jwt_secret,
+            ring_timeout: Duration::from_secs(60),
+            turn: None,
+            cors_origins: Vec::new(),
+            dev: false,
+        }
+    }
 }
 
 /// A started server.
@@ -40,6 +63,14 @@ impl Server {
         http: TcpListener,
         mqtt: TcpListener,
     ) -> anyhow::Result<Server> {
+        let cors_origins = settings
+            .cors_origins
+            .iter()
+            .map(|o| {
+                axum::http::HeaderValue::from_str(o.trim_end_matches('/'))
+                    .with_context(|| format!("bad --cors-origin {o}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let http_addr = http.local_addr()?;
         let mqtt_addr = mqtt.local_addr()?;
         let data_dir = settings.data_dir.clone();
@@ -51,6 +82,14 @@ impl Server {
             .await
             .context("starting the embedded broker")?;
         let shutdown = CancellationToken::new();
+        let calls = Calls::start(
+            store.clone(),
+            broker.clone(),
+            settings.ring_timeout,
+            shutdown.clone(),
+        )
+        .await
+        .context("loading live calls")?;
         let bridge = Bridge::new(auth.clone(), store.clone());
         let gateway = Gateway::new(
             broker,
@@ -64,6 +103,10 @@ impl Server {
             store,
             auth,
             gateway,
+            calls,
+            turn: settings.turn,
+            dev: settings.dev,
+            cors_origins,
         };
         let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let token = shutdown.clone();

@@ -1,16 +1,23 @@
 //! The axum REST API (DESIGN "REST API") and the MQTT-over-WebSocket endpoint `/mqtt`.
 
 mod auth;
+mod calls;
 mod conversations;
 pub mod error;
+mod misc;
+pub mod turn;
 
 use axum::extract::FromRef;
-use axum::routing::{get, put};
+use axum::http::{header, HeaderValue, Method};
+use axum::routing::{get, post, put};
 use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::Authenticator;
 use crate::broker::{self, Gateway};
+use crate::calls::Calls;
 use crate::store::Store;
+use turn::TurnConfig;
 
 /// Largest REST request body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -21,6 +28,12 @@ pub struct AppState {
     pub store: Store,
     pub auth: Authenticator,
     pub gateway: Gateway,
+    pub calls: Calls,
+    pub turn: Option<TurnConfig>,
+    /// `--dev`: development tokens on.
+    pub dev: bool,
+    /// Origins allowed to call the REST API from browsers.
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 impl FromRef<AppState> for Gateway {
@@ -46,12 +59,36 @@ pub fn router(state: AppState) -> Router {
     let r = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/mqtt", get(broker::ws::upgrade));
-    let r = both(
-        r,
-        "/api/conversations/{cid}/",
-        put(conversations::put).get(conversations::get),
-    );
+    let routes: [(&str, axum::routing::MethodRouter<AppState>); 10] = [
+        (
+            "/api/conversations/{cid}/",
+            put(conversations::put).get(conversations::get),
+        ),
+        ("/api/calls/initiate/", post(calls::initiate)),
+        ("/api/calls/{id}/accept/", post(calls::accept)),
+        ("/api/calls/{id}/reject/", post(calls::reject)),
+        ("/api/calls/{id}/end/", post(calls::end)),
+        ("/api/calls/{id}/", get(calls::get)),
+        ("/api/calls/", get(calls::history)),
+        ("/api/notifications/", post(misc::notify)),
+        ("/api/turn/", get(misc::turn)),
+        ("/api/dev/token/", post(misc::dev_token)),
+    ];
+    let r = routes
+        .into_iter()
+        .fold(r, |r, (path, method)| both(r, path, method));
+    let cors = cors(&state.cors_origins);
     r.fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(cors)
         .with_state(state)
+}
+
+/// CORS for the configured origins only; other origins get no CORS headers, so browsers refuse.
+fn cors(origins: &[HeaderValue]) -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins.iter().cloned()))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(std::time::Duration::from_secs(600))
 }

@@ -1,10 +1,14 @@
-//! Durable state in sled (DESIGN "Storage and durability"). A write returns only after it is
-//! flushed to disk; concurrent writers share flushes (sled's flush covers everything written
-//! before it, so callers that wait on the same flush are committed together).
+//! Durable state in sled (DESIGN "Storage and durability"). Writers call [`Store::flush`] before
+//! they acknowledge anything; concurrent writers share one fsync (group commit).
 
+mod calls;
+mod commit;
 mod conversations;
 
+pub use calls::CallTrees;
 pub use conversations::{Conversation, Conversations};
+
+use commit::Committer;
 
 use std::path::Path;
 
@@ -12,6 +16,8 @@ use std::path::Path;
 pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("flush failed: {0}")]
+    Flush(String),
     #[error("corrupt record under {0}")]
     Corrupt(String),
 }
@@ -19,24 +25,30 @@ pub enum StoreError {
 /// The sled database and its trees.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    committer: Committer,
     pub conversations: Conversations,
+    pub calls: CallTrees,
 }
 
 impl Store {
-    /// Opens (or creates) the database under `dir`.
+    /// Opens (or creates) the database under `dir`. Blocks: call from a blocking context inside
+    /// a tokio runtime (the commit task is spawned on it).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::LowSpace)
             .open()?;
         let conversations = Conversations::open(&db)?;
-        Ok(Self { db, conversations })
+        let calls = CallTrees::open(&db)?;
+        Ok(Self {
+            committer: Committer::start(db),
+            conversations,
+            calls,
+        })
     }
 
-    /// Flushes everything written so far to disk.
+    /// Returns once everything written so far is on disk. Concurrent callers share one flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.committer.commit().await.map_err(StoreError::Flush)
     }
 }

@@ -42,11 +42,11 @@ impl TestServer {
             .with_test_writer()
             .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
-        let settings = Settings {
-            config: FileConfig::parse(config).expect("config"),
-            data_dir: dir.path().join("data"),
-            jwt_secret: SECRET.to_vec(),
-        };
+        let settings = Settings::new(
+            FileConfig::parse(config).expect("config"),
+            dir.path().join("data"),
+            SECRET.to_vec(),
+        );
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let mqtt = TcpListener::bind("127.0.0.1:0").await.expect("bind mqtt");
         let server = Server::start(settings, http, mqtt).await.expect("start");

@@ -1,0 +1,225 @@
+//! `/api/calls/...`: initiate, accept, reject, end, get, history (DESIGN "REST API").
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::auth::Caller;
+use super::error::{ApiError, OptionalJson};
+use super::AppState;
+use crate::calls::model::{Action, CallType, TransitionError, HANGUP_REASONS};
+use crate::calls::{CallError, NewCall};
+use crate::ids::{id_from_json, is_valid_id};
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::NotFound => ApiError::NotFound(e.to_string()),
+            CallError::Forbidden(m) => ApiError::Forbidden(m),
+            CallError::Transition(TransitionError::WrongState(_)) => {
+                ApiError::Conflict(e.to_string())
+            }
+            CallError::Transition(_) => ApiError::Forbidden(e.to_string()),
+            CallError::Busy => ApiError::Conflict(e.to_string()),
+            CallError::Glare(_, ref call) => {
+                ApiError::ConflictWith(e.to_string(), json!({ "call": call.to_json() }))
+            }
+            CallError::Store(e) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+fn required_id(body: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Err(ApiError::BadRequest(format!("{field} is required"))),
+        Some(v) => id_from_json(v).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{field} must be a string or integer id of 1-64 characters [A-Za-z0-9_-]"
+            ))
+        }),
+    }
+}
+
+/// `POST /api/calls/initiate/`
+pub async fn initiate(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    OptionalJson(body): OptionalJson<Map<String, Value>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let receiver_id = required_id(&body, "receiver_id")?;
+    let conversation_id = required_id(&body, "conversation_id")?;
+    let call_type = match body.get("call_type") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::BadRequest("call_type is required".into()))
+        }
+        Some(v) => v.as_str().and_then(CallType::parse).ok_or_else(|| {
+            ApiError::BadRequest("call_type must be \"voice\" or \"video\"".into())
+        })?,
+    };
+    if receiver_id == caller.user_id {
+        return Err(ApiError::BadRequest("you cannot call yourself".into()));
+    }
+    let conversations = &state.store.conversations;
+    if !conversations.is_member(&conversation_id, &caller.user_id) {
+        return Err(ApiError::Forbidden(
+            "you are not a member of this conversation".into(),
+        ));
+    }
+    if !conversations.is_member(&conversation_id, &receiver_id) {
+        return Err(ApiError::Forbidden(
+            "the receiver is not a member of this conversation".into(),
+        ));
+    }
+    let call = state
+        .calls
+        .initiate(
+            &caller,
+            NewCall {
+                receiver_id,
+                call_type,
+                conversation_id,
+            },
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(call.to_json())))
+}
+
+/// A call id from the path: 400 if malformed, 404 if it cannot name a call.
+fn call_id(raw: &str) -> Result<u64, ApiError> {
+    if !is_valid_id(raw) {
+        return Err(ApiError::BadRequest("malformed call id".into()));
+    }
+    raw.parse()
+        .map_err(|_| ApiError::NotFound("call not found".into()))
+}
+
+#[derive(Deserialize, Default)]
+pub struct AcceptBody {
+    device_id: Option<Value>,
+}
+
+/// `POST /api/calls/{id}/accept/`
+pub async fn accept(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<AcceptBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = call_id(&id)?;
+    let device_id = match body.device_id {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(id_from_json(&v).ok_or_else(|| {
+            ApiError::BadRequest("device_id must be 1-64 characters of [A-Za-z0-9_-]".into())
+        })?),
+    };
+    let action = Action::Accept {
+        by: caller.user_id.clone(),
+        username: caller.username.clone(),
+        device_id,
+    };
+    Ok(Json(state.calls.transition(id, action).await?.to_json()))
+}
+
+/// `POST /api/calls/{id}/reject/`
+pub async fn reject(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = call_id(&id)?;
+    let action = Action::Reject {
+        by: caller.user_id.clone(),
+        username: caller.username.clone(),
+    };
+    Ok(Json(state.calls.transition(id, action).await?.to_json()))
+}
+
+#[derive(Deserialize, Default)]
+pub struct EndBody {
+    reason: Option<Value>,
+}
+
+/// `POST /api/calls/{id}/end/`. A client-sent duration is ignored: the server computes it.
+pub async fn end(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<EndBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = call_id(&id)?;
+    let hangup_reason = match body.reason {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) if HANGUP_REASONS.contains(&r.as_str()) => Some(r),
+        Some(_) => {
+            return Err(ApiError::BadRequest(format!(
+                "reason must be one of {}",
+                HANGUP_REASONS.join(", ")
+            )))
+        }
+    };
+    let action = Action::End {
+        by: caller.user_id.clone(),
+        hangup_reason,
+    };
+    Ok(Json(state.calls.transition(id, action).await?.to_json()))
+}
+
+/// `GET /api/calls/{id}/`
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = call_id(&id)?;
+    let call = state
+        .calls
+        .get(id)?
+        .ok_or_else(|| ApiError::NotFound("call not found".into()))?;
+    if !call.is_party(&caller.user_id) {
+        return Err(ApiError::Forbidden(
+            "you are not a party to this call".into(),
+        ));
+    }
+    Ok(Json(call.to_json()))
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    limit: Option<String>,
+    before: Option<String>,
+}
+
+/// `GET /api/calls/?limit=&before=`: the caller's calls, newest first.
+pub async fn history(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = match q.limit.as_deref() {
+        None | Some("") => 20,
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| ApiError::BadRequest("limit must be 1-100".into()))?,
+    };
+    let before = match q.before.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest("before must be a call id".into()))?,
+        ),
+    };
+    let calls = state.calls.history(&caller.user_id, before, limit)?;
+    let results: Vec<Value> = calls.iter().map(|c| c.to_json()).collect();
+    let next_before = if results.len() == limit {
+        calls.last().map(|c| c.id)
+    } else {
+        None
+    };
+    Ok(Json(
+        json!({ "results": results, "next_before": next_before }),
+    ))
+}

@@ -1,0 +1,73 @@
+//! Service notifications, TURN credentials and development tokens.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::auth::Caller;
+use super::error::{ApiError, OptionalJson};
+use super::{turn, AppState};
+use crate::auth::{unix_now, Role};
+use crate::ids::{id_from_json, is_valid_id};
+
+/// `POST /api/notifications/` `{user_id, payload}` (service): publishes `notification.created`.
+pub async fn notify(
+    State(state): State<AppState>,
+    caller: Caller,
+    OptionalJson(body): OptionalJson<Map<String, Value>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(Role::Service)?;
+    let user_id = body
+        .get("user_id")
+        .and_then(id_from_json)
+        .ok_or_else(|| ApiError::BadRequest("user_id is required (a user id)".into()))?;
+    let payload = match body.get("payload") {
+        Some(Value::Object(p)) => Value::Object(p.clone()),
+        _ => return Err(ApiError::BadRequest("payload must be a JSON object".into())),
+    };
+    let event = state.calls.notify(&user_id, payload);
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": event["id"] }))))
+}
+
+/// `GET /api/turn/`: time-limited TURN credentials, 404 when no TURN secret is configured.
+pub async fn turn(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> Result<Json<Value>, ApiError> {
+    let turn = state
+        .turn
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("no TURN server is configured".into()))?;
+    Ok(Json(turn::credentials(turn, &caller.user_id, unix_now())))
+}
+
+/// `POST /api/dev/token` `{user_id, username}`: a user token for the demo page (`--dev` only).
+pub async fn dev_token(
+    State(state): State<AppState>,
+    OptionalJson(body): OptionalJson<Map<String, Value>>,
+) -> Result<Json<Value>, ApiError> {
+    if !state.dev {
+        return Err(ApiError::NotFound("development tokens need --dev".into()));
+    }
+    let user_id = body.get("user_id").and_then(id_from_json).ok_or_else(|| {
+        ApiError::BadRequest("user_id is required (1-64 of [A-Za-z0-9_-])".into())
+    })?;
+    let username = match body.get("username") {
+        None | Some(Value::Null) => user_id.clone(),
+        Some(Value::String(u)) if !u.trim().is_empty() && u.len() <= 64 => u.trim().to_owned(),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "username must be a string of 1-64 bytes".into(),
+            ))
+        }
+    };
+    debug_assert!(is_valid_id(&user_id));
+    let token = state
+        .auth
+        .issue(&user_id, Some(&username), Role::User, 12 * 3600)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(
+        json!({ "token": token, "user_id": user_id, "username": username }),
+    ))
+}

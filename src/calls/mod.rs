@@ -1,0 +1,296 @@
+//! The call service: the one place call state changes. Each change is written to sled under one
+//! lock (so the busy check and the write are atomic), made durable by a group commit, and only
+//! then announced, through an outbox that publishes events in the order the changes were made.
+
+pub mod events;
+pub mod model;
+
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::auth::Identity;
+use crate::bridge::acl::notifications_topic;
+use crate::broker::Broker;
+use crate::store::{Store, StoreError};
+use model::{now_ms, Action, Call, CallType, Party, Status, TransitionError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("call not found")]
+    NotFound,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Transition(#[from] TransitionError),
+    #[error("the receiver is busy in another call")]
+    Busy,
+    #[error("{0} is already calling you: accept that call instead")]
+    Glare(String, Box<Call>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A new call's request, already validated for shape.
+pub struct NewCall {
+    pub receiver_id: String,
+    pub call_type: CallType,
+    pub conversation_id: String,
+}
+
+/// Events waiting for their change to be durable; published strictly in sequence.
+#[derive(Default)]
+struct Outbox {
+    next_seq: u64,
+    pending: VecDeque<(u64, Vec<(String, Value)>)>,
+}
+
+#[derive(Default)]
+struct Live {
+    /// Ringing or active call ids per user.
+    by_user: HashMap<String, Vec<u64>>,
+}
+
+impl Live {
+    fn add(&mut self, call: &Call) {
+        for uid in [&call.caller.id, &call.receiver.id] {
+            let ids = self.by_user.entry(uid.clone()).or_default();
+            if !ids.contains(&call.id) {
+                ids.push(call.id);
+            }
+        }
+    }
+
+    fn remove(&mut self, call: &Call) {
+        for uid in [&call.caller.id, &call.receiver.id] {
+            if let Some(ids) = self.by_user.get_mut(uid) {
+                ids.retain(|id| *id != call.id);
+                if ids.is_empty() {
+                    self.by_user.remove(uid);
+                }
+            }
+        }
+    }
+
+    fn calls_of(&self, uid: &str) -> &[u64] {
+        self.by_user.get(uid).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+struct Inner {
+    store: Store,
+    broker: Broker,
+    ring_timeout: Duration,
+    live: Mutex<Live>,
+    outbox: Mutex<Outbox>,
+    shutdown: CancellationToken,
+}
+
+/// The call service.
+#[derive(Clone)]
+pub struct Calls {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Calls {
+    /// Loads live calls, marks those whose ring timeout passed while callbus was down as missed
+    /// (announcing it), and re-arms the timers of the others.
+    pub async fn start(
+        store: Store,
+        broker: Broker,
+        ring_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StoreError> {
+        let calls = Calls {
+            inner: Arc::new(Inner {
+                store,
+                broker,
+                ring_timeout,
+                live: Mutex::default(),
+                outbox: Mutex::default(),
+                shutdown,
+            }),
+        };
+        let live = calls.inner.store.calls.live()?;
+        let now = now_ms();
+        for call in live {
+            lock(&calls.inner.live).add(&call);
+            if call.status == Status::Ringing {
+                if call.ring_deadline_ms <= now {
+                    info!(call = call.id, "ring timeout passed while down: missed");
+                    if let Err(e) = calls.transition(call.id, Action::Timeout).await {
+                        warn!(call = call.id, error = %e, "could not mark a call missed");
+                    }
+                } else {
+                    calls.arm_ring_timer(call.id, call.ring_deadline_ms - now);
+                }
+            }
+        }
+        Ok(calls)
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<Call>, StoreError> {
+        self.inner.store.calls.get(id)
+    }
+
+    pub fn history(
+        &self,
+        uid: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Call>, StoreError> {
+        self.inner.store.calls.history(uid, before, limit)
+    }
+
+    /// Starts a call from `caller`. Membership is checked by the caller of this function.
+    pub async fn initiate(&self, caller: &Identity, req: NewCall) -> Result<Call, CallError> {
+        let now = now_ms();
+        let seq = {
+            let mut live = lock(&self.inner.live);
+            // Glare: the receiver is already ringing the caller. The first call wins; the
+            // second caller is pointed at it.
+            for id in live.calls_of(&caller.user_id) {
+                if let Some(existing) = self.inner.store.calls.get(*id)? {
+                    if existing.status == Status::Ringing
+                        && existing.caller.id == req.receiver_id
+                        && existing.receiver.id == caller.user_id
+                    {
+                        return Err(CallError::Glare(
+                            existing.caller.username.clone(),
+                            Box::new(existing),
+                        ));
+                    }
+                }
+            }
+            if !live.calls_of(&req.receiver_id).is_empty() {
+                drop(live);
+                let event = events::busy(&req.receiver_id, &req.conversation_id);
+                self.publish_now(&caller.user_id, &event);
+                return Err(CallError::Busy);
+            }
+            let call = Call {
+                id: self.inner.store.calls.next_id()?,
+                caller: Party {
+                    id: caller.user_id.clone(),
+                    username: caller.username.clone(),
+                    first_name: caller.first_name.clone(),
+                    last_name: caller.last_name.clone(),
+                },
+                receiver: Party {
+                    id: req.receiver_id.clone(),
+                    username: req.receiver_id.clone(),
+                    first_name: String::new(),
+                    last_name: String::new(),
+                },
+                call_type: req.call_type,
+                conversation_id: req.conversation_id,
+                status: Status::Ringing,
+                created_ms: now,
+                ring_deadline_ms: now + self.inner.ring_timeout.as_millis() as u64,
+                accepted_ms: None,
+                ended_ms: None,
+                end_reason: None,
+                hangup_reason: None,
+                accepted_device: None,
+            };
+            self.inner.store.calls.put(&call)?;
+            live.add(&call);
+            let event = events::incoming_call(&call, caller);
+            let seq = self.enqueue(vec![(call.receiver.id.clone(), event)]);
+            (seq, call)
+        };
+        let (seq, call) = seq;
+        self.commit_and_announce(seq).await?;
+        self.arm_ring_timer(call.id, self.inner.ring_timeout.as_millis() as u64);
+        Ok(call)
+    }
+
+    /// Applies an action to a call; the new record once durable.
+    pub async fn transition(&self, id: u64, action: Action) -> Result<Call, CallError> {
+        let (seq, call) = {
+            let mut live = lock(&self.inner.live);
+            let current = self.inner.store.calls.get(id)?.ok_or(CallError::NotFound)?;
+            let next = current.apply(&action, now_ms())?;
+            self.inner.store.calls.put(&next)?;
+            if next.status.is_terminal() {
+                live.remove(&next);
+            }
+            let both = |event: Value| {
+                vec![
+                    (next.caller.id.clone(), event.clone()),
+                    (next.receiver.id.clone(), event),
+                ]
+            };
+            let mut out = match next.status {
+                Status::Active => both(events::accepted(&next)),
+                _ => both(events::ended(&next)),
+            };
+            if next.status == Status::Missed {
+                out.push((next.receiver.id.clone(), events::missed_call(&next)));
+            }
+            (self.enqueue(out), next)
+        };
+        self.commit_and_announce(seq).await?;
+        Ok(call)
+    }
+
+    /// Publishes `notification.created` with the main app's own payload.
+    pub fn notify(&self, user_id: &str, payload: Value) -> Value {
+        let event = events::notification_created(payload);
+        self.publish_now(user_id, &event);
+        event
+    }
+
+    fn enqueue(&self, events: Vec<(String, Value)>) -> u64 {
+        let mut outbox = lock(&self.inner.outbox);
+        outbox.next_seq += 1;
+        let seq = outbox.next_seq;
+        outbox.pending.push_back((seq, events));
+        seq
+    }
+
+    /// Waits for the change numbered `seq` to be durable, then publishes every pending event up
+    /// to it, in order.
+    async fn commit_and_announce(&self, seq: u64) -> Result<(), StoreError> {
+        self.inner.store.flush().await?;
+        let mut outbox = lock(&self.inner.outbox);
+        while outbox.pending.front().is_some_and(|(s, _)| *s <= seq) {
+            if let Some((_, events)) = outbox.pending.pop_front() {
+                for (uid, event) in events {
+                    self.publish_now(&uid, &event);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_now(&self, user_id: &str, event: &Value) {
+        let topic = notifications_topic(user_id);
+        if let Err(e) = self.inner.broker.publish(&topic, event.to_string()) {
+            warn!(%topic, error = %e, "could not publish an event");
+        }
+    }
+
+    fn arm_ring_timer(&self, id: u64, after_ms: u64) {
+        let calls = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(after_ms)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            match calls.transition(id, Action::Timeout).await {
+                Ok(_) => info!(call = id, "missed"),
+                Err(CallError::Transition(TransitionError::WrongState(_))) => {}
+                Err(e) => warn!(call = id, error = %e, "ring timeout failed"),
+            }
+        });
+    }
+}
