@@ -18,6 +18,9 @@ use crate::broker::Broker;
 use crate::store::{Store, StoreError};
 use model::{now_ms, Action, Call, CallType, Party, Status, TransitionError};
 
+/// How long after a restart the calls missed while down are announced.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(3);
+
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("call not found")]
@@ -120,20 +123,47 @@ impl Calls {
         };
         let live = calls.inner.store.calls.live()?;
         let now = now_ms();
+        let mut missed = Vec::new();
         for call in live {
+            if call.status == Status::Ringing && call.ring_deadline_ms <= now {
+                info!(call = call.id, "ring timeout passed while down: missed");
+                let Ok(next) = call.apply(&Action::Timeout, now) else {
+                    continue; // only ringing calls get here
+                };
+                calls.inner.store.calls.put(&next)?;
+                missed.push(next);
+                continue;
+            }
             lock(&calls.inner.live).add(&call);
             if call.status == Status::Ringing {
-                if call.ring_deadline_ms <= now {
-                    info!(call = call.id, "ring timeout passed while down: missed");
-                    if let Err(e) = calls.transition(call.id, Action::Timeout).await {
-                        warn!(call = call.id, error = %e, "could not mark a call missed");
-                    }
-                } else {
-                    calls.arm_ring_timer(call.id, call.ring_deadline_ms - now);
-                }
+                calls.arm_ring_timer(call.id, call.ring_deadline_ms - now);
             }
         }
+        calls.inner.store.flush().await?;
+        if !missed.is_empty() {
+            calls.announce_after_restart(missed);
+        }
         Ok(calls)
+    }
+
+    /// Announces calls that became missed while callbus was down. Nobody is connected at
+    /// startup, so the events wait for [`RECONNECT_GRACE`], long enough for clients'
+    /// automatic reconnects; the calls themselves are already `missed` in the store and the API.
+    fn announce_after_restart(&self, missed: Vec<Call>) {
+        let calls = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(RECONNECT_GRACE) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            for call in missed {
+                let end = events::ended(&call);
+                calls.publish_now(&call.caller.id, &end);
+                calls.publish_now(&call.receiver.id, &end);
+                calls.publish_now(&call.receiver.id, &events::missed_call(&call));
+            }
+        });
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Call>, StoreError> {

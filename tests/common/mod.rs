@@ -34,6 +34,11 @@ impl TestServer {
     }
 
     pub async fn start_with(config: &str) -> TestServer {
+        Self::start_custom(config, |_| {}).await
+    }
+
+    /// Starts with the settings adjusted by `adjust` (ring timeout, TURN, CORS, dev mode).
+    pub async fn start_custom(config: &str, adjust: impl FnOnce(&mut Settings)) -> TestServer {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -47,6 +52,8 @@ impl TestServer {
             dir.path().join("data"),
             SECRET.to_vec(),
         );
+        let mut settings = settings;
+        adjust(&mut settings);
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let mqtt = TcpListener::bind("127.0.0.1:0").await.expect("bind mqtt");
         let server = Server::start(settings, http, mqtt).await.expect("start");
@@ -81,6 +88,33 @@ impl TestServer {
                 role: Role::User,
             })
             .expect("token")
+    }
+
+    /// POST JSON as `token`; returns the status and JSON body (null if none).
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (reqwest::StatusCode, Value) {
+        let resp = self
+            .http_client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET as `token`; returns the status and JSON body.
+    pub async fn get(&self, path: &str, token: &str) -> (reqwest::StatusCode, Value) {
+        let resp = self
+            .http_client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET");
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -271,6 +305,17 @@ impl Client {
                 }
                 Ok(_) => {}
                 Err(e) => panic!("connection ended while waiting for a message: {e:?}"),
+            }
+        }
+    }
+
+    /// The next message whose JSON `type` is `kind` (other messages are skipped).
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let msg = self.recv().await;
+            let v = msg.json();
+            if v["type"] == kind {
+                return v;
             }
         }
     }
