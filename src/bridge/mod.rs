@@ -4,10 +4,12 @@
 
 pub mod acl;
 pub mod message;
+pub mod signaling;
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::store::Store;
 use message::{ErrorCode, ErrorRef};
+use std::sync::Arc;
 
 /// What to do with a client's PUBLISH.
 #[derive(Debug)]
@@ -36,11 +38,16 @@ pub enum ConnectRefused {
 pub struct Bridge {
     auth: Authenticator,
     store: Store,
+    offers: Arc<signaling::OfferLog>,
 }
 
 impl Bridge {
     pub fn new(auth: Authenticator, store: Store) -> Self {
-        Self { auth, store }
+        Self {
+            auth,
+            store,
+            offers: Arc::default(),
+        }
     }
 
     /// Authenticates an MQTT CONNECT: the JWT is the password; the username is empty or `sub`.
@@ -66,9 +73,22 @@ impl Bridge {
         acl::authorize_subscribe(who, filter, self.is_member(who)).is_ok()
     }
 
-    /// Whether a message on `topic` may still be delivered to `who` (membership can change).
-    pub fn may_receive(&self, who: &Identity, topic: &str) -> bool {
-        acl::may_receive(who, topic, self.is_member(who))
+    /// Whether a message on `topic` may still be delivered to `who`: membership can change, and
+    /// the `chat/{cid}` copy of call signaling is for the call's two parties only.
+    pub fn may_receive(&self, who: &Identity, topic: &str, payload: &[u8]) -> bool {
+        if !acl::may_receive(who, topic, self.is_member(who)) {
+            return false;
+        }
+        if who.role == crate::auth::Role::Admin {
+            return true;
+        }
+        match (acl::classify(topic), signaling::signaled_call(payload)) {
+            (acl::TopicKind::Chat(_), Some(call)) => matches!(
+                self.store.calls.get(call),
+                Ok(Some(call)) if call.is_party(&who.user_id)
+            ),
+            _ => true,
+        }
     }
 
     /// Decides a PUBLISH and turns it into what the router should carry.
@@ -87,12 +107,24 @@ impl Bridge {
             Err(bad) => return refuse(ErrorCode::BadPayload, bad.to_string()),
         };
         if msg.is_signaling() {
-            // Call signaling must name a call this sender is a party to; until the call bridge
-            // knows the call, nothing is relayed.
-            return refuse(
-                ErrorCode::CallNotFound,
-                "no such call in this conversation".into(),
-            );
+            let Some(kind) = signaling::Kind::parse(&msg.kind) else {
+                return refuse(
+                    ErrorCode::BadPayload,
+                    format!("unknown signaling type {}", msg.kind),
+                );
+            };
+            let relayed = signaling::call_id(&msg).and_then(|id| {
+                let call = self
+                    .store
+                    .calls
+                    .get(id)
+                    .map_err(|e| (ErrorCode::CallNotFound, e.to_string()))?;
+                signaling::relay(who, cid, kind, &msg, call, &self.offers)
+            });
+            return match relayed {
+                Ok(copies) => PublishOutcome::Deliver(copies),
+                Err((code, detail)) => refuse(code, detail),
+            };
         }
         PublishOutcome::Deliver(vec![(acl::chat_topic(cid), message::stamp(msg, who))])
     }

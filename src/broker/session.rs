@@ -601,7 +601,12 @@ impl Session {
         let Some(qos) = qos else {
             return; // unsubscribed while the message was in flight
         };
-        if !self.gateway.inner.bridge.may_receive(&self.identity, topic) {
+        if !self
+            .gateway
+            .inner
+            .bridge
+            .may_receive(&self.identity, topic, &payload)
+        {
             return;
         }
         let mut publish = Publish::from_bytes(topic, qos, payload);

@@ -1,0 +1,326 @@
+//! Call signaling (DESIGN "Bridge rules"): `call.offer`, `call.answer` and `call.candidate`
+//! published to `chat/{cid}` are checked against the call and mirrored to both `chat/{cid}` and
+//! the other party's notifications topic, with identity taken from the token only.
+
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::acl::{chat_topic, notifications_topic};
+use super::message::{ChatMessage, ErrorCode};
+use crate::auth::Identity;
+use crate::calls::model::{Call, Status};
+use crate::ids::{id_from_json, new_message_id, now_rfc3339};
+
+/// Signaling kinds the bridge relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Offer,
+    Answer,
+    Candidate,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "call.offer" => Some(Kind::Offer),
+            "call.answer" => Some(Kind::Answer),
+            "call.candidate" => Some(Kind::Candidate),
+            _ => None,
+        }
+    }
+}
+
+/// A refusal: the error code and its detail.
+pub type Refusal = (ErrorCode, String);
+
+fn refuse<T>(code: ErrorCode, detail: impl Into<String>) -> Result<T, Refusal> {
+    Err((code, detail.into()))
+}
+
+/// The call id a signaling message names.
+pub fn call_id(msg: &ChatMessage) -> Result<u64, Refusal> {
+    let Some(raw) = msg.body.get("call_id") else {
+        return refuse(ErrorCode::BadPayload, "call_id is required");
+    };
+    let Some(id) = id_from_json(raw) else {
+        return refuse(ErrorCode::BadPayload, "call_id must be a call id");
+    };
+    id.parse()
+        .or_else(|_| refuse(ErrorCode::CallNotFound, "no such call"))
+}
+
+/// Checks an SDP description object: `{"type": expected, "sdp": "..."}`.
+fn description(body: &Map<String, Value>, field: &str, expected: &str) -> Result<Value, Refusal> {
+    match body.get(field) {
+        Some(Value::Object(d))
+            if d.get("type").and_then(Value::as_str) == Some(expected)
+                && d.get("sdp").is_some_and(Value::is_string) =>
+        {
+            Ok(Value::Object(d.clone()))
+        }
+        _ => refuse(
+            ErrorCode::BadPayload,
+            format!("{field} must be {{\"type\": \"{expected}\", \"sdp\": \"...\"}}"),
+        ),
+    }
+}
+
+/// Checks an ICE candidate object (`candidate` string; `sdpMid`, `sdpMLineIndex` optional).
+/// An empty candidate string is allowed: it signals the end of candidates.
+fn candidate(body: &Map<String, Value>) -> Result<Value, Refusal> {
+    match body.get("candidate") {
+        Some(Value::Object(c)) if c.get("candidate").is_some_and(Value::is_string) => {
+            Ok(Value::Object(c.clone()))
+        }
+        _ => refuse(
+            ErrorCode::BadPayload,
+            "candidate must be {\"candidate\": \"...\", \"sdpMid\": ..., \"sdpMLineIndex\": ...}",
+        ),
+    }
+}
+
+/// Remembers who sent the latest offer of each live call, so that an answer must come from the
+/// other party.
+#[derive(Default)]
+pub struct OfferLog {
+    last_offer_by: Mutex<HashMap<u64, String>>,
+}
+
+/// Most calls remembered at once; past this the log starts over (it only sharpens the answer
+/// check, which then falls back to the state-based rule).
+const OFFER_LOG_MAX: usize = 100_000;
+
+impl OfferLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
+        self.last_offer_by.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, call: u64, by: &str) {
+        let mut log = self.lock();
+        if log.len() >= OFFER_LOG_MAX {
+            log.clear();
+        }
+        log.insert(call, by.to_owned());
+    }
+
+    fn offered_by(&self, call: u64) -> Option<String> {
+        self.lock().get(&call).cloned()
+    }
+
+    fn forget(&self, call: u64) {
+        self.lock().remove(&call);
+    }
+}
+
+/// Validates a signaling message from `who` on `chat/{cid}` for `call`, and builds the two
+/// copies: (topic, payload) for `chat/{cid}` and for the other party's notifications.
+pub fn relay(
+    who: &Identity,
+    cid: &str,
+    kind: Kind,
+    msg: &ChatMessage,
+    call: Option<Call>,
+    offers: &OfferLog,
+) -> Result<Vec<(String, Vec<u8>)>, Refusal> {
+    let Some(call) = call else {
+        return refuse(ErrorCode::CallNotFound, "no such call");
+    };
+    if !call.is_party(&who.user_id) {
+        return refuse(ErrorCode::NotAParty, "you are not a party to this call");
+    }
+    if call.conversation_id != cid {
+        return refuse(
+            ErrorCode::CallNotFound,
+            "this call belongs to another conversation",
+        );
+    }
+    if call.status.is_terminal() {
+        offers.forget(call.id);
+        return refuse(
+            ErrorCode::WrongState,
+            format!("the call is {}", call.status.as_str()),
+        );
+    }
+    let is_caller = call.caller.id == who.user_id;
+    let mut event = json!({
+        "call_id": call.id.to_string(),
+        "conversation_id": call.conversation_id,
+        "sender_id": who.user_id,
+        "sender_username": who.username,
+        "id": new_message_id(),
+        "ts": now_rfc3339(),
+    });
+    let fields = match kind {
+        Kind::Offer => {
+            // The first offer comes from the caller; once active, either side may renegotiate.
+            if call.status == Status::Ringing && !is_caller {
+                return refuse(
+                    ErrorCode::WrongState,
+                    "only the caller offers before the call is accepted",
+                );
+            }
+            let offer = description(&msg.body, "offer", "offer")?;
+            offers.record(call.id, &who.user_id);
+            json!({
+                "type": "call.offer",
+                "caller_id": who.user_id,
+                "caller_username": who.username,
+                "call_type": call.call_type.as_str(),
+                "offer": offer,
+            })
+        }
+        Kind::Answer => {
+            let answer_ok = match offers.offered_by(call.id) {
+                Some(offerer) => offerer != who.user_id,
+                None => !is_caller || call.status == Status::Active,
+            };
+            if !answer_ok {
+                return refuse(
+                    ErrorCode::WrongState,
+                    "an answer comes from the party that did not send the offer",
+                );
+            }
+            let answer = description(&msg.body, "answer", "answer")?;
+            json!({ "type": "call.answer", "answer": answer, "receiver_id": who.user_id })
+        }
+        Kind::Candidate => {
+            let candidate = candidate(&msg.body)?;
+            json!({ "type": "call.candidate", "candidate": candidate })
+        }
+    };
+    if let (Value::Object(e), Value::Object(f)) = (&mut event, fields) {
+        e.extend(f);
+    }
+    let payload = event.to_string().into_bytes();
+    let other = call.other_party(&who.user_id);
+    Ok(vec![
+        (chat_topic(cid), payload.clone()),
+        (notifications_topic(&other.id), payload),
+    ])
+}
+
+/// The call a delivered `chat/{cid}` payload is signaling for, if it is signaling at all. Cheap
+/// for ordinary chat: only payloads containing `"type":"call.` are parsed.
+pub fn signaled_call(payload: &[u8]) -> Option<u64> {
+    const NEEDLE: &[u8] = b"\"type\":\"call.";
+    if !payload.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
+        return None;
+    }
+    let value: Value = serde_json::from_slice(payload).ok()?;
+    if !value.get("type")?.as_str()?.starts_with("call.") {
+        return None;
+    }
+    value.get("call_id")?.as_str()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+    use crate::bridge::message::parse_chat;
+    use crate::calls::model::{CallType, Party};
+
+    fn user(id: &str) -> Identity {
+        Identity {
+            user_id: id.into(),
+            username: format!("{id}-name"),
+            first_name: String::new(),
+            last_name: String::new(),
+            role: Role::User,
+        }
+    }
+
+    fn party(id: &str) -> Party {
+        Party {
+            id: id.into(),
+            username: id.into(),
+            first_name: String::new(),
+            last_name: String::new(),
+        }
+    }
+
+    fn call(status: Status) -> Call {
+        Call {
+            id: 17,
+            caller: party("a"),
+            receiver: party("b"),
+            call_type: CallType::Video,
+            conversation_id: "c1".into(),
+            status,
+            created_ms: 0,
+            ring_deadline_ms: 0,
+            accepted_ms: None,
+            ended_ms: None,
+            end_reason: None,
+            hangup_reason: None,
+            accepted_device: None,
+        }
+    }
+
+    const OFFER: &[u8] =
+        br#"{"type":"call.offer","call_id":"17","offer":{"type":"offer","sdp":"v=0"},"caller_id":"b"}"#;
+    const ANSWER: &[u8] = br#"{"type":"call.answer","call_id":17,"answer":{"type":"answer","sdp":"v=0"}}"#;
+    const CANDIDATE: &[u8] = br#"{"type":"call.candidate","call_id":"17","candidate":{"candidate":"candidate:1","sdpMid":"0","sdpMLineIndex":0}}"#;
+
+    fn run(who: &str, cid: &str, raw: &[u8], c: Option<Call>, log: &OfferLog) -> Result<Vec<(String, Vec<u8>)>, ErrorCode> {
+        let msg = parse_chat(raw).unwrap();
+        let kind = Kind::parse(&msg.kind).unwrap();
+        relay(&user(who), cid, kind, &msg, c, log).map_err(|(code, _)| code)
+    }
+
+    #[test]
+    fn offer_is_mirrored_with_identity_from_the_token() {
+        let log = OfferLog::default();
+        let out = run("a", "c1", OFFER, Some(call(Status::Ringing)), &log).unwrap();
+        assert_eq!(out[0].0, "chat/c1");
+        assert_eq!(out[1].0, "users/b/notifications");
+        assert_eq!(out[0].1, out[1].1, "same id on both copies");
+        let v: Value = serde_json::from_slice(&out[0].1).unwrap();
+        assert_eq!(v["type"], "call.offer");
+        assert_eq!(v["caller_id"], "a");
+        assert_eq!(v["caller_username"], "a-name");
+        assert_eq!(v["call_id"], "17");
+        assert_eq!(v["call_type"], "video");
+        assert_eq!(v["offer"]["sdp"], "v=0");
+    }
+
+    #[test]
+    fn refusals() {
+        let log = OfferLog::default();
+        let ringing = || Some(call(Status::Ringing));
+        assert_eq!(run("a", "c1", OFFER, None, &log), Err(ErrorCode::CallNotFound));
+        assert_eq!(run("z", "c1", OFFER, ringing(), &log), Err(ErrorCode::NotAParty));
+        assert_eq!(run("a", "c2", OFFER, ringing(), &log), Err(ErrorCode::CallNotFound));
+        assert_eq!(run("b", "c1", OFFER, ringing(), &log), Err(ErrorCode::WrongState));
+        for s in [Status::Ended, Status::Rejected, Status::Cancelled, Status::Missed] {
+            assert_eq!(run("a", "c1", CANDIDATE, Some(call(s)), &log), Err(ErrorCode::WrongState));
+        }
+        let bad = br#"{"type":"call.offer","call_id":"17","offer":"v=0"}"#;
+        assert_eq!(run("a", "c1", bad, ringing(), &log), Err(ErrorCode::BadPayload));
+        let no_id = br#"{"type":"call.candidate","candidate":{"candidate":""}}"#;
+        let code = call_id(&parse_chat(no_id).unwrap()).map_err(|(code, _)| code);
+        assert_eq!(code, Err(ErrorCode::BadPayload));
+    }
+
+    #[test]
+    fn answers_come_from_the_other_side_of_the_offer() {
+        let log = OfferLog::default();
+        let active = || Some(call(Status::Active));
+        // Before any offer is seen, the receiver answers while ringing.
+        assert!(run("b", "c1", ANSWER, Some(call(Status::Ringing)), &log).is_ok());
+        assert_eq!(run("a", "c1", ANSWER, Some(call(Status::Ringing)), &log), Err(ErrorCode::WrongState));
+        // Renegotiation from the receiver: now the caller answers.
+        let reoffer = br#"{"type":"call.offer","call_id":"17","offer":{"type":"offer","sdp":"v=1"}}"#;
+        assert!(run("b", "c1", reoffer, active(), &log).is_ok());
+        assert_eq!(run("b", "c1", ANSWER, active(), &log), Err(ErrorCode::WrongState));
+        assert!(run("a", "c1", ANSWER, active(), &log).is_ok());
+    }
+
+    #[test]
+    fn finds_signaling_in_deliveries() {
+        assert_eq!(signaled_call(br#"{"type":"call.offer","call_id":"17"}"#), Some(17));
+        assert_eq!(signaled_call(br#"{"type":"message","text":"\"type\":\"call.x\""}"#), None);
+        assert_eq!(signaled_call(br#"{"type":"message"}"#), None);
+    }
+}
