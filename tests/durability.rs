@@ -51,7 +51,11 @@ async fn spawn(dir: &Path, ring_timeout: u64) -> Proc {
     let proc = Proc { child, http, mqtt };
     let client = reqwest::Client::new();
     for _ in 0..200 {
-        if let Ok(r) = client.get(format!("http://127.0.0.1:{http}/healthz")).send().await {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{http}/healthz"))
+            .send()
+            .await
+        {
             if r.status() == StatusCode::OK {
                 return proc;
             }
@@ -72,7 +76,9 @@ fn token(sub: &str, role: Role) -> String {
 async fn burst_then_kill(proc: &mut Proc, n: usize, kill_after: usize) -> Vec<(u64, String)> {
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}", proc.http);
-    let members: Vec<String> = (0..n).flat_map(|i| [format!("u{i}"), format!("v{i}")]).collect();
+    let members: Vec<String> = (0..n)
+        .flat_map(|i| [format!("u{i}"), format!("v{i}")])
+        .collect();
     let resp = client
         .put(format!("{base}/api/conversations/c1/"))
         .bearer_auth(token("app", Role::Service))
@@ -108,7 +114,10 @@ async fn burst_then_kill(proc: &mut Proc, n: usize, kill_after: usize) -> Vec<(u
     drop(tx);
     let mut acked = Vec::new();
     let mut killed = false;
-    while let Some(result) = tokio::time::timeout(WAIT, rx.recv()).await.expect("responses") {
+    while let Some(result) = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("responses")
+    {
         if let Some(pair) = result {
             acked.push(pair);
         }
@@ -146,7 +155,10 @@ async fn every_acknowledged_call_survives_sigkill() {
     }
     // The conversation written before the burst survived too.
     let resp = client
-        .get(format!("http://127.0.0.1:{}/api/conversations/c1/", second.http))
+        .get(format!(
+            "http://127.0.0.1:{}/api/conversations/c1/",
+            second.http
+        ))
         .bearer_auth(token("app", Role::Service))
         .send()
         .await
@@ -171,7 +183,10 @@ async fn calls_whose_ring_timeout_passed_while_down_are_missed_and_announced() {
     options.set_credentials("", token(&receiver, Role::User));
     let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
     client
-        .subscribe(format!("users/{receiver}/notifications"), rumqttc::QoS::AtLeastOnce)
+        .subscribe(
+            format!("users/{receiver}/notifications"),
+            rumqttc::QoS::AtLeastOnce,
+        )
         .await
         .unwrap();
 
@@ -195,7 +210,9 @@ async fn calls_whose_ring_timeout_passed_while_down_are_missed_and_announced() {
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                     let v: Value = serde_json::from_slice(&p.payload).unwrap();
-                    if v["type"] == "call.end" && v["call_id"] == id.to_string() {
+                    if v["type"] == "call.end"
+                        && v["call_id"].as_str() == Some(id.to_string().as_str())
+                    {
                         return v;
                     }
                 }

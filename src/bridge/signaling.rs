@@ -171,6 +171,7 @@ pub fn relay(
             })
         }
         Kind::Answer => {
+            let answer = description(&msg.body, "answer", "answer")?;
             let answer_ok = match offers.offered_by(call.id) {
                 Some(offerer) => offerer != who.user_id,
                 None => !is_caller || call.status == Status::Active,
@@ -181,7 +182,6 @@ pub fn relay(
                     "an answer comes from the party that did not send the offer",
                 );
             }
-            let answer = description(&msg.body, "answer", "answer")?;
             json!({ "type": "call.answer", "answer": answer, "receiver_id": who.user_id })
         }
         Kind::Candidate => {
@@ -260,10 +260,17 @@ mod tests {
 
     const OFFER: &[u8] =
         br#"{"type":"call.offer","call_id":"17","offer":{"type":"offer","sdp":"v=0"},"caller_id":"b"}"#;
-    const ANSWER: &[u8] = br#"{"type":"call.answer","call_id":17,"answer":{"type":"answer","sdp":"v=0"}}"#;
+    const ANSWER: &[u8] =
+        br#"{"type":"call.answer","call_id":17,"answer":{"type":"answer","sdp":"v=0"}}"#;
     const CANDIDATE: &[u8] = br#"{"type":"call.candidate","call_id":"17","candidate":{"candidate":"candidate:1","sdpMid":"0","sdpMLineIndex":0}}"#;
 
-    fn run(who: &str, cid: &str, raw: &[u8], c: Option<Call>, log: &OfferLog) -> Result<Vec<(String, Vec<u8>)>, ErrorCode> {
+    fn run(
+        who: &str,
+        cid: &str,
+        raw: &[u8],
+        c: Option<Call>,
+        log: &OfferLog,
+    ) -> Result<Vec<(String, Vec<u8>)>, ErrorCode> {
         let msg = parse_chat(raw).unwrap();
         let kind = Kind::parse(&msg.kind).unwrap();
         relay(&user(who), cid, kind, &msg, c, log).map_err(|(code, _)| code)
@@ -289,15 +296,38 @@ mod tests {
     fn refusals() {
         let log = OfferLog::default();
         let ringing = || Some(call(Status::Ringing));
-        assert_eq!(run("a", "c1", OFFER, None, &log), Err(ErrorCode::CallNotFound));
-        assert_eq!(run("z", "c1", OFFER, ringing(), &log), Err(ErrorCode::NotAParty));
-        assert_eq!(run("a", "c2", OFFER, ringing(), &log), Err(ErrorCode::CallNotFound));
-        assert_eq!(run("b", "c1", OFFER, ringing(), &log), Err(ErrorCode::WrongState));
-        for s in [Status::Ended, Status::Rejected, Status::Cancelled, Status::Missed] {
-            assert_eq!(run("a", "c1", CANDIDATE, Some(call(s)), &log), Err(ErrorCode::WrongState));
+        assert_eq!(
+            run("a", "c1", OFFER, None, &log),
+            Err(ErrorCode::CallNotFound)
+        );
+        assert_eq!(
+            run("z", "c1", OFFER, ringing(), &log),
+            Err(ErrorCode::NotAParty)
+        );
+        assert_eq!(
+            run("a", "c2", OFFER, ringing(), &log),
+            Err(ErrorCode::CallNotFound)
+        );
+        assert_eq!(
+            run("b", "c1", OFFER, ringing(), &log),
+            Err(ErrorCode::WrongState)
+        );
+        for s in [
+            Status::Ended,
+            Status::Rejected,
+            Status::Cancelled,
+            Status::Missed,
+        ] {
+            assert_eq!(
+                run("a", "c1", CANDIDATE, Some(call(s)), &log),
+                Err(ErrorCode::WrongState)
+            );
         }
         let bad = br#"{"type":"call.offer","call_id":"17","offer":"v=0"}"#;
-        assert_eq!(run("a", "c1", bad, ringing(), &log), Err(ErrorCode::BadPayload));
+        assert_eq!(
+            run("a", "c1", bad, ringing(), &log),
+            Err(ErrorCode::BadPayload)
+        );
         let no_id = br#"{"type":"call.candidate","candidate":{"candidate":""}}"#;
         let code = call_id(&parse_chat(no_id).unwrap()).map_err(|(code, _)| code);
         assert_eq!(code, Err(ErrorCode::BadPayload));
@@ -309,18 +339,31 @@ mod tests {
         let active = || Some(call(Status::Active));
         // Before any offer is seen, the receiver answers while ringing.
         assert!(run("b", "c1", ANSWER, Some(call(Status::Ringing)), &log).is_ok());
-        assert_eq!(run("a", "c1", ANSWER, Some(call(Status::Ringing)), &log), Err(ErrorCode::WrongState));
+        assert_eq!(
+            run("a", "c1", ANSWER, Some(call(Status::Ringing)), &log),
+            Err(ErrorCode::WrongState)
+        );
         // Renegotiation from the receiver: now the caller answers.
-        let reoffer = br#"{"type":"call.offer","call_id":"17","offer":{"type":"offer","sdp":"v=1"}}"#;
+        let reoffer =
+            br#"{"type":"call.offer","call_id":"17","offer":{"type":"offer","sdp":"v=1"}}"#;
         assert!(run("b", "c1", reoffer, active(), &log).is_ok());
-        assert_eq!(run("b", "c1", ANSWER, active(), &log), Err(ErrorCode::WrongState));
+        assert_eq!(
+            run("b", "c1", ANSWER, active(), &log),
+            Err(ErrorCode::WrongState)
+        );
         assert!(run("a", "c1", ANSWER, active(), &log).is_ok());
     }
 
     #[test]
     fn finds_signaling_in_deliveries() {
-        assert_eq!(signaled_call(br#"{"type":"call.offer","call_id":"17"}"#), Some(17));
-        assert_eq!(signaled_call(br#"{"type":"message","text":"\"type\":\"call.x\""}"#), None);
+        assert_eq!(
+            signaled_call(br#"{"type":"call.offer","call_id":"17"}"#),
+            Some(17)
+        );
+        assert_eq!(
+            signaled_call(br#"{"type":"message","text":"\"type\":\"call.x\""}"#),
+            None
+        );
         assert_eq!(signaled_call(br#"{"type":"message"}"#), None);
     }
 }

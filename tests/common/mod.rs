@@ -182,6 +182,8 @@ impl Received {
 pub struct Client {
     pub client: AsyncClient,
     events: mpsc::UnboundedReceiver<Result<Packet, ConnectionError>>,
+    /// Messages that arrived while waiting for an acknowledgement; `recv` returns them first.
+    held: std::collections::VecDeque<Received>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -238,6 +240,7 @@ impl Client {
             Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok(Client {
                 client,
                 events,
+                held: Default::default(),
                 task,
             }),
             Ok(other) => panic!("expected CONNACK, got {other:?}"),
@@ -266,6 +269,7 @@ impl Client {
         loop {
             match self.next_packet().await {
                 Ok(Packet::SubAck(ack)) => return ack.return_codes,
+                Ok(Packet::Publish(p)) => self.hold(p),
                 Ok(_) => {}
                 Err(e) => panic!("connection ended before SUBACK: {e:?}"),
             }
@@ -281,6 +285,7 @@ impl Client {
         loop {
             match self.next_packet().await {
                 Ok(Packet::PubAck(_)) => return,
+                Ok(Packet::Publish(p)) => self.hold(p),
                 Ok(_) => {}
                 Err(e) => panic!("connection ended before PUBACK: {e:?}"),
             }
@@ -292,8 +297,19 @@ impl Client {
         self.publish(topic, value.to_string()).await;
     }
 
+    fn hold(&mut self, p: rumqttc::Publish) {
+        self.held.push_back(Received {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+            qos: p.qos,
+        });
+    }
+
     /// The next message delivered to this client (skipping acks).
     pub async fn recv(&mut self) -> Received {
+        if let Some(held) = self.held.pop_front() {
+            return held;
+        }
         loop {
             match self.next_packet().await {
                 Ok(Packet::Publish(p)) => {
@@ -322,6 +338,9 @@ impl Client {
 
     /// Waits until the server closes this connection; returns false if a message came first.
     pub async fn closed(&mut self) -> bool {
+        if !self.held.is_empty() {
+            return false;
+        }
         loop {
             match self.next_packet().await {
                 Err(_) => return true,
