@@ -356,7 +356,7 @@ async fn renegotiation_during_an_active_call() {
 #[tokio::test]
 async fn qos1_signaling_arrives_in_order_on_both_copies() {
     let s = server().await;
-    let mut alice = client(&s, Via::Tcp, "alice", &[]).await;
+    let alice = client(&s, Via::Tcp, "alice", &[]).await;
     let mut bob = client(&s, Via::Ws, "bob", &["users/bob/notifications", "chat/c1"]).await;
     let call = ring(&s, "alice", "bob", "video").await;
     const N: usize = 100;
