@@ -9,7 +9,8 @@ use super::auth::Caller;
 use super::error::{ApiError, OptionalJson};
 use super::{turn, AppState};
 use crate::auth::{unix_now, Role};
-use crate::ids::{id_from_json, is_valid_id};
+use crate::ids::{id_from_json, now_rfc3339};
+use crate::store::Conversation;
 
 /// `POST /api/notifications/` `{user_id, payload}` (service): publishes `notification.created`.
 pub async fn notify(
@@ -62,7 +63,27 @@ pub async fn dev_token(
             ))
         }
     };
-    debug_assert!(is_valid_id(&user_id));
+    // The demo has no main app to manage conversations: signing in joins one (default `demo`).
+    let cid = match body.get("conversation_id") {
+        None | Some(Value::Null) => "demo".to_owned(),
+        Some(v) => id_from_json(v).ok_or_else(|| {
+            ApiError::BadRequest("conversation_id must be 1-64 of [A-Za-z0-9_-]".into())
+        })?,
+    };
+    let mut members = state
+        .store
+        .conversations
+        .get(&cid)
+        .map(|c| c.members.clone())
+        .unwrap_or_default();
+    if members.insert(user_id.clone()) {
+        state.store.conversations.put(Conversation {
+            id: cid.clone(),
+            members,
+            updated_at: now_rfc3339(),
+        })?;
+        state.store.flush().await?;
+    }
     let token = state
         .auth
         .issue(&user_id, Some(&username), Role::User, 12 * 3600)

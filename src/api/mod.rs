@@ -3,6 +3,7 @@
 mod auth;
 mod calls;
 mod conversations;
+mod demo;
 pub mod error;
 mod misc;
 pub mod turn;
@@ -58,6 +59,10 @@ fn both<S: Clone + Send + Sync + 'static>(
 pub fn router(state: AppState) -> Router {
     let r = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/", get(demo::index))
+        .route("/demo.js", get(demo::script))
+        .route("/demo.css", get(demo::style))
+        .route("/static/mqtt.min.js", get(demo::mqtt_js))
         .route("/mqtt", get(broker::ws::upgrade));
     let routes: [(&str, axum::routing::MethodRouter<AppState>); 10] = [
         (

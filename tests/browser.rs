@@ -1,0 +1,41 @@
+//! The demo page in Debian's headless Chromium (npm playwright-core): two pages complete a real
+//! WebRTC video call over callbus, then a reject and an end path (tests/e2e/call.mjs). Needs
+//! `/usr/bin/chromium` and `npm ci`; `.ci/run` installs both.
+
+mod common;
+
+use std::process::Command;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_complete_a_video_call() {
+    let s =
+        common::TestServer::start_custom(callbus::config::DEFAULT_CONFIG, |st| st.dev = true).await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    // The README's screenshot: refreshed with UPDATE_SCREENSHOT=1, otherwise kept under target/.
+    let screenshot = if std::env::var_os("UPDATE_SCREENSHOT").is_some() {
+        format!("{root}/docs/demo.png")
+    } else {
+        format!("{root}/target/demo.png")
+    };
+    let url = format!("http://{}", s.http);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(format!("{root}/tests/e2e/call.mjs"))
+            .arg(&screenshot)
+            .env("CALLBUS_URL", url)
+            .current_dir(root)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "browser test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("bob decodes video frames"));
+    assert!(stdout.contains("e2e: all checks passed"));
+}
