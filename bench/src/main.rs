@@ -1,0 +1,44 @@
+//! callbus benchmarks. `cargo run --release -p callbus-bench -- <relay|calls|conns|all>`
+//!
+//! - relay: 3 KB offers and 300 B candidates from A on `chat/{cid}` to B on its notifications
+//!   topic through callbus, at a fixed rate; side by side, the same payloads through a bare
+//!   embedded rumqttd (its own v4 listener, no callbus). Percentiles and ratios.
+//! - calls: C concurrent caller/callee pairs running the whole flow over REST and MQTT.
+//! - conns: N idle MQTT-over-WebSocket clients against a callbus process: RSS per connection and
+//!   the time for one notification per user to reach all of them.
+
+mod calls;
+mod conns;
+mod relay;
+mod util;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scenario = args.first().map(String::as_str).unwrap_or("all");
+    let num = |i: usize, default: usize| -> usize {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    println!("machine: {}", util::machine());
+    match scenario {
+        "relay" => relay::run(num(1, 2000), num(2, 10_000)).await?,
+        "calls" => calls::run(&[1, 10, 100], num(1, 5) as u64).await?,
+        "conns" => {
+            let sizes: Vec<usize> = if args.len() > 1 {
+                args[1..].iter().filter_map(|s| s.parse().ok()).collect()
+            } else {
+                vec![1_000, 10_000]
+            };
+            conns::run(&sizes).await?
+        }
+        "all" => {
+            relay::run(2000, 10_000).await?;
+            calls::run(&[1, 10, 100], 5).await?;
+            conns::run(&[1_000, 10_000]).await?;
+        }
+        other => anyhow::bail!("unknown scenario {other}: use relay, calls, conns or all"),
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! Shared helpers: an in-process callbus, MQTT clients, percentiles.
+
+use callbus::auth::{Authenticator, Role};
+use callbus::config::{FileConfig, DEFAULT_CONFIG};
+use callbus::server::{Server, Settings};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub const SECRET: &[u8] = b"bench-secret";
+
+pub struct Callbus {
+    pub server: Server,
+    pub auth: Authenticator,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Callbus {
+    pub async fn start() -> anyhow::Result<Callbus> {
+        let dir = tempfile::tempdir()?;
+        // The default per-connection limit (200 publishes/s) is for real clients; the relay
+        // scenario sends 2,000/s from one connection on purpose.
+        let config = DEFAULT_CONFIG
+            .replace("publish_rate = 200", "publish_rate = 100000")
+            .replace("publish_burst = 500", "publish_burst = 100000");
+        let settings = Settings::new(
+            FileConfig::parse(&config)?,
+            dir.path().join("data"),
+            SECRET.to_vec(),
+        );
+        let http = TcpListener::bind("127.0.0.1:0").await?;
+        let mqtt = TcpListener::bind("127.0.0.1:0").await?;
+        let server = Server::start(settings, http, mqtt).await?;
+        Ok(Callbus {
+            server,
+            auth: Authenticator::new(SECRET),
+            http: reqwest::Client::new(),
+            _dir: dir,
+        })
+    }
+
+    pub fn token(&self, sub: &str, role: Role) -> String {
+        self.auth.issue(sub, None, role, 3600).expect("token")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.server.http_addr, path)
+    }
+
+    pub async fn set_members(&self, cid: &str, members: &[String]) -> anyhow::Result<()> {
+        let resp = self
+            .http
+            .put(self.url(&format!("/api/conversations/{cid}/")))
+            .bearer_auth(self.token("bench-app", Role::Service))
+            .json(&serde_json::json!({ "members": members }))
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status().is_success(), "PUT conversation: {}", resp.status());
+        Ok(())
+    }
+
+    pub async fn post(&self, path: &str, user: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(self.token(user, Role::User))
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let value: serde_json::Value = resp.json().await?;
+        anyhow::ensure!(status.is_success(), "POST {path}: {status} {value}");
+        Ok(value)
+    }
+}
+
+/// Connects an MQTT client over TCP and subscribes; returns once the SUBACK arrived.
+pub async fn mqtt_client(
+    port: u16,
+    client_id: &str,
+    user: &str,
+    password: &str,
+    topics: &[String],
+) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options
+        .set_credentials(user, password)
+        .set_keep_alive(Duration::from_secs(60))
+        .set_max_packet_size(256 * 1024, 256 * 1024)
+        .set_inflight(200);
+    let (client, mut events) = AsyncClient::new(options, 1000);
+    for t in topics {
+        client.subscribe(t.clone(), QoS::AtLeastOnce).await?;
+    }
+    let mut acks = 0;
+    while acks < topics.len() {
+        if let Event::Incoming(Packet::SubAck(_)) = tokio::time::timeout(Duration::from_secs(10), events.poll()).await?? {
+            acks += 1;
+        }
+    }
+    Ok((client, events))
+}
+
+/// The `p`-th percentile of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// One line about this machine.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb / 1024 / 1024)
+        .unwrap_or(0);
+    format!("{cpus} cores ({model}), {mem} GiB")
+}
