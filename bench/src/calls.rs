@@ -10,7 +10,14 @@ use tokio::sync::mpsc;
 
 use crate::util::{mqtt_client, percentile, Callbus};
 
-const STEPS: [&str; 6] = ["initiate", "ring (notification.created)", "offer", "answer", "accept + call.accepted", "end + call.end"];
+const STEPS: [&str; 6] = [
+    "initiate",
+    "ring (notification.created)",
+    "offer",
+    "answer",
+    "accept + call.accepted",
+    "end + call.end",
+];
 
 struct Party {
     client: AsyncClient,
@@ -55,13 +62,25 @@ impl Party {
     }
 
     async fn signal(&self, cid: &str, msg: Value) -> anyhow::Result<()> {
-        self.client.publish(format!("chat/{cid}"), QoS::AtLeastOnce, false, msg.to_string()).await?;
+        self.client
+            .publish(
+                format!("chat/{cid}"),
+                QoS::AtLeastOnce,
+                false,
+                msg.to_string(),
+            )
+            .await?;
         Ok(())
     }
 }
 
 /// One whole flow; per-step durations in µs, and the whole.
-async fn flow(cb: &Callbus, caller: (&str, &mut Party), callee: (&str, &mut Party), cid: &str) -> anyhow::Result<(Vec<f64>, f64)> {
+async fn flow(
+    cb: &Callbus,
+    caller: (&str, &mut Party),
+    callee: (&str, &mut Party),
+    cid: &str,
+) -> anyhow::Result<(Vec<f64>, f64)> {
     let (caller_id, a) = caller;
     let (callee_id, b) = callee;
     let start = Instant::now();
@@ -72,7 +91,11 @@ async fn flow(cb: &Callbus, caller: (&str, &mut Party), callee: (&str, &mut Part
         lap = Instant::now();
     };
     let call = cb
-        .post("/api/calls/initiate/", caller_id, json!({"receiver_id": callee_id, "call_type": "video", "conversation_id": cid}))
+        .post(
+            "/api/calls/initiate/",
+            caller_id,
+            json!({"receiver_id": callee_id, "call_type": "video", "conversation_id": cid}),
+        )
         .await?;
     let id = call["id"].as_u64().unwrap_or_default().to_string();
     mark(&mut marks);
@@ -84,10 +107,12 @@ async fn flow(cb: &Callbus, caller: (&str, &mut Party), callee: (&str, &mut Part
     b.signal(cid, json!({"type": "call.answer", "call_id": id, "answer": {"type": "answer", "sdp": "a".repeat(3000)}})).await?;
     a.expect("call.answer").await?;
     mark(&mut marks);
-    cb.post(&format!("/api/calls/{id}/accept/"), callee_id, json!({})).await?;
+    cb.post(&format!("/api/calls/{id}/accept/"), callee_id, json!({}))
+        .await?;
     a.expect("call.accepted").await?;
     mark(&mut marks);
-    cb.post(&format!("/api/calls/{id}/end/"), caller_id, json!({})).await?;
+    cb.post(&format!("/api/calls/{id}/end/"), caller_id, json!({}))
+        .await?;
     b.expect("call.end").await?;
     mark(&mut marks);
     Ok((marks, start.elapsed().as_secs_f64() * 1e6))
@@ -98,7 +123,8 @@ async fn run_level(pairs: usize, secs: u64) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for i in 0..pairs {
         let (caller, callee, cid) = (format!("c{i}"), format!("r{i}"), format!("p{i}"));
-        cb.set_members(&cid, &[caller.clone(), callee.clone()]).await?;
+        cb.set_members(&cid, &[caller.clone(), callee.clone()])
+            .await?;
         let mut a = Party::connect(&cb, &caller).await?;
         let mut b = Party::connect(&cb, &callee).await?;
         let cb = cb.clone();
@@ -136,7 +162,11 @@ async fn run_level(pairs: usize, secs: u64) -> anyhow::Result<()> {
     for step in 0..STEPS.len() {
         let mut s: Vec<f64> = results.iter().map(|(m, _)| m[step]).collect();
         s.sort_by(f64::total_cmp);
-        print!(" {:.2} / {:.2} |", percentile(&s, 50.0) / 1000.0, percentile(&s, 99.0) / 1000.0);
+        print!(
+            " {:.2} / {:.2} |",
+            percentile(&s, 50.0) / 1000.0,
+            percentile(&s, 99.0) / 1000.0
+        );
     }
     println!();
     if let Ok(cb) = std::sync::Arc::try_unwrap(cb) {
@@ -146,7 +176,9 @@ async fn run_level(pairs: usize, secs: u64) -> anyhow::Result<()> {
 }
 
 pub async fn run(levels: &[usize], secs: u64) -> anyhow::Result<()> {
-    println!("\n## calls: whole flow per pair, {secs} s per level; times in ms (p50 / p99 per step)");
+    println!(
+        "\n## calls: whole flow per pair, {secs} s per level; times in ms (p50 / p99 per step)"
+    );
     print!("| pairs C | flows | flows/s | whole p50 | whole p99 |");
     for s in STEPS {
         print!(" {s} |");

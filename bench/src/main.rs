@@ -17,9 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let scenario = args.first().map(String::as_str).unwrap_or("all");
     let num = |i: usize, default: usize| -> usize {
-        args.get(i)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(default)
+        args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default)
     };
     println!("machine: {}", util::machine());
     match scenario {

@@ -19,7 +19,7 @@ fn now_ns() -> u128 {
 /// inside the SDP / candidate string, which the bridge relays untouched.
 fn payload(call_id: u64, seq: usize) -> Vec<u8> {
     let stamp = format!("{seq}:{}:", now_ns());
-    if seq % 5 == 0 {
+    if seq.is_multiple_of(5) {
         let sdp = format!("{stamp}{}", "a".repeat(3000 - stamp.len()));
         json!({"type": "call.offer", "call_id": call_id.to_string(), "offer": {"type": "offer", "sdp": sdp}})
     } else {
@@ -32,7 +32,9 @@ fn payload(call_id: u64, seq: usize) -> Vec<u8> {
 }
 
 fn stamp_of(v: &Value) -> Option<(usize, u128)> {
-    let s = v["offer"]["sdp"].as_str().or(v["candidate"]["candidate"].as_str())?;
+    let s = v["offer"]["sdp"]
+        .as_str()
+        .or(v["candidate"]["candidate"].as_str())?;
     let mut parts = s.splitn(3, ':');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
@@ -44,7 +46,11 @@ async fn receive(mut events: EventLoop, count: usize) -> Vec<f64> {
         match tokio::time::timeout(Duration::from_secs(3), events.poll()).await {
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 let now = now_ns();
-                if let Some((_, sent)) = serde_json::from_slice::<Value>(&p.payload).ok().as_ref().and_then(stamp_of) {
+                if let Some((_, sent)) = serde_json::from_slice::<Value>(&p.payload)
+                    .ok()
+                    .as_ref()
+                    .and_then(stamp_of)
+                {
                     latencies.push((now - sent) as f64 / 1000.0);
                 }
             }
@@ -60,13 +66,29 @@ async fn receive(mut events: EventLoop, count: usize) -> Vec<f64> {
 }
 
 /// Sends `count` messages at `rate`/s on `topic`; drives the sender's event loop meanwhile.
-async fn send(client: rumqttc::AsyncClient, mut events: EventLoop, topic: String, call_id: u64, rate: usize, count: usize) {
+async fn send(
+    client: rumqttc::AsyncClient,
+    mut events: EventLoop,
+    topic: String,
+    call_id: u64,
+    rate: usize,
+    count: usize,
+) {
     let driver = tokio::spawn(async move { while events.poll().await.is_ok() {} });
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
     for seq in 0..count {
         tokio::time::sleep_until(start + period * seq as u32).await;
-        if client.publish(topic.clone(), QoS::AtLeastOnce, false, payload(call_id, seq)).await.is_err() {
+        if client
+            .publish(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload(call_id, seq),
+            )
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -97,11 +119,22 @@ async fn through_callbus(rate: usize, count: usize) -> anyhow::Result<Figures> {
     let cb = Callbus::start().await?;
     cb.set_members("c1", &["a".into(), "b".into()]).await?;
     let call = cb
-        .post("/api/calls/initiate/", "a", json!({"receiver_id": "b", "call_type": "video", "conversation_id": "c1"}))
+        .post(
+            "/api/calls/initiate/",
+            "a",
+            json!({"receiver_id": "b", "call_type": "video", "conversation_id": "c1"}),
+        )
         .await?;
     let call_id = call["id"].as_u64().unwrap_or_default();
     let port = cb.server.mqtt_addr.port();
-    let (_b, b_events) = mqtt_client(port, "b1", "b", &cb.token("b", Role::User), &["users/b/notifications".into()]).await?;
+    let (_b, b_events) = mqtt_client(
+        port,
+        "b1",
+        "b",
+        &cb.token("b", Role::User),
+        &["users/b/notifications".into()],
+    )
+    .await?;
     let (a, a_events) = mqtt_client(port, "a1", "a", &cb.token("a", Role::User), &[]).await?;
     let receiver = tokio::spawn(receive(b_events, count));
     send(a, a_events, "chat/c1".into(), call_id, rate, count).await;
@@ -111,7 +144,9 @@ async fn through_callbus(rate: usize, count: usize) -> anyhow::Result<Figures> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn through_raw_rumqttd(rate: usize, count: usize) -> anyhow::Result<Figures> {
@@ -136,12 +171,17 @@ dynamic_filters = true
 "#
     );
     let config: rumqttd::Config = toml::from_str(&config)?;
-    std::thread::Builder::new().name("raw-rumqttd".into()).spawn(move || {
-        let mut broker = rumqttd::Broker::new(config);
-        let _ = broker.start();
-    })?;
+    std::thread::Builder::new()
+        .name("raw-rumqttd".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            let _ = broker.start();
+        })?;
     for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -160,8 +200,14 @@ pub async fn run(rate: usize, count: usize) -> anyhow::Result<()> {
     let cb = through_callbus(rate, count).await?;
     println!("| path | p50 | p90 | p99 | max | lost |");
     println!("|---|---|---|---|---|---|");
-    for (name, f) in [("raw rumqttd (v4 listener)", &raw), ("callbus (chat/{cid} → bridge → users/B/notifications)", &cb)] {
-        println!("| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} |", f.p50, f.p90, f.p99, f.max, f.lost);
+    for (name, f) in [
+        ("raw rumqttd (v4 listener)", &raw),
+        ("callbus (chat/{cid} → bridge → users/B/notifications)", &cb),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+            f.p50, f.p90, f.p99, f.max, f.lost
+        );
     }
     println!(
         "| ratio callbus/raw | {:.2} | {:.2} | {:.2} | {:.2} | |",

@@ -56,11 +56,20 @@ impl Callbus {
             .json(&serde_json::json!({ "members": members }))
             .send()
             .await?;
-        anyhow::ensure!(resp.status().is_success(), "PUT conversation: {}", resp.status());
+        anyhow::ensure!(
+            resp.status().is_success(),
+            "PUT conversation: {}",
+            resp.status()
+        );
         Ok(())
     }
 
-    pub async fn post(&self, path: &str, user: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    pub async fn post(
+        &self,
+        path: &str,
+        user: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
         let resp = self
             .http
             .post(self.url(path))
@@ -90,12 +99,19 @@ pub async fn mqtt_client(
         .set_max_packet_size(256 * 1024, 256 * 1024)
         .set_inflight(200);
     let (client, mut events) = AsyncClient::new(options, 1000);
+    // Real clients (browsers, mobile SDKs) send small messages without Nagle; so does the bench,
+    // on both paths, so that the figures measure the servers.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    events.set_network_options(network);
     for t in topics {
         client.subscribe(t.clone(), QoS::AtLeastOnce).await?;
     }
     let mut acks = 0;
     while acks < topics.len() {
-        if let Event::Incoming(Packet::SubAck(_)) = tokio::time::timeout(Duration::from_secs(10), events.poll()).await?? {
+        if let Event::Incoming(Packet::SubAck(_)) =
+            tokio::time::timeout(Duration::from_secs(10), events.poll()).await??
+        {
             acks += 1;
         }
     }
@@ -113,7 +129,9 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// One line about this machine.
 pub fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -125,7 +143,11 @@ pub fn machine() -> String {
         .unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
         .and_then(|kb| kb.parse::<u64>().ok())
         .map(|kb| kb / 1024 / 1024)
         .unwrap_or(0);

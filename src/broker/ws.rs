@@ -54,7 +54,11 @@ pub async fn upgrade(
 ) -> Response {
     // Room for the largest packet plus framing.
     let max = gateway.limits().max_payload_size + 16;
+    // tungstenite's default 128 KiB read buffer per socket would dominate an idle connection's
+    // memory; MQTT packets are small and the buffer grows for a large one.
     ws.protocols(["mqtt", "mqttv3.1"])
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
