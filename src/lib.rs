@@ -16,5 +16,6 @@ pub mod broker;
 pub mod calls;
 pub mod config;
 pub mod ids;
+pub mod metrics;
 pub mod server;
 pub mod store;

@@ -147,3 +147,39 @@ async fn unknown_paths_answer_json_404() {
     assert!(body["error"].is_string());
     assert_eq!(get(&s, "/healthz", None).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn metrics_count_what_happens() {
+    let s = TestServer::start().await;
+    let value = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let before = s
+        .http_client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut alice = s.connect(common::Via::Tcp, "alice").await;
+    alice.publish("users/bob/notifications", "{}").await;
+    let resp = s.http_client.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let after = resp.text().await.unwrap();
+    assert!(after.contains("# TYPE callbus_mqtt_connections_open gauge"));
+    for name in [
+        "callbus_mqtt_connections_total",
+        "callbus_mqtt_publishes_refused_total",
+    ] {
+        assert!(
+            value(&after, name) > value(&before, name),
+            "{name} did not grow"
+        );
+    }
+    assert!(value(&after, "callbus_mqtt_connections_open") >= 1);
+}

@@ -59,6 +59,15 @@ fn both<S: Clone + Send + Sync + 'static>(
 pub fn router(state: AppState) -> Router {
     let r = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    crate::metrics::render(),
+                )
+            }),
+        )
         .route("/", get(demo::index))
         .route("/demo.js", get(demo::script))
         .route("/demo.css", get(demo::style))

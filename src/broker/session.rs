@@ -33,6 +33,7 @@ use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
 use crate::bridge::{Bridge, PublishOutcome};
 use crate::config::GatewayConfig;
 use crate::ids::{is_valid_id, random_hex};
+use crate::metrics;
 
 /// A byte stream carrying MQTT packets (a TCP socket, or WebSocket binary frames).
 pub trait Transport: Send + 'static {
@@ -201,7 +202,10 @@ impl Gateway {
             &mut session.outbuf,
         );
         info!(user = %session.identity.user_id, role = ?session.identity.role, "connected");
+        metrics::CONNECTIONS_TOTAL.inc();
+        metrics::CONNECTIONS_OPEN.inc();
         let end = session.run(&mut transport).await;
+        metrics::CONNECTIONS_OPEN.dec();
         info!(reason = %end, "disconnected");
         transport.close().await;
         drop(permit);
@@ -254,6 +258,7 @@ impl Gateway {
 }
 
 async fn connack<T: Transport>(transport: &mut T, code: ConnectReturnCode) {
+    metrics::CONNECTS_REFUSED.inc();
     let mut out = BytesMut::new();
     codec::encode(Packet::ConnAck(ConnAck::new(code, false)), &mut out);
     let _ = transport.write(out.freeze()).await;
@@ -461,6 +466,7 @@ impl Session {
                 .on_publish(&self.identity, &publish.topic, &publish.payload);
         match outcome {
             PublishOutcome::Deliver(messages) => {
+                metrics::PUBLISHES_RELAYED.inc();
                 for (topic, payload) in messages {
                     self.tx.publish(topic, payload).map_err(|_| End::Router)?;
                 }
@@ -472,6 +478,7 @@ impl Session {
                 about,
             } => {
                 debug!(topic = %publish.topic, code = code.as_str(), %detail, "publish refused");
+                metrics::PUBLISHES_REFUSED.inc();
                 self.report(code, &detail, &about);
                 self.violations += 1;
                 if self.violations >= self.gateway.inner.limits.violation_limit {
@@ -525,6 +532,7 @@ impl Session {
                 });
             } else {
                 debug!(filter = %filter.path, "subscription refused");
+                metrics::SUBSCRIPTIONS_REFUSED.inc();
                 codes.push(SubscribeReasonCode::Failure);
             }
         }

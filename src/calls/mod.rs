@@ -238,6 +238,7 @@ impl Calls {
         };
         let (seq, call) = seq;
         self.commit_and_announce(seq).await?;
+        crate::metrics::CALLS_INITIATED.inc();
         self.arm_ring_timer(call.id, self.inner.ring_timeout.as_millis() as u64);
         Ok(call)
     }
@@ -268,6 +269,7 @@ impl Calls {
             (self.enqueue(out), next)
         };
         self.commit_and_announce(seq).await?;
+        crate::metrics::CALL_TRANSITIONS.inc();
         Ok(call)
     }
 

@@ -1,0 +1,95 @@
+//! Process-wide counters, served as Prometheus text at `GET /metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A counter or gauge.
+pub struct Metric {
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+    value: AtomicU64,
+}
+
+impl Metric {
+    const fn new(name: &'static str, kind: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            help,
+            kind,
+            value: AtomicU64::new(0),
+        }
+    }
+
+    pub fn inc(&self) {
+        self.value.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dec(&self) {
+        self.value.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+pub static CONNECTIONS_OPEN: Metric = Metric::new(
+    "callbus_mqtt_connections_open",
+    "gauge",
+    "MQTT client sessions currently connected (TCP and WebSocket).",
+);
+pub static CONNECTIONS_TOTAL: Metric = Metric::new(
+    "callbus_mqtt_connections_total",
+    "counter",
+    "MQTT client sessions accepted since start.",
+);
+pub static CONNECTS_REFUSED: Metric = Metric::new(
+    "callbus_mqtt_connects_refused_total",
+    "counter",
+    "CONNECTs refused (bad token, client id, protocol level or connection limit).",
+);
+pub static PUBLISHES_RELAYED: Metric = Metric::new(
+    "callbus_mqtt_publishes_relayed_total",
+    "counter",
+    "Client publishes that passed the ACL and validation.",
+);
+pub static PUBLISHES_REFUSED: Metric = Metric::new(
+    "callbus_mqtt_publishes_refused_total",
+    "counter",
+    "Client publishes refused (answered with an error event).",
+);
+pub static SUBSCRIPTIONS_REFUSED: Metric = Metric::new(
+    "callbus_mqtt_subscriptions_refused_total",
+    "counter",
+    "SUBSCRIBE filters refused by the ACL.",
+);
+pub static CALLS_INITIATED: Metric =
+    Metric::new("callbus_calls_initiated_total", "counter", "Calls created.");
+pub static CALL_TRANSITIONS: Metric = Metric::new(
+    "callbus_call_transitions_total",
+    "counter",
+    "Call state changes after creation (accept, reject, end, missed).",
+);
+
+const ALL: [&Metric; 8] = [
+    &CONNECTIONS_OPEN,
+    &CONNECTIONS_TOTAL,
+    &CONNECTS_REFUSED,
+    &PUBLISHES_RELAYED,
+    &PUBLISHES_REFUSED,
+    &SUBSCRIPTIONS_REFUSED,
+    &CALLS_INITIATED,
+    &CALL_TRANSITIONS,
+];
+
+/// Everything, in Prometheus text exposition format.
+pub fn render() -> String {
+    let mut out = String::new();
+    for m in ALL {
+        let _ = writeln!(out, "# HELP {} {}", m.name, m.help);
+        let _ = writeln!(out, "# TYPE {} {}", m.name, m.kind);
+        let _ = writeln!(out, "{} {}", m.name, m.get());
+    }
+    out
+}
