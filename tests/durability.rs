@@ -225,3 +225,62 @@ async fn calls_whose_ring_timeout_passed_while_down_are_missed_and_announced() {
     .expect("missed call announced");
     assert_eq!(announced["reason"], "missed");
 }
+
+#[test]
+fn dev_mode_refuses_non_loopback_addresses_and_serve_needs_a_secret() {
+    let out = Command::new(env!("CARGO_BIN_EXE_callbus"))
+        .args([
+            "serve",
+            "--dev",
+            "--http",
+            "0.0.0.0:0",
+            "--mqtt",
+            "127.0.0.1:0",
+        ])
+        .env_remove("CALLBUS_JWT_SECRET")
+        .output()
+        .expect("run callbus");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_callbus"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--mqtt",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env_remove("CALLBUS_JWT_SECRET")
+        .output()
+        .expect("run callbus");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CALLBUS_JWT_SECRET"));
+}
+
+#[test]
+fn token_subcommand_signs_with_the_secret() {
+    let out = Command::new(env!("CARGO_BIN_EXE_callbus"))
+        .args([
+            "token",
+            "--sub",
+            "ops",
+            "--role",
+            "admin",
+            "--username",
+            "Ops",
+        ])
+        .env("CALLBUS_JWT_SECRET", SECRET)
+        .output()
+        .expect("run callbus");
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap();
+    let id = Authenticator::new(SECRET.as_bytes())
+        .verify(token.trim())
+        .unwrap();
+    assert_eq!((id.user_id.as_str(), id.role), ("ops", Role::Admin));
+    assert_eq!(id.username, "Ops");
+}
