@@ -2,10 +2,11 @@
 //!
 //! rumqttd has no topic ACL, so none of its listeners is ever started: clients talk only to
 //! callbus's own listeners ([`session`]), which authenticate each CONNECT, check every SUBSCRIBE
-//! and PUBLISH with the bridge's policy, and hand allowed traffic to the router through an
-//! in-process rumqttd link per connection. Every rumqttd type stays inside this module.
+//! and PUBLISH with the bridge's policy, and hand allowed traffic to the router through one
+//! shared in-process rumqttd link ([`hub`]). Every rumqttd type stays inside this module.
 
 mod codec;
+mod hub;
 mod registry;
 pub mod session;
 pub mod tcp;
@@ -13,7 +14,7 @@ pub mod ws;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub use session::{Gateway, Transport};
 
@@ -57,8 +58,9 @@ pub enum BrokerError {
 /// The router plus one link of callbus's own for the events it publishes.
 #[derive(Clone)]
 pub struct Broker {
-    router: Arc<rumqttd::Broker>,
-    internal: Arc<Mutex<rumqttd::local::LinkTx>>,
+    /// Kept alive: dropping rumqttd's Broker would leave the router without its handle.
+    _router: Arc<rumqttd::Broker>,
+    hub: Arc<hub::Hub>,
 }
 
 /// Broker-side client ids are `<user id>.<client id>`: user and client ids never contain `.`,
@@ -79,12 +81,22 @@ impl Broker {
         let router = tokio::task::spawn_blocking(move || Arc::new(rumqttd::Broker::new(config)))
             .await
             .map_err(|_| BrokerError::RouterGone)?;
-        let (tx, mut rx) = Self::make_link(&router, "callbus-internal".to_owned()).await?;
-        // The internal link subscribes to nothing; drain it so the router never waits on it.
-        tokio::spawn(async move { while let Ok(Some(_)) = rx.next().await {} });
+        let (mut tx, mut rx) = Self::make_link(&router, "callbus-hub".to_owned()).await?;
+        // Subscribe the shared link to everything and wait until the router has it, so nothing
+        // published after startup can miss a session.
+        tx.subscribe("#")
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        loop {
+            match rx.next().await {
+                Ok(Some(rumqttd::Notification::DeviceAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => return Err(BrokerError::Link(e.to_string())),
+            }
+        }
+        let hub = hub::Hub::start(tx, rx);
         Ok(Self {
-            router,
-            internal: Arc::new(Mutex::new(tx)),
+            _router: router,
+            hub,
         })
     }
 
@@ -103,19 +115,14 @@ impl Broker {
         .map_err(|_| BrokerError::RouterGone)?
     }
 
-    /// An in-process link to the router for one client session.
-    pub(crate) async fn link(
-        &self,
-        client_id: String,
-    ) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), BrokerError> {
-        Self::make_link(&self.router, client_id).await
+    pub(crate) fn hub(&self) -> &Arc<hub::Hub> {
+        &self.hub
     }
 
     /// Publishes an event of callbus's own (notifications, mirrored signaling, errors).
     pub fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), BrokerError> {
-        let mut tx = self.internal.lock().map_err(|_| BrokerError::RouterGone)?;
-        tx.publish(topic.to_owned(), payload.into())
-            .map(|_| ())
+        self.hub
+            .publish(topic.to_owned(), payload.into())
             .map_err(|_| BrokerError::RouterGone)
     }
 }

@@ -8,10 +8,7 @@
 //! published afterwards.
 
 use bytes::{Bytes, BytesMut};
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol as rq;
-use rumqttd::Notification;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -25,6 +22,7 @@ use super::codec::{
     self, ConnAck, ConnectReturnCode, Packet, Protocol, PubAck, PubComp, PubRec, Publish, QoS,
     SubAck, SubscribeReasonCode, UnsubAck,
 };
+use super::hub::{Delivery, Hub};
 use super::registry::{Command, Registration, Registry};
 use super::{namespaced_client_id, Broker};
 use crate::auth::{Identity, Role};
@@ -161,32 +159,24 @@ impl Gateway {
         };
         let broker_id = namespaced_client_id(&identity.user_id, &client_id);
         tracing::Span::current().record("client", broker_id.as_str());
-        let (tx, rx) = match self.inner.broker.link(broker_id).await {
-            Ok(link) => link,
-            Err(e) => {
-                warn!(error = %e, "router refused the session");
-                connack(&mut transport, ConnectReturnCode::ServiceUnavailable).await;
-                transport.close().await;
-                return;
-            }
-        };
         let max_ka = self.inner.limits.max_keepalive_secs;
         let keepalive = match connect.keep_alive {
             0 => max_ka,
             k => k.min(max_ka),
         };
-        let (registration, commands) = self.inner.registry.register(&identity.user_id);
+        let (registration, commands) = self.inner.registry.register(&identity.user_id, &broker_id);
+        let hub = self.inner.broker.hub().clone();
+        let deliveries = hub.register(registration.id);
         let mut session = Session {
             gateway: self.clone(),
-            _registration: registration,
+            hub,
+            deliveries,
+            registration,
             commands,
             identity,
-            tx,
-            rx,
             inbuf,
             outbuf: BytesMut::with_capacity(1024),
             subscriptions: HashMap::new(),
-            pending_subacks: VecDeque::new(),
             next_pkid: 0,
             // MQTT: the server may close after one and a half keepalive periods of silence.
             idle_limit: Duration::from_millis(u64::from(keepalive) * 1500),
@@ -205,6 +195,7 @@ impl Gateway {
         metrics::CONNECTIONS_TOTAL.inc();
         metrics::CONNECTIONS_OPEN.inc();
         let end = session.run(&mut transport).await;
+        session.hub.unregister(session.registration.id);
         metrics::CONNECTIONS_OPEN.dec();
         info!(reason = %end, "disconnected");
         transport.close().await;
@@ -328,25 +319,28 @@ enum End {
     Violations,
     #[error("publish rate limit exceeded")]
     RateLimited,
-    #[error("router dropped the session (client id taken over?)")]
+    #[error("router link lost")]
     Router,
+    #[error("fell too far behind its deliveries")]
+    TooSlow,
+    #[error("replaced by a newer connection with the same client id")]
+    Replaced,
     #[error("server shutting down")]
     Shutdown,
 }
 
 struct Session {
     gateway: Gateway,
-    _registration: Registration,
+    hub: Arc<Hub>,
+    /// What the hub routed to this session.
+    deliveries: mpsc::Receiver<Delivery>,
+    registration: Registration,
     commands: mpsc::Receiver<Command>,
     identity: Identity,
-    tx: LinkTx,
-    rx: LinkRx,
     inbuf: BytesMut,
     outbuf: BytesMut,
     /// Granted subscriptions: filter to the QoS it is delivered at.
     subscriptions: HashMap<String, QoS>,
-    /// SUBACKs waiting for the router to confirm their filters: (pkid, return codes).
-    pending_subacks: VecDeque<(u16, Vec<SubscribeReasonCode>)>,
     next_pkid: u16,
     idle_limit: Duration,
     last_heard: Instant,
@@ -373,15 +367,9 @@ impl Session {
                     Ok(_) => self.last_heard = Instant::now(),
                     Err(e) => return End::Io(e),
                 },
-                note = self.rx.next() => match note {
-                    Ok(Some(note)) => {
-                        if let Err(end) = self.on_notification(note).await {
-                            let _ = self.flush(transport).await;
-                            return end;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(_) => return End::Router,
+                delivery = self.deliveries.recv() => match delivery {
+                    Some((topic, payload)) => self.deliver(topic, payload),
+                    None => return End::TooSlow,
                 },
                 Some(command) = self.commands.recv() => {
                     if let Err(end) = self.on_command(command) {
@@ -417,9 +405,7 @@ impl Session {
             Packet::Unsubscribe(unsubscribe) => {
                 for filter in &unsubscribe.topics {
                     if self.subscriptions.remove(filter).is_some() {
-                        self.tx
-                            .unsubscribe(filter.clone())
-                            .map_err(|_| End::Router)?;
+                        self.hub.unsubscribe(self.registration.id, filter);
                     }
                 }
                 self.send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
@@ -468,7 +454,9 @@ impl Session {
             PublishOutcome::Deliver(messages) => {
                 metrics::PUBLISHES_RELAYED.inc();
                 for (topic, payload) in messages {
-                    self.tx.publish(topic, payload).map_err(|_| End::Router)?;
+                    self.hub
+                        .publish(topic, payload.into())
+                        .map_err(|_| End::Router)?;
                 }
                 Ok(())
             }
@@ -508,7 +496,6 @@ impl Session {
     ) -> Result<(), End> {
         let bridge = &self.gateway.inner.bridge;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
-        let mut allowed = Vec::new();
         for filter in subscribe.filters {
             if bridge.may_subscribe(&self.identity, &filter.path) {
                 // callbus delivers at most QoS 1.
@@ -517,38 +504,17 @@ impl Session {
                     _ => QoS::AtLeastOnce,
                 };
                 codes.push(SubscribeReasonCode::Success(qos));
-                self.subscriptions.insert(filter.path.clone(), qos);
-                if filter.path.starts_with('$') {
-                    // rumqttd publishes no `$` topics and drops links that subscribe to them;
-                    // an admin's `$SYS/#` is granted and stays callbus's own business.
-                    continue;
-                }
-                allowed.push(rq::Filter {
-                    path: filter.path,
-                    qos: rq::QoS::AtMostOnce,
-                    nolocal: false,
-                    preserve_retain: false,
-                    retain_forward_rule: rq::RetainForwardRule::Never,
-                });
+                // The hub routes it from now on: anything published after this SUBACK arrives.
+                // (rumqttd publishes no `$` topics, so an admin's `$SYS/#` receives nothing.)
+                self.hub.subscribe(self.registration.id, &filter.path);
+                self.subscriptions.insert(filter.path, qos);
             } else {
                 debug!(filter = %filter.path, "subscription refused");
                 metrics::SUBSCRIPTIONS_REFUSED.inc();
                 codes.push(SubscribeReasonCode::Failure);
             }
         }
-        if allowed.is_empty() {
-            self.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
-            return Ok(());
-        }
-        self.pending_subacks.push_back((subscribe.pkid, codes));
-        let request = rq::Subscribe {
-            pkid: subscribe.pkid,
-            filters: allowed,
-        };
-        self.tx
-            .send(rq::Packet::Subscribe(request, None))
-            .await
-            .map_err(|_| End::Router)?;
+        self.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
         Ok(())
     }
 
@@ -559,34 +525,11 @@ impl Session {
                 if self.identity.role != Role::Admin && self.subscriptions.remove(&topic).is_some()
                 {
                     debug!(%topic, "membership revoked, dropping the subscription");
-                    self.tx.unsubscribe(topic).map_err(|_| End::Router)?;
+                    self.hub.unsubscribe(self.registration.id, &topic);
                 }
                 let _ = done.send(());
             }
-        }
-        Ok(())
-    }
-
-    async fn on_notification(&mut self, note: Notification) -> Result<(), End> {
-        match note {
-            Notification::Forward(forward) => {
-                self.deliver(forward.publish.topic, forward.publish.payload)
-            }
-            note @ Notification::DeviceAck(_) => {
-                // The router confirms each subscription; release the SUBACK waiting for it.
-                if let Some(rq::Packet::SubAck(ack, _)) = Option::<rq::Packet>::from(note) {
-                    let pos = self
-                        .pending_subacks
-                        .iter()
-                        .position(|(p, _)| *p == ack.pkid);
-                    if let Some((pkid, codes)) = pos.and_then(|i| self.pending_subacks.remove(i)) {
-                        self.send(Packet::SubAck(SubAck::new(pkid, codes)));
-                    }
-                }
-            }
-            Notification::Unschedule => self.rx.wake().await.map_err(|_| End::Router)?,
-            Notification::Disconnect(..) => return Err(End::Router),
-            _ => {}
+            Command::Replaced => return Err(End::Replaced),
         }
         Ok(())
     }
