@@ -411,3 +411,67 @@ async fn websocket_answers_the_subprotocol_the_client_offered() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
+    let s = TestServer::start().await;
+    // Mallory subscribes and then never reads her socket.
+    let mut stalled = TcpStream::connect(s.mqtt).await.unwrap();
+    stalled
+        .write_all(&raw_connect(4, 600, &s.token("mallory")))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    stalled.read_exact(&mut connack).await.unwrap();
+    let topic = b"users/mallory/notifications";
+    let mut subscribe = vec![0x82, (2 + 2 + topic.len() + 1) as u8, 0, 1];
+    subscribe.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(topic);
+    subscribe.push(1);
+    stalled.write_all(&subscribe).await.unwrap();
+    let mut suback = [0u8; 5];
+    stalled.read_exact(&mut suback).await.unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 1]);
+
+    let mut bob = s.connect(Via::Tcp, "bob").await;
+    assert!(granted(
+        &bob.subscribe(&["users/bob/notifications"]).await[0]
+    ));
+    let service = s.token_with("app", callbus::auth::Role::Service);
+    let big = "x".repeat(48 * 1024);
+    // Far more than socket buffers plus the session's queue can hold (bounded loop).
+    for i in 0..1000 {
+        let (status, _) = s
+            .post(
+                "/api/notifications/",
+                &service,
+                json!({"user_id": "mallory", "payload": {"n": i, "pad": big}}),
+            )
+            .await;
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED);
+        if i % 250 == 249 {
+            // Bob is served all along.
+            s.post(
+                "/api/notifications/",
+                &service,
+                json!({"user_id": "bob", "payload": {"n": i}}),
+            )
+            .await;
+            assert_eq!(bob.recv().await.json()["payload"]["n"], i);
+        }
+    }
+    // Mallory's connection was closed: reading drains what was buffered, then ends.
+    let mut sink = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        match tokio::time::timeout(WAIT, stalled.read(&mut sink)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => total += n,
+            Err(_) => panic!("the stalled connection was never closed ({total} bytes read)"),
+        }
+    }
+    assert!(
+        total < 1000 * 48 * 1024,
+        "everything was delivered: nothing was dropped"
+    );
+}

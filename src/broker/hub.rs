@@ -5,12 +5,14 @@
 //! Why not one rumqttd link per session: rumqttd preallocates about 100 KB of queues per link and
 //! matches every never-seen topic against every filter, which made idle connections cost 49 KiB
 //! of RSS each and the first notification to 10k users take 8.6 s (BENCHMARKS.md). With one
-//! link the router holds one filter and one log, and routing is a hash lookup here.
+//! link the router holds one filter and one log, and routing is a hash lookup here. A session
+//! whose queue passes [`SESSION_QUEUE`] messages or [`SESSION_QUEUE_BYTES`] is dropped.
 
 use bytes::Bytes;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::Notification;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tracing::{error, warn};
@@ -22,11 +24,30 @@ pub(crate) type Delivery = (Bytes, Bytes);
 
 /// How many deliveries may wait for one session before it counts as too slow and is dropped.
 pub(crate) const SESSION_QUEUE: usize = 1024;
+/// How many payload bytes may wait for one session before it is dropped: bounds what a client
+/// that stops reading can make the server hold.
+pub(crate) const SESSION_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+
+/// A session's delivery queue and the payload bytes waiting in it.
+pub(crate) struct Queue {
+    pub(crate) rx: mpsc::Receiver<Delivery>,
+    pub(crate) queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    /// The next delivery; `None` once the hub dropped this session.
+    pub(crate) async fn recv(&mut self) -> Option<Delivery> {
+        let delivery = self.rx.recv().await?;
+        self.queued_bytes
+            .fetch_sub(delivery.1.len(), Ordering::Relaxed);
+        Some(delivery)
+    }
+}
 
 #[derive(Default)]
 struct Routes {
-    /// Sessions' delivery queues.
-    sessions: HashMap<u64, mpsc::Sender<Delivery>>,
+    /// Sessions' delivery queues and their queued bytes.
+    sessions: HashMap<u64, (mpsc::Sender<Delivery>, Arc<AtomicUsize>)>,
     /// Exact filters (every user subscription) to the sessions holding them.
     exact: HashMap<String, HashSet<u64>>,
     /// Wildcard filters (admins only) per session.
@@ -74,10 +95,13 @@ impl Hub {
 
     /// Registers a session; deliveries arrive on the returned queue until it is unregistered
     /// (or falls [`SESSION_QUEUE`] messages behind, which closes the queue).
-    pub(crate) fn register(&self, sid: u64) -> mpsc::Receiver<Delivery> {
+    pub(crate) fn register(&self, sid: u64) -> Queue {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        lock(&self.routes).sessions.insert(sid, tx);
-        rx
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        lock(&self.routes)
+            .sessions
+            .insert(sid, (tx, queued_bytes.clone()));
+        Queue { rx, queued_bytes }
     }
 
     pub(crate) fn unregister(&self, sid: u64) {
@@ -133,11 +157,12 @@ impl Hub {
         }
         let mut too_slow = Vec::new();
         for sid in targets {
-            if let Some(queue) = routes.sessions.get(&sid) {
-                match queue.try_send((topic.clone(), payload.clone())) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => too_slow.push(sid),
-                    Err(mpsc::error::TrySendError::Closed(_)) => too_slow.push(sid),
+            if let Some((queue, queued)) = routes.sessions.get(&sid) {
+                let waiting = queued.fetch_add(payload.len(), Ordering::Relaxed);
+                if waiting + payload.len() > SESSION_QUEUE_BYTES
+                    || queue.try_send((topic.clone(), payload.clone())).is_err()
+                {
+                    too_slow.push(sid);
                 }
             }
         }

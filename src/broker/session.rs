@@ -22,7 +22,7 @@ use super::codec::{
     self, ConnAck, ConnectReturnCode, Packet, Protocol, PubAck, PubComp, PubRec, Publish, QoS,
     SubAck, SubscribeReasonCode, UnsubAck,
 };
-use super::hub::{Delivery, Hub};
+use super::hub::{Hub, Queue};
 use super::registry::{Command, Registration, Registry};
 use super::{namespaced_client_id, Broker};
 use crate::auth::{Identity, Role};
@@ -333,7 +333,7 @@ struct Session {
     gateway: Gateway,
     hub: Arc<Hub>,
     /// What the hub routed to this session.
-    deliveries: mpsc::Receiver<Delivery>,
+    deliveries: Queue,
     registration: Registration,
     commands: mpsc::Receiver<Command>,
     identity: Identity,
