@@ -73,11 +73,7 @@ async fn ring_accept_end_with_events_to_both_parties() {
 
         // Accept from the phone; everyone learns, so the tablet stops ringing.
         let (status, call) = s
-            .post(
-                &format!("/api/calls/{id}/accept/"),
-                &s.token("bob"),
-                json!({"device_id": "phone"}),
-            )
+            .act(id, "accept", "bob", json!({"device_id": "phone"}))
             .await;
         assert_eq!(status, StatusCode::OK, "{call}");
         assert_eq!(call["status"], "active");
@@ -95,9 +91,10 @@ async fn ring_accept_end_with_events_to_both_parties() {
             .await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{call}");
         let (status, call) = s
-            .post(
-                &format!("/api/calls/{id}/end"),
-                &s.token("alice"),
+            .act(
+                id,
+                "end",
+                "alice",
                 json!({"duration_seconds": 9999, "reason": "user_hangup"}),
             )
             .await;
@@ -142,20 +139,11 @@ async fn duration_is_computed_by_the_server() {
     let s = server().await;
     let (_, call) = initiate(&s, "alice", json!("bob"), "voice").await;
     let id = call["id"].as_u64().unwrap();
-    s.post(
-        &format!("/api/calls/{id}/accept/"),
-        &s.token("bob"),
-        json!({}),
-    )
-    .await;
+    s.act(id, "accept", "bob", json!({})).await;
     // A real, bounded wait: the duration must reflect time actually spent in the call.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (_, call) = s
-        .post(
-            &format!("/api/calls/{id}/end/"),
-            &s.token("bob"),
-            json!({"duration_seconds": 0}),
-        )
+        .act(id, "end", "bob", json!({"duration_seconds": 0}))
         .await;
     assert_eq!(call["duration_seconds"], 2);
 }
@@ -169,21 +157,9 @@ async fn reject_and_cancel_reach_the_other_party() {
     let (_, call) = initiate(&s, "alice", json!("bob"), "voice").await;
     let id = call["id"].as_u64().unwrap();
     // Only the receiver may reject; a stranger is not a party.
-    let (status, _) = s
-        .post(
-            &format!("/api/calls/{id}/reject/"),
-            &s.token("alice"),
-            json!({}),
-        )
-        .await;
+    let (status, _) = s.act(id, "reject", "alice", json!({})).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = s
-        .post(
-            &format!("/api/calls/{id}/reject/"),
-            &s.token("carol"),
-            json!({}),
-        )
-        .await;
+    let (status, _) = s.act(id, "reject", "carol", json!({})).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // A bodiless POST works (frontends often send none).
     let resp = s
@@ -201,13 +177,7 @@ async fn reject_and_cancel_reach_the_other_party() {
 
     let (_, call) = initiate(&s, "alice", json!("bob"), "voice").await;
     let id = call["id"].as_u64().unwrap();
-    let (status, call) = s
-        .post(
-            &format!("/api/calls/{id}/end/"),
-            &s.token("alice"),
-            json!({}),
-        )
-        .await;
+    let (status, call) = s.act(id, "end", "alice", json!({})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(call["status"], "cancelled");
     assert_eq!(bob.recv_type("call.end").await["reason"], "cancelled");
@@ -233,13 +203,7 @@ async fn unanswered_calls_are_missed_after_the_ring_timeout() {
     assert_eq!(n["payload"]["verb"], "missed_video_call");
     let (_, got) = s.get(&format!("/api/calls/{id}/"), &s.token("alice")).await;
     assert_eq!(got["status"], "missed");
-    let (status, _) = s
-        .post(
-            &format!("/api/calls/{id}/accept/"),
-            &s.token("bob"),
-            json!({}),
-        )
-        .await;
+    let (status, _) = s.act(id, "accept", "bob", json!({})).await;
     assert_eq!(status, StatusCode::CONFLICT);
 }
 
@@ -378,11 +342,7 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     let (_, call) = initiate(&s, "alice", json!("bob"), "voice").await;
     let id = call["id"].as_u64().unwrap();
     let (status, _) = s
-        .post(
-            &format!("/api/calls/{id}/accept/"),
-            &s.token("bob"),
-            json!({"device_id": "a b"}),
-        )
+        .act(id, "accept", "bob", json!({"device_id": "a b"}))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = s
@@ -406,12 +366,7 @@ async fn history_is_newest_first_and_pages() {
     for _ in 0..5 {
         let (_, call) = initiate(&s, "alice", json!("bob"), "voice").await;
         let id = call["id"].as_u64().unwrap();
-        s.post(
-            &format!("/api/calls/{id}/end/"),
-            &s.token("alice"),
-            json!({}),
-        )
-        .await;
+        s.act(id, "end", "alice", json!({})).await;
         ids.push(id);
     }
     let (_, page) = s.get("/api/calls/?limit=3", &s.token("bob")).await;

@@ -129,6 +129,19 @@ fn raw_connect(level: u8, keep_alive: u16, password: &str) -> Vec<u8> {
     out
 }
 
+/// A raw TCP connection that has sent a good CONNECT and read its CONNACK.
+async fn raw_session(s: &TestServer, keep_alive: u16, user: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
+    stream
+        .write_all(&raw_connect(4, keep_alive, &s.token(user)))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    stream
+}
+
 /// Reads until the server closes; returns what it sent.
 async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
     let mut all = Vec::new();
@@ -190,14 +203,7 @@ async fn garbage_malformed_and_oversized_input_close_only_that_connection() {
     assert!(read_to_close(&mut stream).await.is_empty());
 
     // A malformed PUBLISH after a good CONNECT: topic length beyond the packet.
-    let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
-    stream
-        .write_all(&raw_connect(4, 30, &s.token("alice")))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    stream.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let mut stream = raw_session(&s, 30, "alice").await;
     stream
         .write_all(&[0x30, 0x03, 0xff, 0xff, b'x'])
         .await
@@ -205,12 +211,7 @@ async fn garbage_malformed_and_oversized_input_close_only_that_connection() {
     assert!(read_to_close(&mut stream).await.is_empty());
 
     // A packet over the size limit (declared length alone is enough to refuse it).
-    let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
-    stream
-        .write_all(&raw_connect(4, 30, &s.token("alice")))
-        .await
-        .unwrap();
-    stream.read_exact(&mut connack).await.unwrap();
+    let mut stream = raw_session(&s, 30, "alice").await;
     stream
         .write_all(&[0x30, 0xff, 0xff, 0xff, 0x7f])
         .await
@@ -416,13 +417,7 @@ async fn websocket_answers_the_subprotocol_the_client_offered() {
 async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
     let s = TestServer::start().await;
     // Mallory subscribes and then never reads her socket.
-    let mut stalled = TcpStream::connect(s.mqtt).await.unwrap();
-    stalled
-        .write_all(&raw_connect(4, 600, &s.token("mallory")))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    stalled.read_exact(&mut connack).await.unwrap();
+    let mut stalled = raw_session(&s, 600, "mallory").await;
     let topic = b"users/mallory/notifications";
     let mut subscribe = vec![0x82, (2 + 2 + topic.len() + 1) as u8, 0, 1];
     subscribe.extend_from_slice(&(topic.len() as u16).to_be_bytes());

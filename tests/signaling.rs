@@ -115,13 +115,7 @@ async fn whole_call(s: &TestServer, via: Via, call_type: &str, alice_chat: bool,
         assert_eq!(copy["id"], o["id"], "same id on both copies");
     }
 
-    let (status, _) = s
-        .post(
-            &format!("/api/calls/{call}/accept/"),
-            &s.token("bob"),
-            json!({}),
-        )
-        .await;
+    let (status, _) = s.act(call, "accept", "bob", json!({})).await;
     assert_eq!(status, StatusCode::OK);
     bob.publish_json("chat/c1", answer(call, "v=0 answer"))
         .await;
@@ -153,13 +147,7 @@ async fn whole_call(s: &TestServer, via: Via, call_type: &str, alice_chat: bool,
     assert_eq!(c["sender_id"], "bob");
 
     // Ending reaches the other party wherever they are, with the duration recorded.
-    let (status, ended) = s
-        .post(
-            &format!("/api/calls/{call}/end/"),
-            &s.token("bob"),
-            json!({}),
-        )
-        .await;
+    let (status, ended) = s.act(call, "end", "bob", json!({})).await;
     assert_eq!(status, StatusCode::OK);
     assert!(ended["duration_seconds"].is_u64());
     let e = on(&mut alice, "users/alice/notifications").await;
@@ -325,12 +313,7 @@ async fn renegotiation_during_an_active_call() {
     let mut bob = client(&s, Via::Tcp, "bob", &["users/bob/notifications"]).await;
     let call = ring(&s, "alice", "bob", "video").await;
     alice.publish_json("chat/c1", offer(call, "o1")).await;
-    s.post(
-        &format!("/api/calls/{call}/accept/"),
-        &s.token("bob"),
-        json!({}),
-    )
-    .await;
+    s.act(call, "accept", "bob", json!({})).await;
     bob.publish_json("chat/c1", answer(call, "a1")).await;
     // Bob starts screen sharing: he offers, alice answers.
     bob.publish_json("chat/c1", offer(call, "o2-screen")).await;

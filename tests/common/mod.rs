@@ -104,6 +104,22 @@ impl TestServer {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// POST `/api/calls/{id}/{action}/` as user `who`.
+    pub async fn act(
+        &self,
+        id: u64,
+        action: &str,
+        who: &str,
+        body: Value,
+    ) -> (reqwest::StatusCode, Value) {
+        self.post(
+            &format!("/api/calls/{id}/{action}/"),
+            &self.token(who),
+            body,
+        )
+        .await
+    }
+
     /// GET as `token`; returns the status and JSON body.
     pub async fn get(&self, path: &str, token: &str) -> (reqwest::StatusCode, Value) {
         let resp = self
