@@ -129,33 +129,13 @@ impl Gateway {
                 return;
             }
         };
-        if permit.is_none() {
-            warn!("connection limit reached, refusing");
-            connack(&mut transport, ConnectReturnCode::ServiceUnavailable).await;
-            transport.close().await;
-            return;
-        }
-        let identity = match self.inner.bridge.authenticate(
-            connect.login.as_ref().map(|l| l.username.as_str()),
-            connect.login.as_ref().map(|l| l.password.as_str()),
-        ) {
-            Ok(identity) => identity,
-            Err(e) => {
-                info!(reason = %e, "CONNECT refused");
-                connack(&mut transport, ConnectReturnCode::NotAuthorized).await;
+        let (identity, client_id) = match self.admit(&connect, permit.is_some()) {
+            Ok(admitted) => admitted,
+            Err(code) => {
+                connack(&mut transport, code).await;
                 transport.close().await;
                 return;
             }
-        };
-        let client_id = if connect.client_id.is_empty() && connect.clean_session {
-            format!("auto-{}", random_hex::<8>())
-        } else if is_valid_id(&connect.client_id) {
-            connect.client_id.clone()
-        } else {
-            info!(client_id = %connect.client_id.escape_debug(), "bad client id");
-            connack(&mut transport, ConnectReturnCode::BadClientId).await;
-            transport.close().await;
-            return;
         };
         let broker_id = namespaced_client_id(&identity.user_id, &client_id);
         tracing::Span::current().record("client", broker_id.as_str());
@@ -200,6 +180,40 @@ impl Gateway {
         info!(reason = %end, "disconnected");
         transport.close().await;
         drop(permit);
+    }
+
+    /// Decides a CONNECT: a free connection slot, a valid token, a valid client id (an empty one
+    /// gets a generated id). Returns who connects and the client id, or the CONNACK refusal.
+    fn admit(
+        &self,
+        connect: &rumqttc::mqttbytes::v4::Connect,
+        has_slot: bool,
+    ) -> Result<(Identity, String), ConnectReturnCode> {
+        if !has_slot {
+            warn!("connection limit reached, refusing");
+            return Err(ConnectReturnCode::ServiceUnavailable);
+        }
+        let login = connect.login.as_ref();
+        let identity = self
+            .inner
+            .bridge
+            .authenticate(
+                login.map(|l| l.username.as_str()),
+                login.map(|l| l.password.as_str()),
+            )
+            .map_err(|e| {
+                info!(reason = %e, "CONNECT refused");
+                ConnectReturnCode::NotAuthorized
+            })?;
+        let client_id = if connect.client_id.is_empty() && connect.clean_session {
+            format!("auto-{}", random_hex::<8>())
+        } else if is_valid_id(&connect.client_id) {
+            connect.client_id.clone()
+        } else {
+            info!(client_id = %connect.client_id.escape_debug(), "bad client id");
+            return Err(ConnectReturnCode::BadClientId);
+        };
+        Ok((identity, client_id))
     }
 
     /// Reads the first packet, which must be a CONNECT for MQTT 3.1.1. On failure returns the
