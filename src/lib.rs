@@ -19,3 +19,4 @@ pub mod ids;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -65,6 +65,12 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     cors_origins: Vec<String>,
+    /// PEM certificate chain: serve TLS on both listeners (with --tls-key).
+    #[arg(long, env = "CALLBUS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "CALLBUS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Development mode: dev tokens for the demo page, a fixed secret if none is set,
     /// loopback addresses only.
     #[arg(long, env = "CALLBUS_DEV")]
@@ -112,6 +118,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.ring_timeout = std::time::Duration::from_secs(args.ring_timeout);
     settings.dev = args.dev;
     settings.cors_origins = args.cors_origins.clone();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        settings.tls = Some(callbus::tls::acceptor(cert, key)?);
+    }
     settings.turn = match &args.turn_secret {
         Some(secret) if !secret.is_empty() => {
             if args.turn_uris.is_empty() {

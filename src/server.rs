@@ -31,6 +31,8 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     /// Development mode: `/api/dev/token` on.
     pub dev: bool,
+    /// TLS for both listeners.
+    pub tls: Option<crate::tls::TlsAcceptor>,
 }
 
 impl Settings {
@@ -44,7 +46,48 @@ impl Settings {
             turn: None,
             cors_origins: Vec::new(),
             dev: false,
+            tls: None,
         }
+    }
+}
+
+/// HTTPS: TLS on each accepted socket, then HTTP/1.1 with upgrades (for `/mqtt`).
+async fn serve_https(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: crate::tls::TlsAcceptor,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let (tls, app, shutdown) = (tls.clone(), app.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let handshake = tokio::time::timeout(Duration::from_secs(10), tls.accept(stream));
+            let Ok(Ok(stream)) = handshake.await else {
+                tracing::info!(%peer, "TLS handshake failed");
+                return;
+            };
+            let app = app.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
     }
 }
 
@@ -98,7 +141,12 @@ impl Server {
             shutdown.clone(),
         );
         let tracker = TaskTracker::new();
-        tracker.spawn(broker::tcp::serve(mqtt, gateway.clone(), tracker.clone()));
+        tracker.spawn(broker::tcp::serve(
+            mqtt,
+            gateway.clone(),
+            tracker.clone(),
+            settings.tls.clone(),
+        ));
         let state = AppState {
             store,
             auth,
@@ -108,14 +156,21 @@ impl Server {
             dev: settings.dev,
             cors_origins,
         };
-        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let app = api::router(state);
         let token = shutdown.clone();
+        let tls = settings.tls.clone();
         let task = tokio::spawn(async move {
-            let served = axum::serve(http, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
+            match tls {
+                None => {
+                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                    let served = axum::serve(http, app)
+                        .with_graceful_shutdown(async move { token.cancelled().await })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "HTTP server failed");
+                    }
+                }
+                Some(tls) => serve_https(http, app, tls, token, tracker.clone()).await,
             }
             tracker.close();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;

@@ -3,16 +3,17 @@
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use super::{Gateway, Transport};
 
-struct TcpTransport(TcpStream);
+/// A byte stream: a plain TCP socket or TLS over one.
+struct TcpTransport<S>(S);
 
-impl Transport for TcpTransport {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for TcpTransport<S> {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
@@ -31,7 +32,12 @@ impl Transport for TcpTransport {
 
 /// Accepts TCP clients until the gateway shuts down. Each connection runs on its own task,
 /// tracked by `tracker`; an accept error backs off briefly and never ends the loop.
-pub async fn serve(listener: TcpListener, gateway: Gateway, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Gateway,
+    tracker: TaskTracker,
+    tls: Option<crate::tls::TlsAcceptor>,
+) {
     let shutdown = gateway.shutdown_token().clone();
     loop {
         let accepted = tokio::select! {
@@ -45,10 +51,22 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, tracker: TaskTracker
                     warn!(error = %e, "set_nodelay failed");
                 }
                 let gateway = gateway.clone();
+                let tls = tls.clone();
                 tracker.spawn(async move {
-                    gateway
-                        .serve(TcpTransport(stream), format!("tcp:{peer}"))
-                        .await
+                    let Some(tls) = tls else {
+                        let peer = format!("tcp:{peer}");
+                        return gateway.serve(TcpTransport(stream), peer).await;
+                    };
+                    // The TLS handshake counts against the CONNECT deadline.
+                    let limit = gateway.limits().connect_timeout();
+                    match tokio::time::timeout(limit, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let peer = format!("tls:{peer}");
+                            gateway.serve(TcpTransport(stream), peer).await
+                        }
+                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    }
                 });
             }
             Err(e) => {
