@@ -3,7 +3,7 @@
 mod common;
 
 use bytes::BytesMut;
-use common::{granted, TestServer, Via, BOTH, WAIT};
+use common::{granted, raw_connect, TestServer, Via, BOTH, WAIT};
 use rumqttc::{ConnectReturnCode, ConnectionError};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,36 +97,6 @@ async fn another_user_reusing_a_client_id_takes_nothing_over() {
             "{via:?}: older session of the same id kept"
         );
     }
-}
-
-/// Encodes a CONNECT by hand (with an arbitrary protocol level).
-fn raw_connect(level: u8, keep_alive: u16, password: &str) -> Vec<u8> {
-    let name: &[u8] = if level == 3 { b"MQIsdp" } else { b"MQTT" };
-    let mut var = Vec::new();
-    var.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    var.extend_from_slice(name);
-    var.push(level);
-    var.push(0b0100_0010); // password flag + clean session
-    var.extend_from_slice(&keep_alive.to_be_bytes());
-    var.extend_from_slice(&4u16.to_be_bytes());
-    var.extend_from_slice(b"raw1");
-    var.extend_from_slice(&(password.len() as u16).to_be_bytes());
-    var.extend_from_slice(password.as_bytes());
-    let mut out = vec![0x10];
-    let mut len = var.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&var);
-    out
 }
 
 /// A raw TCP connection that has sent a good CONNECT and read its CONNACK.

@@ -48,27 +48,9 @@ async fn tls_connect(port: u16) -> tokio_rustls::client::TlsStream<TcpStream> {
     connector().connect(name, tcp).await.expect("TLS handshake")
 }
 
-/// A CONNECT with `password` (MQTT 3.1.1, clean session, client id "tls1").
+/// A CONNECT (MQTT 3.1.1, keepalive 30) with `password`.
 fn connect_packet(password: &str) -> Vec<u8> {
-    let mut var = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b0100_0010, 0, 30, 0, 4];
-    var.extend_from_slice(b"tls1");
-    var.extend_from_slice(&(password.len() as u16).to_be_bytes());
-    var.extend_from_slice(password.as_bytes());
-    let mut out = vec![0x10];
-    let mut len = var.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&var);
-    out
+    common::raw_connect(4, 30, password)
 }
 
 #[tokio::test]
