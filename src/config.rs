@@ -7,7 +7,7 @@ use serde::Deserialize;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::broker::RouterSettings;
+use crate::bus::embedded::RouterSettings;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]

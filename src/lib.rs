@@ -1,10 +1,12 @@
 //! callbus: WebRTC call signaling and per-user notifications over MQTT.
 //!
-//! - [`broker`]: the embedded rumqttd router and callbus's own client-facing MQTT listeners
-//!   (TCP and WebSocket), which check every packet before the router sees it.
-//! - [`bridge`]: policy — topic ACL, payload validation, sender stamping.
+//! - [`model`]: the pure model beneath everything: calls and their state machine, topics.
+//! - [`bus`]: the one way a publish travels (embedded: the rumqttd router), in one order.
+//! - [`broker`]: callbus's client-facing MQTT listeners (TCP, TLS, WebSocket), the sessions, and
+//!   the hub that owns them and routes the bus's deliveries.
+//! - [`bridge`]: policy — topic ACL, payload validation, sender stamping, signaling rules.
 //! - [`api`]: the axum REST API.
-//! - [`calls`]: the call state machine and the service that changes and announces calls.
+//! - [`calls`]: the service that changes and announces calls; [`conversations`]: membership.
 //! - [`store`]: durable state in sled.
 //! - [`auth`], [`ids`], [`config`]: identity, identifiers, configuration.
 //! - [`server`]: wires the parts together.
@@ -13,10 +15,15 @@ pub mod api;
 pub mod auth;
 pub mod bridge;
 pub mod broker;
+pub mod bus;
 pub mod calls;
 pub mod config;
+pub mod conversations;
 pub mod ids;
 pub mod metrics;
+pub mod model;
+pub mod net;
 pub mod server;
 pub mod store;
+pub mod sync;
 pub mod tls;

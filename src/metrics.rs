@@ -25,6 +25,10 @@ impl Metric {
         self.value.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn dec(&self) {
         self.value.fetch_sub(1, Ordering::Relaxed);
     }
@@ -64,6 +68,26 @@ pub static SUBSCRIPTIONS_REFUSED: Metric = Metric::new(
     "counter",
     "SUBSCRIBE filters refused by the ACL.",
 );
+pub static PUBLISHES_THROTTLED: Metric = Metric::new(
+    "callbus_mqtt_publishes_throttled_total",
+    "counter",
+    "Times a connection went over its publish rate and its socket was left unread until a token returned.",
+);
+pub static SESSIONS_DROPPED_SLOW: Metric = Metric::new(
+    "callbus_sessions_dropped_slow_total",
+    "counter",
+    "Sessions dropped because their mailbox passed its bound (a client that stopped reading).",
+);
+pub static BUS_PUBLISHER_WAITS: Metric = Metric::new(
+    "callbus_bus_publisher_waits_total",
+    "counter",
+    "Publishes that waited for the bus to drain (backpressure) before entering it.",
+);
+pub static BUS_LOST: Metric = Metric::new(
+    "callbus_bus_lost_total",
+    "counter",
+    "Messages the bus accepted but never delivered back (should stay 0).",
+);
 pub static CALLS_INITIATED: Metric =
     Metric::new("callbus_calls_initiated_total", "counter", "Calls created.");
 pub static CALL_TRANSITIONS: Metric = Metric::new(
@@ -72,13 +96,17 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 8] = [
+const ALL: [&Metric; 12] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
     &PUBLISHES_RELAYED,
     &PUBLISHES_REFUSED,
     &SUBSCRIPTIONS_REFUSED,
+    &PUBLISHES_THROTTLED,
+    &SESSIONS_DROPPED_SLOW,
+    &BUS_PUBLISHER_WAITS,
+    &BUS_LOST,
     &CALLS_INITIATED,
     &CALL_TRANSITIONS,
 ];

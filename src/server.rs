@@ -15,9 +15,13 @@ use crate::api::turn::TurnConfig;
 use crate::api::{self, AppState};
 use crate::auth::Authenticator;
 use crate::bridge::Bridge;
-use crate::broker::{self, Broker, Gateway};
+use crate::broker::{self, Gateway, Hub};
+use crate::bus::embedded::EmbeddedBus;
+use crate::bus::Publisher;
 use crate::calls::Calls;
 use crate::config::FileConfig;
+use crate::conversations::ConversationService;
+use crate::net;
 use crate::store::Store;
 
 /// Everything `serve` needs besides its listeners.
@@ -59,36 +63,26 @@ async fn serve_https(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    let handle = {
+        let shutdown = shutdown.clone();
+        move |stream, peer| {
+            let app = app
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+            let shutdown = shutdown.clone();
+            async move {
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::select! {
+                    _ = conn => {}
+                    _ = shutdown.cancelled() => {}
                 }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let (tls, app, shutdown) = (tls.clone(), app.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            let handshake = tokio::time::timeout(Duration::from_secs(10), tls.accept(stream));
-            let Ok(Ok(stream)) = handshake.await else {
-                tracing::info!(%peer, "TLS handshake failed");
-                return;
-            };
-            let app = app.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::select! {
-                _ = conn => {}
-                _ = shutdown.cancelled() => {}
             }
-        });
-    }
+        }
+    };
+    net::accept_loop(listener, Some(tls), shutdown, tracker, handle).await
 }
 
 /// A started server.
@@ -121,21 +115,26 @@ impl Server {
             .await?
             .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
         let auth = Authenticator::new(&settings.jwt_secret);
-        let broker = Broker::start(settings.config.router.clone())
+        // The hub owns the sessions; the bus hands it every message, in bus order.
+        let hub = Hub::new(store.conversations.clone());
+        let bus = EmbeddedBus::start(settings.config.router.clone(), hub.clone())
             .await
-            .context("starting the embedded broker")?;
+            .context("starting the embedded bus (rumqttd router)")?;
+        let publisher = Publisher::new(std::sync::Arc::new(bus));
         let shutdown = CancellationToken::new();
         let calls = Calls::start(
             store.clone(),
-            broker.clone(),
+            publisher.clone(),
             settings.ring_timeout,
             shutdown.clone(),
         )
         .await
         .context("loading live calls")?;
-        let bridge = Bridge::new(auth.clone(), store.clone());
+        let bridge = Bridge::new(auth.clone(), store.clone(), calls.clone());
+        let conversations = ConversationService::new(store, hub.clone());
         let gateway = Gateway::new(
-            broker,
+            hub,
+            publisher,
             bridge,
             settings.config.gateway.clone(),
             shutdown.clone(),
@@ -148,7 +147,7 @@ impl Server {
             settings.tls.clone(),
         ));
         let state = AppState {
-            store,
+            conversations,
             auth,
             gateway,
             calls,

@@ -6,6 +6,7 @@ use bytes::BytesMut;
 use common::{granted, raw_connect, TestServer, Via, BOTH, WAIT};
 use rumqttc::{ConnectReturnCode, ConnectionError};
 use serde_json::json;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -139,19 +140,35 @@ async fn still_serving(s: &TestServer) {
 #[tokio::test]
 async fn unsupported_protocol_levels_get_the_proper_connack() {
     let s = TestServer::start().await;
-    for level in [3u8, 5] {
+    // MQTT 3.1: CONNACK return code 1 (unacceptable protocol version). MQTT 5: a v5 CONNACK
+    // with reason 0x84 (unsupported protocol version) and no properties. Then the socket closes.
+    let answers: [(u8, &[u8]); 2] = [(3, &[0x20, 2, 0, 1]), (5, &[0x20, 3, 0, 0x84, 0])];
+    for (level, answer) in answers {
         let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
         stream
             .write_all(&raw_connect(level, 30, &s.token("alice")))
             .await
             .unwrap();
-        // CONNACK with return code 1: unacceptable protocol version; then the socket closes.
-        assert_eq!(
-            read_to_close(&mut stream).await,
-            [0x20, 0x02, 0x00, 0x01],
-            "level {level}"
-        );
+        assert_eq!(read_to_close(&mut stream).await, answer, "level {level}");
     }
+}
+
+#[tokio::test]
+async fn a_refusal_waits_for_the_whole_connect() {
+    let s = TestServer::start().await;
+    let connect = raw_connect(5, 30, &s.token("alice"));
+    let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
+    // The fixed header and protocol level first, as a client writing field by field does.
+    stream.write_all(&connect[..10]).await.unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "answered before the CONNECT was whole: {early:?}"
+    );
+    // The rest still goes through, and the refusal follows it.
+    stream.write_all(&connect[10..]).await.unwrap();
+    assert_eq!(read_to_close(&mut stream).await, [0x20, 3, 0, 0x84, 0]);
 }
 
 #[tokio::test]
@@ -296,29 +313,50 @@ async fn repeated_violations_disconnect_the_client() {
 }
 
 #[tokio::test]
-async fn publish_floods_are_rate_limited() {
+async fn publishing_over_the_rate_is_slowed_not_cut_off() {
     let config = callbus::config::DEFAULT_CONFIG
-        .replace("publish_rate = 200", "publish_rate = 1")
+        .replace("publish_rate = 200", "publish_rate = 20")
         .replace("publish_burst = 500", "publish_burst = 5");
     let s = TestServer::start_with(&config).await;
-    s.set_members("c1", &["flood"]).await;
+    s.set_members("c1", &["flood", "bob"]).await;
+    let mut bob = s.connect(Via::Tcp, "bob").await;
+    assert!(granted(&bob.subscribe(&["chat/c1"]).await[0]));
     let mut flood = s.connect(Via::Tcp, "flood").await;
-    for _ in 0..20 {
-        if flood
+    // 45 QoS 1 publishes at once: far over 20/s after a burst of 5.
+    const N: usize = 45;
+    let started = std::time::Instant::now();
+    for i in 0..N {
+        let payload = json!({"type": "message", "text": i.to_string()}).to_string();
+        flood
             .client
-            .publish(
-                "chat/c1",
-                rumqttc::QoS::AtMostOnce,
-                false,
-                r#"{"type":"typing"}"#,
-            )
+            .publish("chat/c1", rumqttc::QoS::AtLeastOnce, false, payload)
             .await
-            .is_err()
-        {
-            break;
+            .expect("queue publish");
+    }
+    let mut acked = 0;
+    while acked < N {
+        match flood.next_packet().await {
+            Ok(rumqttc::Packet::PubAck(_)) => acked += 1,
+            Ok(_) => {}
+            Err(e) => panic!("the publisher was cut off after {acked} PUBACKs: {e:?}"),
         }
     }
-    assert!(flood.closed().await, "flood was not disconnected");
+    let elapsed = started.elapsed();
+    // Nothing lost, in order.
+    for i in 0..N {
+        assert_eq!(bob.recv().await.json()["text"], i.to_string());
+    }
+    // Slowed to the rate: the 40 publishes past the burst need about 2 s at 20/s.
+    assert!(
+        elapsed >= Duration::from_millis(1800),
+        "not throttled: {N} publishes acknowledged in {elapsed:?}"
+    );
+    let metrics = s.http_client.get(s.url("/metrics")).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(
+        !text.contains("callbus_mqtt_publishes_throttled_total 0\n"),
+        "{text}"
+    );
 }
 
 async fn still_serving_minimal(s: &TestServer) {

@@ -9,9 +9,9 @@ use serde_json::{json, Map, Value};
 use super::auth::Caller;
 use super::error::{ApiError, OptionalJson};
 use super::AppState;
-use crate::calls::model::{Action, CallType, TransitionError, HANGUP_REASONS};
 use crate::calls::{CallError, NewCall};
 use crate::ids::{id_from_json, is_valid_id};
+use crate::model::call::{Action, CallType, TransitionError, HANGUP_REASONS};
 
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
@@ -22,7 +22,7 @@ impl From<CallError> for ApiError {
                 ApiError::Conflict(e.to_string())
             }
             CallError::Transition(_) => ApiError::Forbidden(e.to_string()),
-            CallError::Busy => ApiError::Conflict(e.to_string()),
+            CallError::Busy { .. } => ApiError::Conflict(e.to_string()),
             CallError::Glare(_, ref call) => {
                 ApiError::ConflictWith(e.to_string(), json!({ "call": call.to_json() }))
             }
@@ -61,7 +61,7 @@ pub async fn initiate(
     if receiver_id == caller.user_id {
         return Err(ApiError::BadRequest("you cannot call yourself".into()));
     }
-    let conversations = &state.store.conversations;
+    let conversations = &state.conversations;
     if !conversations.is_member(&conversation_id, &caller.user_id) {
         return Err(ApiError::Forbidden(
             "you are not a member of this conversation".into(),

@@ -11,7 +11,7 @@ use super::auth::Caller;
 use super::error::{ApiError, JsonBody};
 use super::AppState;
 use crate::auth::Role;
-use crate::ids::{id_from_json, is_valid_id, now_rfc3339};
+use crate::ids::{id_from_json, is_valid_id};
 use crate::store::Conversation;
 
 /// Most members a conversation may have.
@@ -54,20 +54,9 @@ pub async fn put(
                 .ok_or_else(|| ApiError::BadRequest(format!("member {m} is not a valid user id")))
         })
         .collect::<Result<BTreeSet<_>, _>>()?;
-    let conv = Conversation {
-        id: cid.to_owned(),
-        members,
-        updated_at: now_rfc3339(),
-    };
-    let previous = state.store.conversations.put(conv.clone())?;
-    state.store.flush().await?;
-    // Removed members stop receiving at once, existing subscriptions included.
-    if let Some(previous) = &previous {
-        for uid in previous.members.difference(&conv.members) {
-            state.gateway.revoke_chat(uid, cid).await;
-        }
-    }
-    let status = if previous.is_some() {
+    // Removed members have stopped receiving by the time this returns.
+    let (conv, existed) = state.conversations.replace(cid, members).await?;
+    let status = if existed {
         StatusCode::OK
     } else {
         StatusCode::CREATED
@@ -82,7 +71,6 @@ pub async fn get(
 ) -> Result<Json<Conversation>, ApiError> {
     let cid = conversation_id(&cid)?;
     let conv = state
-        .store
         .conversations
         .get(cid)
         .ok_or_else(|| ApiError::NotFound("conversation not found".into()))?;

@@ -9,8 +9,7 @@ use super::auth::Caller;
 use super::error::{ApiError, OptionalJson};
 use super::{turn, AppState};
 use crate::auth::{unix_now, Role};
-use crate::ids::{id_from_json, now_rfc3339};
-use crate::store::Conversation;
+use crate::ids::id_from_json;
 
 /// `POST /api/notifications/` `{user_id, payload}` (service): publishes `notification.created`.
 pub async fn notify(
@@ -27,7 +26,7 @@ pub async fn notify(
         Some(Value::Object(p)) => Value::Object(p.clone()),
         _ => return Err(ApiError::BadRequest("payload must be a JSON object".into())),
     };
-    let event = state.calls.notify(&user_id, payload);
+    let event = state.calls.notify(&user_id, payload).await;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": event["id"] }))))
 }
 
@@ -70,20 +69,7 @@ pub async fn dev_token(
             ApiError::BadRequest("conversation_id must be 1-64 of [A-Za-z0-9_-]".into())
         })?,
     };
-    let mut members = state
-        .store
-        .conversations
-        .get(&cid)
-        .map(|c| c.members.clone())
-        .unwrap_or_default();
-    if members.insert(user_id.clone()) {
-        state.store.conversations.put(Conversation {
-            id: cid.clone(),
-            members,
-            updated_at: now_rfc3339(),
-        })?;
-        state.store.flush().await?;
-    }
+    state.conversations.join(&cid, &user_id).await?;
     let token = state
         .auth
         .issue(&user_id, Some(&username), Role::User, 12 * 3600)

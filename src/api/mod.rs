@@ -17,7 +17,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::auth::Authenticator;
 use crate::broker::{self, Gateway};
 use crate::calls::Calls;
-use crate::store::Store;
+use crate::conversations::ConversationService;
 use turn::TurnConfig;
 
 /// Largest REST request body.
@@ -26,7 +26,7 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Store,
+    pub conversations: ConversationService,
     pub auth: Authenticator,
     pub gateway: Gateway,
     pub calls: Calls,

@@ -8,40 +8,7 @@
 //! | anything else, wildcards    | admin                              | nobody                    |
 
 use crate::auth::{Identity, Role};
-use crate::ids::is_valid_id;
-
-/// A topic name or filter, classified by the ACL's rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TopicKind<'a> {
-    /// `users/{uid}/notifications`
-    Notifications(&'a str),
-    /// `chat/{cid}`
-    Chat(&'a str),
-    /// Anything else, including `$SYS/...` and wildcard filters.
-    Other,
-}
-
-/// Classifies a concrete topic or an exact filter.
-pub fn classify(topic: &str) -> TopicKind<'_> {
-    let mut levels = topic.split('/');
-    match (levels.next(), levels.next(), levels.next(), levels.next()) {
-        (Some("users"), Some(uid), Some("notifications"), None) if is_valid_id(uid) => {
-            TopicKind::Notifications(uid)
-        }
-        (Some("chat"), Some(cid), None, None) if is_valid_id(cid) => TopicKind::Chat(cid),
-        _ => TopicKind::Other,
-    }
-}
-
-/// The notifications topic of a user.
-pub fn notifications_topic(uid: &str) -> String {
-    format!("users/{uid}/notifications")
-}
-
-/// The chat topic of a conversation.
-pub fn chat_topic(cid: &str) -> String {
-    format!("chat/{cid}")
-}
+use crate::model::topic::{classify, has_wildcard, is_valid_filter, TopicKind};
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -56,29 +23,6 @@ pub enum Denied {
     ReadOnlyRole,
     #[error("malformed topic or filter")]
     Malformed,
-}
-
-/// Whether `filter` is a syntactically valid MQTT filter callbus is willing to route.
-/// Shared subscriptions (`$share/...`) are refused outright: they would let a subscriber divert
-/// messages away from the others in its group, which no callbus client needs.
-pub fn is_valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') || filter.starts_with("$share/") {
-        return false;
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let last = levels.len() - 1;
-    levels.iter().enumerate().all(|(i, level)| {
-        if level.contains('#') {
-            *level == "#" && i == last
-        } else {
-            !level.contains('+') || *level == "+"
-        }
-    })
-}
-
-/// Whether a filter contains a wildcard.
-pub fn has_wildcard(filter: &str) -> bool {
-    filter.contains('+') || filter.contains('#')
 }
 
 /// Decides a SUBSCRIBE filter. `is_member(cid)` answers membership from the store.
@@ -133,25 +77,6 @@ pub fn may_receive(who: &Identity, topic: &str, is_member: impl FnOnce(&str) -> 
         TopicKind::Notifications(uid) => uid == who.user_id,
         TopicKind::Chat(cid) => is_member(cid),
         TopicKind::Other => false,
-    }
-}
-
-/// MQTT topic matching (`+` one level, `#` the rest); `$`-topics only match filters that start
-/// with a `$` level themselves.
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && !filter.starts_with('$') {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 
@@ -274,30 +199,5 @@ mod tests {
         assert!(!may_receive(&alice, "chat/c2", member));
         assert!(may_receive(&alice, "users/alice/notifications", member));
         assert!(!may_receive(&alice, "users/bob/notifications", member));
-    }
-
-    #[test]
-    fn matching() {
-        assert!(filter_matches("#", "chat/1"));
-        assert!(filter_matches("chat/+", "chat/1"));
-        assert!(!filter_matches("chat/+", "chat/1/x"));
-        assert!(filter_matches(
-            "users/+/notifications",
-            "users/a/notifications"
-        ));
-        assert!(!filter_matches("#", "$SYS/uptime"));
-        assert!(filter_matches("$SYS/#", "$SYS/uptime"));
-        assert!(filter_matches("chat/1", "chat/1"));
-        assert!(!filter_matches("chat/1", "chat/2"));
-    }
-
-    #[test]
-    fn classify_rejects_bad_ids() {
-        assert_eq!(classify("chat/a.b"), TopicKind::Other);
-        assert_eq!(classify("users//notifications"), TopicKind::Other);
-        assert_eq!(
-            classify("users/7/notifications"),
-            TopicKind::Notifications("7")
-        );
     }
 }

@@ -1,21 +1,24 @@
 //! Policy between clients and the router: identity, topic ACL, payload validation and sender
-//! stamping. The gateway asks the [`Bridge`] about every CONNECT, SUBSCRIBE filter, PUBLISH and
-//! delivery; the decisions themselves are plain functions in [`acl`] and [`message`].
+//! stamping. Sessions ask the [`Bridge`] about every CONNECT, SUBSCRIBE filter and PUBLISH; the
+//! hub applies [`acl::may_receive`] to every delivery. The decisions themselves are plain
+//! functions in [`acl`], [`message`] and [`signaling`].
 
 pub mod acl;
 pub mod message;
 pub mod signaling;
 
 use crate::auth::{AuthError, Authenticator, Identity};
+use crate::bus::Message;
+use crate::calls::Calls;
+use crate::model::topic::chat_topic;
 use crate::store::Store;
 use message::{ErrorCode, ErrorRef};
-use std::sync::Arc;
 
 /// What to do with a client's PUBLISH.
 #[derive(Debug)]
 pub enum PublishOutcome {
-    /// Publish these messages (topic, payload), in order, on the sender's own link.
-    Deliver(Vec<(String, Vec<u8>)>),
+    /// Publish these messages on the bus, in order.
+    Deliver(Vec<Message>),
     /// Deliver nothing; tell the sender why with an `error` event.
     Refuse {
         code: ErrorCode,
@@ -38,16 +41,12 @@ pub enum ConnectRefused {
 pub struct Bridge {
     auth: Authenticator,
     store: Store,
-    offers: Arc<signaling::OfferLog>,
+    calls: Calls,
 }
 
 impl Bridge {
-    pub fn new(auth: Authenticator, store: Store) -> Self {
-        Self {
-            auth,
-            store,
-            offers: Arc::default(),
-        }
+    pub fn new(auth: Authenticator, store: Store, calls: Calls) -> Self {
+        Self { auth, store, calls }
     }
 
     /// Authenticates an MQTT CONNECT: the JWT is the password; the username is empty or `sub`.
@@ -71,24 +70,6 @@ impl Bridge {
     /// Decides one SUBSCRIBE filter.
     pub fn may_subscribe(&self, who: &Identity, filter: &str) -> bool {
         acl::authorize_subscribe(who, filter, self.is_member(who)).is_ok()
-    }
-
-    /// Whether a message on `topic` may still be delivered to `who`: membership can change, and
-    /// the `chat/{cid}` copy of call signaling is for the call's two parties only.
-    pub fn may_receive(&self, who: &Identity, topic: &str, payload: &[u8]) -> bool {
-        if !acl::may_receive(who, topic, self.is_member(who)) {
-            return false;
-        }
-        if who.role == crate::auth::Role::Admin {
-            return true;
-        }
-        match (acl::classify(topic), signaling::signaled_call(payload)) {
-            (acl::TopicKind::Chat(_), Some(call)) => matches!(
-                self.store.calls.get(call),
-                Ok(Some(call)) if call.is_party(&who.user_id)
-            ),
-            _ => true,
-        }
     }
 
     /// Decides a PUBLISH and turns it into what the router should carry.
@@ -115,17 +96,23 @@ impl Bridge {
             };
             let relayed = signaling::call_id(&msg).and_then(|id| {
                 let call = self
-                    .store
                     .calls
                     .get(id)
                     .map_err(|e| (ErrorCode::CallNotFound, e.to_string()))?;
-                signaling::relay(who, cid, kind, &msg, call, &self.offers)
+                let offered_by = self.calls.last_offer_by(id);
+                let copies =
+                    signaling::relay(who, cid, kind, &msg, call.as_ref(), offered_by.as_deref())?;
+                if let (signaling::Kind::Offer, Some(call)) = (kind, &call) {
+                    self.calls.record_offer(call, &who.user_id);
+                }
+                Ok(copies)
             });
             return match relayed {
                 Ok(copies) => PublishOutcome::Deliver(copies),
                 Err((code, detail)) => refuse(code, detail),
             };
         }
-        PublishOutcome::Deliver(vec![(acl::chat_topic(cid), message::stamp(msg, who))])
+        let stamped = message::stamp(msg, who);
+        PublishOutcome::Deliver(vec![Message::new(chat_topic(cid), stamped)])
     }
 }

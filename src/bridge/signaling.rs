@@ -3,14 +3,13 @@
 //! the other party's notifications topic, with identity taken from the token only.
 
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
-use std::sync::Mutex;
 
-use super::acl::{chat_topic, notifications_topic};
 use super::message::{ChatMessage, ErrorCode};
 use crate::auth::Identity;
-use crate::calls::model::{Call, Status};
+use crate::bus::Message;
 use crate::ids::{id_from_json, new_message_id, now_rfc3339};
+use crate::model::call::{Call, Status};
+use crate::model::topic::{chat_topic, notifications_topic};
 
 /// Signaling kinds the bridge relays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,49 +79,17 @@ fn candidate(body: &Map<String, Value>) -> Result<Value, Refusal> {
     }
 }
 
-/// Remembers who sent the latest offer of each live call, so that an answer must come from the
-/// other party.
-#[derive(Default)]
-pub struct OfferLog {
-    last_offer_by: Mutex<HashMap<u64, String>>,
-}
-
-/// Most calls remembered at once; past this the log starts over (it only sharpens the answer
-/// check, which then falls back to the state-based rule).
-const OFFER_LOG_MAX: usize = 100_000;
-
-impl OfferLog {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, String>> {
-        self.last_offer_by.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn record(&self, call: u64, by: &str) {
-        let mut log = self.lock();
-        if log.len() >= OFFER_LOG_MAX {
-            log.clear();
-        }
-        log.insert(call, by.to_owned());
-    }
-
-    fn offered_by(&self, call: u64) -> Option<String> {
-        self.lock().get(&call).cloned()
-    }
-
-    fn forget(&self, call: u64) {
-        self.lock().remove(&call);
-    }
-}
-
-/// Validates a signaling message from `who` on `chat/{cid}` for `call`, and builds the two
-/// copies: (topic, payload) for `chat/{cid}` and for the other party's notifications.
+/// Validates a signaling message from `who` on `chat/{cid}` for `call`, whose latest offer (if
+/// any is known) came from `offered_by`, and builds the two copies: one for `chat/{cid}`, which
+/// only the call's parties receive, and one for the other party's notifications.
 pub fn relay(
     who: &Identity,
     cid: &str,
     kind: Kind,
     msg: &ChatMessage,
-    call: Option<Call>,
-    offers: &OfferLog,
-) -> Result<Vec<(String, Vec<u8>)>, Refusal> {
+    call: Option<&Call>,
+    offered_by: Option<&str>,
+) -> Result<Vec<Message>, Refusal> {
     let Some(call) = call else {
         return refuse(ErrorCode::CallNotFound, "no such call");
     };
@@ -136,7 +103,6 @@ pub fn relay(
         );
     }
     if call.status.is_terminal() {
-        offers.forget(call.id);
         return refuse(
             ErrorCode::WrongState,
             format!("the call is {}", call.status.as_str()),
@@ -161,7 +127,6 @@ pub fn relay(
                 );
             }
             let offer = description(&msg.body, "offer", "offer")?;
-            offers.record(call.id, &who.user_id);
             json!({
                 "type": "call.offer",
                 "caller_id": who.user_id,
@@ -172,7 +137,7 @@ pub fn relay(
         }
         Kind::Answer => {
             let answer = description(&msg.body, "answer", "answer")?;
-            let answer_ok = match offers.offered_by(call.id) {
+            let answer_ok = match offered_by {
                 Some(offerer) => offerer != who.user_id,
                 None => !is_caller || call.status == Status::Active,
             };
@@ -192,26 +157,13 @@ pub fn relay(
     if let (Value::Object(e), Value::Object(f)) = (&mut event, fields) {
         e.extend(f);
     }
-    let payload = event.to_string().into_bytes();
+    let payload = bytes::Bytes::from(event.to_string());
     let other = call.other_party(&who.user_id);
+    let parties = [call.caller.id.as_str(), call.receiver.id.as_str()];
     Ok(vec![
-        (chat_topic(cid), payload.clone()),
-        (notifications_topic(&other.id), payload),
+        Message::to_users(chat_topic(cid), payload.clone(), &parties),
+        Message::new(notifications_topic(&other.id), payload),
     ])
-}
-
-/// The call a delivered `chat/{cid}` payload is signaling for, if it is signaling at all. Cheap
-/// for ordinary chat: only payloads containing `"type":"call.` are parsed.
-pub fn signaled_call(payload: &[u8]) -> Option<u64> {
-    const NEEDLE: &[u8] = b"\"type\":\"call.";
-    if !payload.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
-        return None;
-    }
-    let value: Value = serde_json::from_slice(payload).ok()?;
-    if !value.get("type")?.as_str()?.starts_with("call.") {
-        return None;
-    }
-    value.get("call_id")?.as_str()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -219,7 +171,7 @@ mod tests {
     use super::*;
     use crate::auth::Role;
     use crate::bridge::message::parse_chat;
-    use crate::calls::model::{CallType, Party};
+    use crate::model::call::{CallType, Party};
 
     fn user(id: &str) -> Identity {
         Identity {
@@ -269,21 +221,24 @@ mod tests {
         cid: &str,
         raw: &[u8],
         c: Option<Call>,
-        log: &OfferLog,
-    ) -> Result<Vec<(String, Vec<u8>)>, ErrorCode> {
+        offered_by: Option<&str>,
+    ) -> Result<Vec<Message>, ErrorCode> {
         let msg = parse_chat(raw).unwrap();
         let kind = Kind::parse(&msg.kind).unwrap();
-        relay(&user(who), cid, kind, &msg, c, log).map_err(|(code, _)| code)
+        relay(&user(who), cid, kind, &msg, c.as_ref(), offered_by).map_err(|(code, _)| code)
     }
 
     #[test]
     fn offer_is_mirrored_with_identity_from_the_token() {
-        let log = OfferLog::default();
-        let out = run("a", "c1", OFFER, Some(call(Status::Ringing)), &log).unwrap();
-        assert_eq!(out[0].0, "chat/c1");
-        assert_eq!(out[1].0, "users/b/notifications");
-        assert_eq!(out[0].1, out[1].1, "same id on both copies");
-        let v: Value = serde_json::from_slice(&out[0].1).unwrap();
+        let out = run("a", "c1", OFFER, Some(call(Status::Ringing)), None).unwrap();
+        assert_eq!(&out[0].topic[..], b"chat/c1");
+        assert_eq!(
+            out[0].audience,
+            crate::bus::Audience::Users(vec!["a".to_owned(), "b".to_owned()].into())
+        );
+        assert_eq!(&out[1].topic[..], b"users/b/notifications");
+        assert_eq!(out[0].payload, out[1].payload, "same id on both copies");
+        let v: Value = serde_json::from_slice(&out[0].payload).unwrap();
         assert_eq!(v["type"], "call.offer");
         assert_eq!(v["caller_id"], "a");
         assert_eq!(v["caller_username"], "a-name");
@@ -294,22 +249,21 @@ mod tests {
 
     #[test]
     fn refusals() {
-        let log = OfferLog::default();
         let ringing = || Some(call(Status::Ringing));
         assert_eq!(
-            run("a", "c1", OFFER, None, &log),
+            run("a", "c1", OFFER, None, None),
             Err(ErrorCode::CallNotFound)
         );
         assert_eq!(
-            run("z", "c1", OFFER, ringing(), &log),
+            run("z", "c1", OFFER, ringing(), None),
             Err(ErrorCode::NotAParty)
         );
         assert_eq!(
-            run("a", "c2", OFFER, ringing(), &log),
+            run("a", "c2", OFFER, ringing(), None),
             Err(ErrorCode::CallNotFound)
         );
         assert_eq!(
-            run("b", "c1", OFFER, ringing(), &log),
+            run("b", "c1", OFFER, ringing(), None),
             Err(ErrorCode::WrongState)
         );
         for s in [
@@ -319,13 +273,13 @@ mod tests {
             Status::Missed,
         ] {
             assert_eq!(
-                run("a", "c1", CANDIDATE, Some(call(s)), &log),
+                run("a", "c1", CANDIDATE, Some(call(s)), None),
                 Err(ErrorCode::WrongState)
             );
         }
         let bad = br#"{"type":"call.offer","call_id":"17","offer":"v=0"}"#;
         assert_eq!(
-            run("a", "c1", bad, ringing(), &log),
+            run("a", "c1", bad, ringing(), None),
             Err(ErrorCode::BadPayload)
         );
         let no_id = br#"{"type":"call.candidate","candidate":{"candidate":""}}"#;
@@ -335,35 +289,21 @@ mod tests {
 
     #[test]
     fn answers_come_from_the_other_side_of_the_offer() {
-        let log = OfferLog::default();
         let active = || Some(call(Status::Active));
         // Before any offer is seen, the receiver answers while ringing.
-        assert!(run("b", "c1", ANSWER, Some(call(Status::Ringing)), &log).is_ok());
+        assert!(run("b", "c1", ANSWER, Some(call(Status::Ringing)), None).is_ok());
         assert_eq!(
-            run("a", "c1", ANSWER, Some(call(Status::Ringing)), &log),
+            run("a", "c1", ANSWER, Some(call(Status::Ringing)), None),
             Err(ErrorCode::WrongState)
         );
         // Renegotiation from the receiver: now the caller answers.
         let reoffer =
             br#"{"type":"call.offer","call_id":"17","offer":{"type":"offer","sdp":"v=1"}}"#;
-        assert!(run("b", "c1", reoffer, active(), &log).is_ok());
+        assert!(run("b", "c1", reoffer, active(), None).is_ok());
         assert_eq!(
-            run("b", "c1", ANSWER, active(), &log),
+            run("b", "c1", ANSWER, active(), Some("b")),
             Err(ErrorCode::WrongState)
         );
-        assert!(run("a", "c1", ANSWER, active(), &log).is_ok());
-    }
-
-    #[test]
-    fn finds_signaling_in_deliveries() {
-        assert_eq!(
-            signaled_call(br#"{"type":"call.offer","call_id":"17"}"#),
-            Some(17)
-        );
-        assert_eq!(
-            signaled_call(br#"{"type":"message","text":"\"type\":\"call.x\""}"#),
-            None
-        );
-        assert_eq!(signaled_call(br#"{"type":"message"}"#), None);
+        assert!(run("a", "c1", ANSWER, active(), Some("b")).is_ok());
     }
 }

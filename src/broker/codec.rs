@@ -25,6 +25,19 @@ pub(crate) fn encode(packet: Packet, out: &mut BytesMut) {
     }
 }
 
+/// The whole length of the packet starting at `buf[0]` (fixed header included), once its
+/// remaining-length varint is complete.
+pub(crate) fn packet_len(buf: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(1 + (i + 1) + remaining);
+        }
+    }
+    None
+}
+
 /// The protocol level of a CONNECT at the start of `buf`, read before full parsing so that an
 /// unsupported level (MQTT 3.1 is 3, MQTT 5 is 5) gets CONNACK "unacceptable protocol version"
 /// rather than a dropped socket.
@@ -60,6 +73,14 @@ mod tests {
         assert_eq!(connect_protocol_level(&v31), Some(3));
         assert_eq!(connect_protocol_level(&[0x30, 0]), None);
         assert_eq!(connect_protocol_level(&[0x10]), None);
+    }
+
+    #[test]
+    fn reads_packet_lengths() {
+        assert_eq!(packet_len(&[0x10, 12]), Some(14));
+        assert_eq!(packet_len(&[0x10, 0x80, 0x01]), Some(3 + 128));
+        assert_eq!(packet_len(&[0x10, 0x80]), None);
+        assert_eq!(packet_len(&[0x10]), None);
     }
 
     #[test]

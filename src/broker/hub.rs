@@ -1,195 +1,370 @@
-//! One shared router link for every client session. The link subscribes to `#` once; the hub
-//! routes what the router forwards to the sessions whose subscriptions match, and carries every
-//! publish (sessions' and callbus's own) into the router, in one order.
+//! The hub: the one owner of live sessions, their subscriptions and their mailboxes. The bus
+//! hands it every message in bus order; it matches each message once against the subscriptions,
+//! applies the ACL and the message's audience once per receiving session, and puts the result
+//! in that session's mailbox with the QoS to deliver at. A session reads one stream of
+//! [`Event`]s and does no matching, parsing or store reads of its own.
 //!
-//! Why not one rumqttd link per session: rumqttd preallocates about 100 KB of queues per link and
-//! matches every never-seen topic against every filter, which made idle connections cost 49 KiB
-//! of RSS each and the first notification to 10k users take 8.6 s (BENCHMARKS.md). With one
-//! link the router holds one filter and one log, and routing is a hash lookup here. A session
-//! whose queue passes [`SESSION_QUEUE`] messages or [`SESSION_QUEUE_BYTES`] is dropped.
+//! Why routing lives here and not in rumqttd (one rumqttd link per session): rumqttd
+//! preallocates about 100 KB of queues per link and matches every never-seen topic against every
+//! filter, which made idle connections cost 49 KiB each and the first notification to 10k users
+//! take 8.6 s (BENCHMARKS.md). Here routing is a hash lookup.
+//!
+//! A session whose mailbox passes [`MAILBOX_MESSAGES`] messages or [`MAILBOX_BYTES`] bytes is
+//! dropped (counted in `callbus_sessions_dropped_slow_total`): a client that stops reading cannot
+//! make the server hold more.
 
 use bytes::Bytes;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::Notification;
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
-use tracing::{error, warn};
+use tracing::{debug, warn};
 
-use crate::bridge::acl::{filter_matches, has_wildcard};
+use super::codec::QoS;
+use crate::auth::{Identity, Role};
+use crate::bridge::acl;
+use crate::bus::{Deliver, Message};
+use crate::metrics;
+use crate::model::topic::{chat_topic, filter_matches, has_wildcard};
+use crate::store::Conversations;
+use crate::sync::lock;
 
-/// A routed message: topic and payload.
-pub(crate) type Delivery = (Bytes, Bytes);
+/// Most messages that may wait in one session's mailbox.
+pub(crate) const MAILBOX_MESSAGES: usize = 1024;
+/// Most payload bytes that may wait in one session's mailbox.
+pub(crate) const MAILBOX_BYTES: usize = 8 * 1024 * 1024;
 
-/// How many deliveries may wait for one session before it counts as too slow and is dropped.
-pub(crate) const SESSION_QUEUE: usize = 1024;
-/// How many payload bytes may wait for one session before it is dropped: bounds what a client
-/// that stops reading can make the server hold.
-pub(crate) const SESSION_QUEUE_BYTES: usize = 8 * 1024 * 1024;
-
-/// A session's delivery queue and the payload bytes waiting in it.
-pub(crate) struct Queue {
-    pub(crate) rx: mpsc::Receiver<Delivery>,
-    pub(crate) queued_bytes: Arc<AtomicUsize>,
+/// What a session is told.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// Write this message to the client.
+    Deliver {
+        topic: Bytes,
+        payload: Bytes,
+        qos: QoS,
+    },
+    /// A newer connection of the same user took this client id.
+    Replaced,
+    /// The session fell too far behind its mailbox and was dropped.
+    TooSlow,
+    /// The bus is gone.
+    BusClosed,
+    /// The server is shutting down.
+    Shutdown,
 }
 
-impl Queue {
-    /// The next delivery; `None` once the hub dropped this session.
-    pub(crate) async fn recv(&mut self) -> Option<Delivery> {
-        let delivery = self.rx.recv().await?;
-        self.queued_bytes
-            .fetch_sub(delivery.1.len(), Ordering::Relaxed);
-        Some(delivery)
+/// What is waiting in a session's mailbox.
+#[derive(Default)]
+struct Backlog {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Set when the hub dropped the session; checked before anything else is written.
+    dropped: AtomicBool,
+}
+
+/// A session's side of its mailbox.
+pub(crate) struct Mailbox {
+    rx: mpsc::UnboundedReceiver<Event>,
+    backlog: Arc<Backlog>,
+}
+
+impl Mailbox {
+    /// The next event. Cancel-safe.
+    pub(crate) async fn recv(&mut self) -> Event {
+        if self.backlog.dropped.load(Ordering::Relaxed) {
+            return Event::TooSlow;
+        }
+        let event = self.rx.recv().await;
+        self.taken(event)
     }
+
+    /// The next event if one is waiting.
+    pub(crate) fn try_recv(&mut self) -> Option<Event> {
+        if self.backlog.dropped.load(Ordering::Relaxed) {
+            return Some(Event::TooSlow);
+        }
+        let event = self.rx.try_recv().ok()?;
+        Some(self.taken(Some(event)))
+    }
+
+    fn taken(&self, event: Option<Event>) -> Event {
+        match event {
+            Some(event) => {
+                if let Event::Deliver { payload, .. } = &event {
+                    self.backlog.messages.fetch_sub(1, Ordering::Relaxed);
+                    self.backlog
+                        .bytes
+                        .fetch_sub(payload.len(), Ordering::Relaxed);
+                }
+                event
+            }
+            // The hub dropped the session's sender: it is gone from the hub.
+            None => Event::Shutdown,
+        }
+    }
+}
+
+struct Entry {
+    identity: Arc<Identity>,
+    /// Broker-side client id, `<user id>.<client id>`.
+    client_id: String,
+    /// Wildcard filters (admins only) and their QoS.
+    wildcards: Vec<(String, QoS)>,
+    /// Exact filters held, for teardown.
+    exact: Vec<String>,
+    tx: mpsc::UnboundedSender<Event>,
+    backlog: Arc<Backlog>,
 }
 
 #[derive(Default)]
-struct Routes {
-    /// Sessions' delivery queues and their queued bytes.
-    sessions: HashMap<u64, (mpsc::Sender<Delivery>, Arc<AtomicUsize>)>,
-    /// Exact filters (every user subscription) to the sessions holding them.
-    exact: HashMap<String, HashSet<u64>>,
-    /// Wildcard filters (admins only) per session.
-    wildcard: HashMap<u64, HashSet<String>>,
+struct State {
+    sessions: HashMap<u64, Entry>,
+    by_client: HashMap<String, u64>,
+    by_user: HashMap<String, Vec<u64>>,
+    /// Exact filter to the sessions holding it and their QoS.
+    exact: HashMap<String, Vec<(u64, QoS)>>,
+    /// Sessions holding at least one wildcard filter.
+    wildcard: Vec<u64>,
+    /// Set at shutdown or when the bus is gone: new sessions are told at once.
+    closed: Option<fn() -> Event>,
 }
 
-impl Routes {
-    fn remove_session(&mut self, sid: u64) {
-        self.sessions.remove(&sid);
-        self.wildcard.remove(&sid);
-        self.exact.retain(|_, sids| {
-            sids.remove(&sid);
-            !sids.is_empty()
-        });
+impl State {
+    fn unsubscribe(&mut self, sid: u64, filter: &str) {
+        if let Some(entry) = self.sessions.get_mut(&sid) {
+            entry.wildcards.retain(|(f, _)| f != filter);
+            entry.exact.retain(|f| f != filter);
+            if entry.wildcards.is_empty() {
+                self.wildcard.retain(|s| *s != sid);
+            }
+        }
+        if let Some(sids) = self.exact.get_mut(filter) {
+            sids.retain(|(s, _)| *s != sid);
+            if sids.is_empty() {
+                self.exact.remove(filter);
+            }
+        }
+    }
+
+    fn remove(&mut self, sid: u64) -> Option<Entry> {
+        let entry = self.sessions.remove(&sid)?;
+        for filter in &entry.exact {
+            if let Some(sids) = self.exact.get_mut(filter) {
+                sids.retain(|(s, _)| *s != sid);
+                if sids.is_empty() {
+                    self.exact.remove(filter);
+                }
+            }
+        }
+        self.wildcard.retain(|s| *s != sid);
+        if self.by_client.get(&entry.client_id) == Some(&sid) {
+            self.by_client.remove(&entry.client_id);
+        }
+        if let Some(sids) = self.by_user.get_mut(&entry.identity.user_id) {
+            sids.retain(|s| *s != sid);
+            if sids.is_empty() {
+                self.by_user.remove(&entry.identity.user_id);
+            }
+        }
+        Some(entry)
+    }
+
+    /// The sessions `topic` reaches, each with the highest QoS of its matching filters.
+    fn matches(&self, topic: &str) -> Vec<(u64, QoS)> {
+        let mut targets = self.exact.get(topic).cloned().unwrap_or_default();
+        for sid in &self.wildcard {
+            let Some(entry) = self.sessions.get(sid) else {
+                continue;
+            };
+            let qos = entry
+                .wildcards
+                .iter()
+                .filter(|(f, _)| filter_matches(f, topic))
+                .map(|(_, q)| *q)
+                .max_by_key(|q| *q as u8);
+            let Some(qos) = qos else { continue };
+            match targets.iter_mut().find(|(s, _)| s == sid) {
+                Some((_, q)) if (*q as u8) < (qos as u8) => *q = qos,
+                Some(_) => {}
+                None => targets.push((*sid, qos)),
+            }
+        }
+        targets
     }
 }
 
-pub(crate) struct Hub {
-    tx: Mutex<LinkTx>,
-    routes: Mutex<Routes>,
+pub struct Hub {
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    /// Membership, checked on every chat delivery (no stale ACL cache).
+    conversations: Conversations,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// A session's place in the hub; leaving is automatic when it is dropped.
+pub(crate) struct Registration {
+    hub: Arc<Hub>,
+    pub(crate) id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.hub.state).remove(self.id);
+    }
 }
 
 impl Hub {
-    /// Starts routing for a link already subscribed to `#`.
-    pub(crate) fn start(tx: LinkTx, rx: LinkRx) -> Arc<Hub> {
-        let hub = Arc::new(Hub {
-            tx: Mutex::new(tx),
-            routes: Mutex::default(),
-        });
-        tokio::spawn(hub.clone().dispatch(rx));
-        hub
+    pub fn new(conversations: Conversations) -> Arc<Hub> {
+        Arc::new(Hub {
+            state: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            conversations,
+        })
     }
 
-    /// Publishes into the router (QoS 0 on an in-process link: nothing is lost on the way).
-    pub(crate) fn publish(&self, topic: String, payload: Bytes) -> Result<(), String> {
-        lock(&self.tx)
-            .publish(topic, payload)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    /// Adds a session of `identity` under its broker-side `client_id`. An older session with
+    /// the same client id is told it was replaced and stops receiving at once, as MQTT requires.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        identity: Arc<Identity>,
+        client_id: String,
+    ) -> (Registration, Mailbox) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut state = lock(&self.state);
+        if let Some(closed) = state.closed {
+            let _ = tx.send(closed());
+        }
+        if let Some(old) = state.by_client.insert(client_id.clone(), id) {
+            if let Some(old) = state.remove(old) {
+                let _ = old.tx.send(Event::Replaced);
+            }
+        }
+        state
+            .by_user
+            .entry(identity.user_id.clone())
+            .or_default()
+            .push(id);
+        state.sessions.insert(
+            id,
+            Entry {
+                identity,
+                client_id,
+                wildcards: Vec::new(),
+                exact: Vec::new(),
+                tx,
+                backlog: backlog.clone(),
+            },
+        );
+        let registration = Registration {
+            hub: self.clone(),
+            id,
+        };
+        (registration, Mailbox { rx, backlog })
     }
 
-    /// Registers a session; deliveries arrive on the returned queue until it is unregistered
-    /// (or falls [`SESSION_QUEUE`] messages behind, which closes the queue).
-    pub(crate) fn register(&self, sid: u64) -> Queue {
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        lock(&self.routes)
-            .sessions
-            .insert(sid, (tx, queued_bytes.clone()));
-        Queue { rx, queued_bytes }
-    }
-
-    pub(crate) fn unregister(&self, sid: u64) {
-        lock(&self.routes).remove_session(sid);
-    }
-
-    /// Routes `filter` to the session. Effective for everything the router forwards after this
-    /// returns.
-    pub(crate) fn subscribe(&self, sid: u64, filter: &str) {
-        let mut routes = lock(&self.routes);
+    /// Routes `filter` to the session: effective for every message the bus delivers after this
+    /// returns. (Subscribing twice to one filter replaces its QoS.)
+    pub(crate) fn subscribe(&self, sid: u64, filter: &str, qos: QoS) {
+        let mut state = lock(&self.state);
+        state.unsubscribe(sid, filter);
+        let Some(entry) = state.sessions.get_mut(&sid) else {
+            return; // replaced meanwhile
+        };
         if has_wildcard(filter) {
-            routes
-                .wildcard
-                .entry(sid)
-                .or_default()
-                .insert(filter.to_owned());
+            entry.wildcards.push((filter.to_owned(), qos));
+            if !state.wildcard.contains(&sid) {
+                state.wildcard.push(sid);
+            }
         } else {
-            routes
+            entry.exact.push(filter.to_owned());
+            state
                 .exact
                 .entry(filter.to_owned())
                 .or_default()
-                .insert(sid);
+                .push((sid, qos));
         }
     }
 
     pub(crate) fn unsubscribe(&self, sid: u64, filter: &str) {
-        let mut routes = lock(&self.routes);
-        if let Some(filters) = routes.wildcard.get_mut(&sid) {
-            filters.remove(filter);
-        }
-        if let Some(sids) = routes.exact.get_mut(filter) {
-            sids.remove(&sid);
-            if sids.is_empty() {
-                routes.exact.remove(filter);
+        lock(&self.state).unsubscribe(sid, filter);
+    }
+
+    /// Drops every `chat/{cid}` subscription of `user_id`'s sessions (admins keep theirs): a
+    /// member removed from a conversation stops receiving it before this returns.
+    pub fn revoke_chat(&self, user_id: &str, cid: &str) {
+        let topic = chat_topic(cid);
+        let mut state = lock(&self.state);
+        let sids = state.by_user.get(user_id).cloned().unwrap_or_default();
+        for sid in sids {
+            let admin = state
+                .sessions
+                .get(&sid)
+                .is_some_and(|e| e.identity.role == Role::Admin);
+            if !admin {
+                debug!(session = sid, %topic, "membership revoked, dropping the subscription");
+                state.unsubscribe(sid, &topic);
             }
         }
     }
 
-    fn route(&self, topic: Bytes, payload: Bytes) {
-        let Ok(name) = std::str::from_utf8(&topic) else {
+    /// Tells every session the server is shutting down.
+    pub(crate) fn shutdown(&self) {
+        self.close_all(|| Event::Shutdown);
+    }
+
+    fn close_all(&self, event: fn() -> Event) {
+        let mut state = lock(&self.state);
+        state.closed = Some(event);
+        for entry in state.sessions.values() {
+            let _ = entry.tx.send(event());
+        }
+    }
+}
+
+impl Deliver for Hub {
+    fn deliver(&self, message: Message) {
+        let Some(topic) = message.topic_str() else {
             return;
         };
-        let mut routes = lock(&self.routes);
-        let mut targets: Vec<u64> = routes
-            .exact
-            .get(name)
-            .map(|sids| sids.iter().copied().collect())
-            .unwrap_or_default();
-        for (sid, filters) in &routes.wildcard {
-            if filters.iter().any(|f| filter_matches(f, name)) && !targets.contains(sid) {
-                targets.push(*sid);
-            }
-        }
+        let mut state = lock(&self.state);
         let mut too_slow = Vec::new();
-        for sid in targets {
-            if let Some((queue, queued)) = routes.sessions.get(&sid) {
-                let waiting = queued.fetch_add(payload.len(), Ordering::Relaxed);
-                if waiting + payload.len() > SESSION_QUEUE_BYTES
-                    || queue.try_send((topic.clone(), payload.clone())).is_err()
-                {
-                    too_slow.push(sid);
-                }
+        for (sid, qos) in state.matches(topic) {
+            let Some(entry) = state.sessions.get(&sid) else {
+                continue;
+            };
+            let who = &entry.identity;
+            if who.role != Role::Admin && !message.audience.includes(&who.user_id) {
+                continue;
             }
+            let is_member = |cid: &str| self.conversations.is_member(cid, &who.user_id);
+            if !acl::may_receive(who, topic, is_member) {
+                continue;
+            }
+            let len = message.payload.len();
+            let waiting = entry.backlog.messages.fetch_add(1, Ordering::Relaxed);
+            let bytes = entry.backlog.bytes.fetch_add(len, Ordering::Relaxed);
+            if waiting >= MAILBOX_MESSAGES || bytes + len > MAILBOX_BYTES {
+                too_slow.push(sid);
+                continue;
+            }
+            let _ = entry.tx.send(Event::Deliver {
+                topic: message.topic.clone(),
+                payload: message.payload.clone(),
+                qos,
+            });
         }
         for sid in too_slow {
             warn!(session = sid, "session fell too far behind; dropping it");
-            routes.remove_session(sid); // closes its queue: the session ends
+            metrics::SESSIONS_DROPPED_SLOW.inc();
+            if let Some(entry) = state.remove(sid) {
+                entry.backlog.dropped.store(true, Ordering::Relaxed);
+                let _ = entry.tx.send(Event::TooSlow);
+            }
         }
     }
 
-    async fn dispatch(self: Arc<Self>, mut rx: LinkRx) {
-        loop {
-            match rx.next().await {
-                Ok(Some(Notification::Forward(f))) => {
-                    self.route(f.publish.topic, f.publish.payload)
-                }
-                Ok(Some(Notification::Unschedule)) => {
-                    if rx.wake().await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Some(Notification::Disconnect(..))) => break,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        error!("the router dropped callbus's link: closing every session");
-        let mut routes = lock(&self.routes);
-        *routes = Routes::default();
+    fn closed(&self) {
+        self.close_all(|| Event::BusClosed);
     }
 }

@@ -1,128 +1,114 @@
-//! The embedded rumqttd router and callbus's client-facing MQTT listeners (TCP and WebSocket).
+//! callbus's client-facing MQTT side: the listeners (TCP, TLS and WebSocket), one session per
+//! connection, and the hub that owns every session and routes the bus's deliveries to them.
 //!
-//! rumqttd has no topic ACL, so none of its listeners is ever started: clients talk only to
-//! callbus's own listeners ([`session`]), which authenticate each CONNECT, check every SUBSCRIBE
-//! and PUBLISH with the bridge's policy, and hand allowed traffic to the router through one
-//! shared in-process rumqttd link ([`hub`]). Every rumqttd type stays inside this module.
+//! rumqttd has no topic ACL, so no rumqttd listener is ever started: clients talk only to these
+//! listeners. A connection is admitted by [`connect`] (CONNECT, JWT), then run by [`session`],
+//! which checks every SUBSCRIBE and PUBLISH with the [`Bridge`] and hands accepted publishes to
+//! the bus; the bus hands them back in order to the [`hub::Hub`], which fills the sessions'
+//! mailboxes.
 
 mod codec;
-mod hub;
-mod registry;
-pub mod session;
+mod connect;
+pub(crate) mod hub;
+mod session;
 pub mod tcp;
+mod throttle;
 pub mod ws;
 
-use bytes::Bytes;
-use serde::Deserialize;
+use bytes::{Bytes, BytesMut};
+use std::future::Future;
+use std::io;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-pub use session::{Gateway, Transport};
+use crate::bridge::Bridge;
+use crate::bus::Publisher;
+use crate::config::GatewayConfig;
+pub use hub::Hub;
 
-/// rumqttd's router settings (the `[router]` table of the config file).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(transparent)]
-pub struct RouterSettings(rumqttd::RouterConfig);
-
-impl RouterSettings {
-    /// Checks what rumqttd would otherwise panic on.
-    pub fn validate(&self) -> Result<(), String> {
-        let r = &self.0;
-        if r.max_segment_size < 1024 || r.max_segment_count == 0 {
-            return Err(
-                "router.max_segment_size must be >= 1024 and max_segment_count >= 1".into(),
-            );
-        }
-        if r.max_connections == 0 || r.max_outgoing_packet_count == 0 {
-            return Err("router.max_connections and max_outgoing_packet_count must be > 0".into());
-        }
-        if let Some(custom) = &r.custom_segment {
-            if custom
-                .values()
-                .any(|s| s.max_segment_size < 1024 || s.max_segment_count == 0)
-            {
-                return Err("router.custom_segment sizes must be >= 1024".into());
-            }
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("router refused the link: {0}")]
-    Link(String),
-    #[error("router is gone")]
-    RouterGone,
-}
-
-/// The router plus one link of callbus's own for the events it publishes.
-#[derive(Clone)]
-pub struct Broker {
-    /// Kept alive: dropping rumqttd's Broker would leave the router without its handle.
-    _router: Arc<rumqttd::Broker>,
-    hub: Arc<hub::Hub>,
+/// A byte stream carrying MQTT packets (a TCP socket, or WebSocket binary frames).
+pub trait Transport: Send + 'static {
+    /// Appends received bytes to `buf`; `Ok(0)` means the peer closed. Must be cancel-safe.
+    fn read(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Writes all of `data`.
+    fn write(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Closes the stream politely, ignoring errors.
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 /// Broker-side client ids are `<user id>.<client id>`: user and client ids never contain `.`,
-/// so no user can name (and so take over) another user's session. callbus's own links use ids
-/// without a dot for the same reason.
+/// so no user can name (and so take over) another user's session.
 pub fn namespaced_client_id(user_id: &str, client_id: &str) -> String {
     format!("{user_id}.{client_id}")
 }
 
-impl Broker {
-    /// Starts the router thread. No rumqttd listener is started.
-    pub async fn start(router: RouterSettings) -> Result<Self, BrokerError> {
-        let config = rumqttd::Config {
-            id: 0,
-            router: router.0,
-            ..Default::default()
-        };
-        let router = tokio::task::spawn_blocking(move || Arc::new(rumqttd::Broker::new(config)))
-            .await
-            .map_err(|_| BrokerError::RouterGone)?;
-        let (mut tx, mut rx) = Self::make_link(&router, "callbus-hub".to_owned()).await?;
-        // Subscribe the shared link to everything and wait until the router has it, so nothing
-        // published after startup can miss a session.
-        tx.subscribe("#")
-            .map_err(|e| BrokerError::Link(e.to_string()))?;
-        loop {
-            match rx.next().await {
-                Ok(Some(rumqttd::Notification::DeviceAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => return Err(BrokerError::Link(e.to_string())),
-            }
+/// What every connection shares: the hub, the bus, the policy, the limits, the shutdown signal.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<GatewayInner>,
+}
+
+struct GatewayInner {
+    hub: Arc<Hub>,
+    publisher: Publisher,
+    bridge: Bridge,
+    limits: GatewayConfig,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    pub fn new(
+        hub: Arc<Hub>,
+        publisher: Publisher,
+        bridge: Bridge,
+        limits: GatewayConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        // At shutdown every session is told through its mailbox.
+        let on_shutdown = (hub.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            on_shutdown.1.cancelled().await;
+            on_shutdown.0.shutdown();
+        });
+        Self {
+            inner: Arc::new(GatewayInner {
+                hub,
+                publisher,
+                bridge,
+                limits,
+                permits,
+                shutdown,
+            }),
         }
-        let hub = hub::Hub::start(tx, rx);
-        Ok(Self {
-            _router: router,
-            hub,
-        })
     }
 
-    async fn make_link(
-        router: &Arc<rumqttd::Broker>,
-        client_id: String,
-    ) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), BrokerError> {
-        let router = router.clone();
-        // link() blocks until the router answers, so keep it off the async workers.
-        tokio::task::spawn_blocking(move || {
-            router
-                .link(&client_id)
-                .map_err(|e| BrokerError::Link(e.to_string()))
-        })
+    pub fn limits(&self) -> &GatewayConfig {
+        &self.inner.limits
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Runs one client connection to its end. `peer` names it in logs.
+    pub async fn serve<T: Transport>(&self, transport: T, peer: String) {
+        let span = tracing::info_span!("mqtt", %peer, client = tracing::field::Empty);
+        let permit = self.inner.permits.clone().try_acquire_owned().ok();
+        async move {
+            let mut transport = transport;
+            let Some(admitted) = connect::admit(self, &mut transport, permit.is_some()).await
+            else {
+                transport.close().await;
+                return;
+            };
+            session::run(self, transport, admitted).await;
+            drop(permit);
+        }
+        .instrument(span)
         .await
-        .map_err(|_| BrokerError::RouterGone)?
-    }
-
-    pub(crate) fn hub(&self) -> &Arc<hub::Hub> {
-        &self.hub
-    }
-
-    /// Publishes an event of callbus's own (notifications, mirrored signaling, errors).
-    pub fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<(), BrokerError> {
-        self.hub
-            .publish(topic.to_owned(), payload.into())
-            .map_err(|_| BrokerError::RouterGone)
     }
 }

@@ -1,317 +1,70 @@
-//! One client connection, whatever its transport: CONNECT authentication, then a loop that
-//! checks each packet with the [`Bridge`] before it reaches the router, and writes the router's
-//! deliveries back to the client.
-//!
-//! The router sees each session as an in-process link named `<user id>.<client id>`. Callbus owns
-//! CONNACK, SUBACK, PUBACK and keepalive towards the client; a SUBACK is sent only after the
-//! router has registered the subscription, so a client that saw its SUBACK receives everything
-//! published afterwards.
+//! One admitted client connection: a loop that reads packets (checking each SUBSCRIBE and
+//! PUBLISH with the [`Bridge`](crate::bridge::Bridge)), hands accepted publishes to the bus, and
+//! writes what the hub puts in its mailbox. callbus owns CONNACK, SUBACK, PUBACK and keepalive
+//! towards the client. A SUBACK is sent only after the hub routes the filter, so a client that
+//! saw its SUBACK receives everything published afterwards; a PUBACK only after the bus took the
+//! message.
 
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use super::codec::{
-    self, ConnAck, ConnectReturnCode, Packet, Protocol, PubAck, PubComp, PubRec, Publish, QoS,
-    SubAck, SubscribeReasonCode, UnsubAck,
+    self, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, QoS, SubAck,
+    SubscribeReasonCode, UnsubAck,
 };
-use super::hub::{Hub, Queue};
-use super::registry::{Command, Registration, Registry};
-use super::{namespaced_client_id, Broker};
-use crate::auth::{Identity, Role};
-use crate::bridge::acl::{chat_topic, filter_matches, notifications_topic};
+use super::connect::Admitted;
+use super::hub::{Event, Mailbox, Registration};
+use super::throttle::TokenBucket;
+use super::{Gateway, Transport};
+use crate::auth::Identity;
 use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
-use crate::bridge::{Bridge, PublishOutcome};
-use crate::config::GatewayConfig;
-use crate::ids::{is_valid_id, random_hex};
+use crate::bridge::PublishOutcome;
+use crate::bus::Message;
 use crate::metrics;
+use crate::model::topic::notifications_topic;
 
-/// A byte stream carrying MQTT packets (a TCP socket, or WebSocket binary frames).
-pub trait Transport: Send + 'static {
-    /// Appends received bytes to `buf`; `Ok(0)` means the peer closed. Must be cancel-safe.
-    fn read(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
-    /// Writes all of `data`.
-    fn write(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
-    /// Closes the stream politely, ignoring errors.
-    fn close(&mut self) -> impl Future<Output = ()> + Send;
-}
+/// Mailbox events written per wake-up before the output is flushed.
+const EVENTS_PER_FLUSH: usize = 64;
 
-/// Shared by every connection: the router, the policy, the limits and the shutdown signal.
-#[derive(Clone)]
-pub struct Gateway {
-    inner: Arc<GatewayInner>,
-}
-
-struct GatewayInner {
-    broker: Broker,
-    bridge: Bridge,
-    limits: GatewayConfig,
-    permits: Arc<Semaphore>,
-    shutdown: CancellationToken,
-    registry: Arc<Registry>,
-}
-
-impl Gateway {
-    pub fn new(
-        broker: Broker,
-        bridge: Bridge,
-        limits: GatewayConfig,
-        shutdown: CancellationToken,
-    ) -> Self {
-        let permits = Arc::new(Semaphore::new(limits.max_connections));
-        Self {
-            inner: Arc::new(GatewayInner {
-                broker,
-                bridge,
-                limits,
-                permits,
-                shutdown,
-                registry: Arc::default(),
-            }),
-        }
-    }
-
-    pub fn limits(&self) -> &GatewayConfig {
-        &self.inner.limits
-    }
-
-    pub fn shutdown_token(&self) -> &CancellationToken {
-        &self.inner.shutdown
-    }
-
-    /// Makes every live session of `user_id` drop its `chat/{cid}` subscription, and returns
-    /// once each has told the router (bounded, so a stuck session cannot hold up the caller; its
-    /// deliveries are still checked against membership one by one).
-    pub async fn revoke_chat(&self, user_id: &str, cid: &str) {
-        let mut waits = Vec::new();
-        for session in self.inner.registry.sessions_of(user_id) {
-            let (done, wait) = oneshot::channel();
-            let cid = cid.to_owned();
-            if session.send(Command::Revoke { cid, done }).await.is_ok() {
-                waits.push(wait);
-            }
-        }
-        let all = futures_util::future::join_all(waits);
-        if tokio::time::timeout(Duration::from_secs(2), all)
-            .await
-            .is_err()
-        {
-            warn!(
-                user = user_id,
-                cid, "a session did not confirm a revocation in time"
-            );
-        }
-    }
-
-    /// Runs one client connection to its end. `peer` names it in logs.
-    pub async fn serve<T: Transport>(&self, transport: T, peer: String) {
-        let span = tracing::info_span!("mqtt", %peer, client = tracing::field::Empty);
-        let permit = self.inner.permits.clone().try_acquire_owned().ok();
-        self.run(transport, permit).instrument(span).await;
-    }
-
-    async fn run<T: Transport>(&self, mut transport: T, permit: Option<OwnedSemaphorePermit>) {
-        let mut inbuf = BytesMut::with_capacity(1024);
-        let connect = match self.read_connect(&mut transport, &mut inbuf).await {
-            Ok(connect) => connect,
-            Err(refusal) => {
-                if let Some(code) = refusal {
-                    connack(&mut transport, code).await;
-                }
-                transport.close().await;
-                return;
-            }
-        };
-        let (identity, client_id) = match self.admit(&connect, permit.is_some()) {
-            Ok(admitted) => admitted,
-            Err(code) => {
-                connack(&mut transport, code).await;
-                transport.close().await;
-                return;
-            }
-        };
-        let broker_id = namespaced_client_id(&identity.user_id, &client_id);
-        tracing::Span::current().record("client", broker_id.as_str());
-        let max_ka = self.inner.limits.max_keepalive_secs;
-        let keepalive = match connect.keep_alive {
-            0 => max_ka,
-            k => k.min(max_ka),
-        };
-        let (registration, commands) = self.inner.registry.register(&identity.user_id, &broker_id);
-        let hub = self.inner.broker.hub().clone();
-        let deliveries = hub.register(registration.id);
-        let mut session = Session {
-            gateway: self.clone(),
-            hub,
-            deliveries,
-            registration,
-            commands,
-            identity,
-            inbuf,
-            outbuf: BytesMut::with_capacity(1024),
-            subscriptions: HashMap::new(),
-            next_pkid: 0,
-            // MQTT: the server may close after one and a half keepalive periods of silence.
-            idle_limit: Duration::from_millis(u64::from(keepalive) * 1500),
-            last_heard: Instant::now(),
-            violations: 0,
-            bucket: TokenBucket::new(
-                self.inner.limits.publish_rate,
-                self.inner.limits.publish_burst,
-            ),
-        };
-        codec::encode(
-            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-            &mut session.outbuf,
-        );
-        info!(user = %session.identity.user_id, role = ?session.identity.role, "connected");
-        metrics::CONNECTIONS_TOTAL.inc();
-        metrics::CONNECTIONS_OPEN.inc();
-        let end = session.run(&mut transport).await;
-        session.hub.unregister(session.registration.id);
-        metrics::CONNECTIONS_OPEN.dec();
-        info!(reason = %end, "disconnected");
-        transport.close().await;
-        drop(permit);
-    }
-
-    /// Decides a CONNECT: a free connection slot, a valid token, a valid client id (an empty one
-    /// gets a generated id). Returns who connects and the client id, or the CONNACK refusal.
-    fn admit(
-        &self,
-        connect: &rumqttc::mqttbytes::v4::Connect,
-        has_slot: bool,
-    ) -> Result<(Identity, String), ConnectReturnCode> {
-        if !has_slot {
-            warn!("connection limit reached, refusing");
-            return Err(ConnectReturnCode::ServiceUnavailable);
-        }
-        let login = connect.login.as_ref();
-        let identity = self
-            .inner
-            .bridge
-            .authenticate(
-                login.map(|l| l.username.as_str()),
-                login.map(|l| l.password.as_str()),
-            )
-            .map_err(|e| {
-                info!(reason = %e, "CONNECT refused");
-                ConnectReturnCode::NotAuthorized
-            })?;
-        let client_id = if connect.client_id.is_empty() && connect.clean_session {
-            format!("auto-{}", random_hex::<8>())
-        } else if is_valid_id(&connect.client_id) {
-            connect.client_id.clone()
-        } else {
-            info!(client_id = %connect.client_id.escape_debug(), "bad client id");
-            return Err(ConnectReturnCode::BadClientId);
-        };
-        Ok((identity, client_id))
-    }
-
-    /// Reads the first packet, which must be a CONNECT for MQTT 3.1.1. On failure returns the
-    /// CONNACK code to answer with, if the protocol calls for one.
-    async fn read_connect<T: Transport>(
-        &self,
-        transport: &mut T,
-        buf: &mut BytesMut,
-    ) -> Result<rumqttc::mqttbytes::v4::Connect, Option<ConnectReturnCode>> {
-        let deadline = Instant::now() + self.inner.limits.connect_timeout();
-        let max = self.inner.limits.max_payload_size;
-        loop {
-            if let Some(level) = codec::connect_protocol_level(buf) {
-                if level != 4 {
-                    info!(level, "unsupported protocol level");
-                    return Err(Some(ConnectReturnCode::RefusedProtocolVersion));
-                }
-            }
-            match codec::decode(buf, max) {
-                Ok(Some(Packet::Connect(c))) if c.protocol == Protocol::V4 => return Ok(c),
-                Ok(Some(Packet::Connect(_))) => {
-                    return Err(Some(ConnectReturnCode::RefusedProtocolVersion))
-                }
-                Ok(Some(other)) => {
-                    info!(packet = ?packet_name(&other), "first packet is not CONNECT");
-                    return Err(None);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    info!(error = %e, "malformed CONNECT");
-                    return Err(None);
-                }
-            }
-            tokio::select! {
-                read = transport.read(buf) => match read {
-                    Ok(0) | Err(_) => return Err(None),
-                    Ok(_) => {}
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    info!("no CONNECT in time");
-                    return Err(None);
-                }
-                _ = self.inner.shutdown.cancelled() => return Err(None),
-            }
-        }
-    }
-}
-
-async fn connack<T: Transport>(transport: &mut T, code: ConnectReturnCode) {
-    metrics::CONNECTS_REFUSED.inc();
-    let mut out = BytesMut::new();
-    codec::encode(Packet::ConnAck(ConnAck::new(code, false)), &mut out);
-    let _ = transport.write(out.freeze()).await;
-}
-
-fn packet_name(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::PingReq => "PINGREQ",
-        Packet::Disconnect => "DISCONNECT",
-        _ => "other",
-    }
-}
-
-/// A simple token bucket for the per-connection publish rate.
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            rate: f64::from(rate),
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+/// Runs an admitted connection to its end.
+pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admitted: Admitted) {
+    tracing::Span::current().record("client", admitted.client_id.as_str());
+    let (registration, mailbox) = gateway
+        .inner
+        .hub
+        .register(admitted.identity.clone(), admitted.client_id);
+    let limits = gateway.limits();
+    let mut session = Session {
+        gateway,
+        registration,
+        mailbox,
+        identity: admitted.identity,
+        inbuf: admitted.inbuf,
+        outbuf: BytesMut::with_capacity(1024),
+        next_pkid: 0,
+        // MQTT: the server may close after one and a half keepalive periods of silence.
+        idle_limit: Duration::from_millis(u64::from(admitted.keepalive) * 1500),
+        last_heard: Instant::now(),
+        violations: 0,
+        bucket: TokenBucket::new(limits.publish_rate, limits.publish_burst),
+        throttled_until: None,
+    };
+    session.send(Packet::ConnAck(ConnAck::new(
+        ConnectReturnCode::Success,
+        false,
+    )));
+    info!(user = %session.identity.user_id, role = ?session.identity.role, "connected");
+    metrics::CONNECTIONS_TOTAL.inc();
+    metrics::CONNECTIONS_OPEN.inc();
+    let end = session.run(&mut transport).await;
+    drop(session);
+    metrics::CONNECTIONS_OPEN.dec();
+    info!(reason = %end, "disconnected");
+    transport.close().await;
 }
 
 /// Why a session ended (for the log).
@@ -331,10 +84,8 @@ enum End {
     Idle,
     #[error("too many denied publishes")]
     Violations,
-    #[error("publish rate limit exceeded")]
-    RateLimited,
-    #[error("router link lost")]
-    Router,
+    #[error("the bus is gone")]
+    Bus,
     #[error("fell too far behind its deliveries")]
     TooSlow,
     #[error("replaced by a newer connection with the same client id")]
@@ -343,28 +94,24 @@ enum End {
     Shutdown,
 }
 
-struct Session {
-    gateway: Gateway,
-    hub: Arc<Hub>,
-    /// What the hub routed to this session.
-    deliveries: Queue,
+struct Session<'g> {
+    gateway: &'g Gateway,
     registration: Registration,
-    commands: mpsc::Receiver<Command>,
-    identity: Identity,
+    mailbox: Mailbox,
+    identity: Arc<Identity>,
     inbuf: BytesMut,
     outbuf: BytesMut,
-    /// Granted subscriptions: filter to the QoS it is delivered at.
-    subscriptions: HashMap<String, QoS>,
     next_pkid: u16,
     idle_limit: Duration,
     last_heard: Instant,
     violations: u32,
     bucket: TokenBucket,
+    /// Over the publish rate: the socket is not read until then.
+    throttled_until: Option<Instant>,
 }
 
-impl Session {
+impl Session<'_> {
     async fn run<T: Transport>(&mut self, transport: &mut T) -> End {
-        let shutdown = self.gateway.inner.shutdown.clone();
         loop {
             // Handle whatever is already buffered (bytes that arrived with the CONNECT, too).
             if let Err(end) = self.drain_input().await {
@@ -374,24 +121,35 @@ impl Session {
             if let Err(e) = self.flush(transport).await {
                 return End::Io(e);
             }
-            let deadline = self.last_heard + self.idle_limit;
+            let throttled = self.throttled_until;
+            let wake = throttled.unwrap_or(self.last_heard + self.idle_limit);
             tokio::select! {
-                read = transport.read(&mut self.inbuf) => match read {
+                read = transport.read(&mut self.inbuf), if throttled.is_none() => match read {
                     Ok(0) => return End::Closed,
                     Ok(_) => self.last_heard = Instant::now(),
                     Err(e) => return End::Io(e),
                 },
-                delivery = self.deliveries.recv() => match delivery {
-                    Some((topic, payload)) => self.deliver(topic, payload),
-                    None => return End::TooSlow,
-                },
-                Some(command) = self.commands.recv() => {
-                    if let Err(end) = self.on_command(command) {
+                event = self.mailbox.recv() => {
+                    if let Err(end) = self.on_event(event) {
+                        let _ = self.flush(transport).await;
                         return end;
                     }
+                    for _ in 1..EVENTS_PER_FLUSH {
+                        let Some(event) = self.mailbox.try_recv() else { break };
+                        if let Err(end) = self.on_event(event) {
+                            let _ = self.flush(transport).await;
+                            return end;
+                        }
+                    }
                 }
-                _ = tokio::time::sleep_until(deadline) => return End::Idle,
-                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = tokio::time::sleep_until(wake) => {
+                    if throttled.is_none() {
+                        return End::Idle;
+                    }
+                    // A throttled client was sending all along: its silence is ours.
+                    self.throttled_until = None;
+                    self.last_heard = Instant::now();
+                }
             }
         }
     }
@@ -404,23 +162,36 @@ impl Session {
         transport.write(data).await
     }
 
+    /// Handles every whole packet in the input buffer, stopping at a PUBLISH that has to wait
+    /// for the rate limit.
     async fn drain_input(&mut self) -> Result<(), End> {
-        let max = self.gateway.inner.limits.max_payload_size;
-        while let Some(packet) = codec::decode(&mut self.inbuf, max).map_err(End::Malformed)? {
-            self.on_packet(packet).await?;
+        let max = self.gateway.limits().max_payload_size;
+        while self.throttled_until.is_none() {
+            let whole = codec::packet_len(&self.inbuf).is_some_and(|n| n <= self.inbuf.len());
+            let is_publish = self.inbuf.first().is_some_and(|b| b >> 4 == 3);
+            if whole && is_publish {
+                if let Err(wait) = self.bucket.take() {
+                    metrics::PUBLISHES_THROTTLED.inc();
+                    self.throttled_until = Some(Instant::now() + wait);
+                    break;
+                }
+            }
+            match codec::decode(&mut self.inbuf, max).map_err(End::Malformed)? {
+                Some(packet) => self.on_packet(packet).await?,
+                None => break,
+            }
         }
         Ok(())
     }
 
     async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
+        let sid = self.registration.id;
         match packet {
             Packet::Publish(publish) => self.on_publish(publish).await?,
-            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe).await?,
+            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => {
                 for filter in &unsubscribe.topics {
-                    if self.subscriptions.remove(filter).is_some() {
-                        self.hub.unsubscribe(self.registration.id, filter);
-                    }
+                    self.gateway.inner.hub.unsubscribe(sid, filter);
                 }
                 self.send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
             }
@@ -433,6 +204,23 @@ impl Session {
             _ => return Err(End::Protocol("server-only packet from client")),
         }
         Ok(())
+    }
+
+    fn on_event(&mut self, event: Event) -> Result<(), End> {
+        match event {
+            Event::Deliver {
+                topic,
+                payload,
+                qos,
+            } => {
+                self.deliver(&topic, payload, qos);
+                Ok(())
+            }
+            Event::Replaced => Err(End::Replaced),
+            Event::TooSlow => Err(End::TooSlow),
+            Event::BusClosed => Err(End::Bus),
+            Event::Shutdown => Err(End::Shutdown),
+        }
     }
 
     fn send(&mut self, packet: Packet) {
@@ -448,31 +236,20 @@ impl Session {
     }
 
     async fn on_publish(&mut self, publish: Publish) -> Result<(), End> {
-        // v3.1.1 has no negative acknowledgement: every publish is acknowledged, and a refusal
-        // is reported as an `error` event on the sender's own notifications topic.
-        self.acknowledge(publish.qos, publish.pkid);
-        if !self.bucket.take() {
-            self.report(
-                ErrorCode::RateLimited,
-                "publish rate limit exceeded",
-                &ErrorRef::default(),
-            );
-            return Err(End::RateLimited);
-        }
-        let outcome =
-            self.gateway
-                .inner
-                .bridge
-                .on_publish(&self.identity, &publish.topic, &publish.payload);
+        let inner = &self.gateway.inner;
+        let outcome = inner
+            .bridge
+            .on_publish(&self.identity, &publish.topic, &publish.payload);
         match outcome {
             PublishOutcome::Deliver(messages) => {
                 metrics::PUBLISHES_RELAYED.inc();
-                for (topic, payload) in messages {
-                    self.hub
-                        .publish(topic, payload.into())
-                        .map_err(|_| End::Router)?;
+                for message in messages {
+                    inner
+                        .publisher
+                        .publish(message)
+                        .await
+                        .map_err(|_| End::Bus)?;
                 }
-                Ok(())
             }
             PublishOutcome::Refuse {
                 code,
@@ -481,47 +258,41 @@ impl Session {
             } => {
                 debug!(topic = %publish.topic, code = code.as_str(), %detail, "publish refused");
                 metrics::PUBLISHES_REFUSED.inc();
-                self.report(code, &detail, &about);
+                self.report(code, &detail, &about).await;
                 self.violations += 1;
-                if self.violations >= self.gateway.inner.limits.violation_limit {
+                if self.violations >= self.gateway.limits().violation_limit {
                     return Err(End::Violations);
                 }
-                Ok(())
             }
         }
+        // v3.1.1 has no negative acknowledgement: every publish is acknowledged, and a refusal
+        // is reported as an `error` event on the sender's own notifications topic.
+        self.acknowledge(publish.qos, publish.pkid);
+        Ok(())
     }
 
     /// Sends an `error` event to this client's own notifications topic.
-    fn report(&self, code: ErrorCode, detail: &str, about: &ErrorRef) {
+    async fn report(&self, code: ErrorCode, detail: &str, about: &ErrorRef) {
         let topic = notifications_topic(&self.identity.user_id);
-        if let Err(e) = self
-            .gateway
-            .inner
-            .broker
-            .publish(&topic, error_event(code, detail, about))
-        {
+        let event = Message::new(topic, error_event(code, detail, about));
+        if let Err(e) = self.gateway.inner.publisher.publish(event).await {
             warn!(error = %e, "could not publish an error event");
         }
     }
 
-    async fn on_subscribe(
-        &mut self,
-        subscribe: rumqttc::mqttbytes::v4::Subscribe,
-    ) -> Result<(), End> {
-        let bridge = &self.gateway.inner.bridge;
+    fn on_subscribe(&mut self, subscribe: rumqttc::mqttbytes::v4::Subscribe) {
+        let inner = &self.gateway.inner;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         for filter in subscribe.filters {
-            if bridge.may_subscribe(&self.identity, &filter.path) {
+            if inner.bridge.may_subscribe(&self.identity, &filter.path) {
                 // callbus delivers at most QoS 1.
                 let qos = match filter.qos {
                     QoS::AtMostOnce => QoS::AtMostOnce,
                     _ => QoS::AtLeastOnce,
                 };
+                // Routed from now on: anything the bus delivers after this SUBACK arrives.
+                inner.hub.subscribe(self.registration.id, &filter.path, qos);
                 codes.push(SubscribeReasonCode::Success(qos));
-                // The hub routes it from now on: anything published after this SUBACK arrives.
-                // (rumqttd publishes no `$` topics, so an admin's `$SYS/#` receives nothing.)
-                self.hub.subscribe(self.registration.id, &filter.path);
-                self.subscriptions.insert(filter.path, qos);
             } else {
                 debug!(filter = %filter.path, "subscription refused");
                 metrics::SUBSCRIPTIONS_REFUSED.inc();
@@ -529,51 +300,13 @@ impl Session {
             }
         }
         self.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
-        Ok(())
     }
 
-    fn on_command(&mut self, command: Command) -> Result<(), End> {
-        match command {
-            Command::Revoke { cid, done } => {
-                let topic = chat_topic(&cid);
-                if self.identity.role != Role::Admin && self.subscriptions.remove(&topic).is_some()
-                {
-                    debug!(%topic, "membership revoked, dropping the subscription");
-                    self.hub.unsubscribe(self.registration.id, &topic);
-                }
-                let _ = done.send(());
-            }
-            Command::Replaced => return Err(End::Replaced),
-        }
-        Ok(())
-    }
-
-    /// Writes a routed message to the client if it still holds a matching subscription and
-    /// still passes the ACL.
-    fn deliver(&mut self, topic: Bytes, payload: Bytes) {
-        let Ok(topic) = std::str::from_utf8(&topic) else {
+    /// Writes a message the hub routed here.
+    fn deliver(&mut self, topic: &Bytes, payload: Bytes, qos: QoS) {
+        let Ok(topic) = std::str::from_utf8(topic) else {
             return;
         };
-        let qos = match self.subscriptions.get(topic) {
-            Some(qos) => Some(*qos),
-            None => self
-                .subscriptions
-                .iter()
-                .filter(|(filter, _)| filter_matches(filter, topic))
-                .map(|(_, qos)| *qos)
-                .max_by_key(|qos| *qos as u8),
-        };
-        let Some(qos) = qos else {
-            return; // unsubscribed while the message was in flight
-        };
-        if !self
-            .gateway
-            .inner
-            .bridge
-            .may_receive(&self.identity, topic, &payload)
-        {
-            return;
-        }
         let mut publish = Publish::from_bytes(topic, qos, payload);
         if qos != QoS::AtMostOnce {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);

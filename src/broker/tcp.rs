@@ -1,19 +1,18 @@
-//! Plain MQTT 3.1.1 over TCP, for mobile clients and `mosquitto_sub`/`mosquitto_pub`.
+//! MQTT over TCP (TLS where configured), for mobile clients and `mosquitto_sub`/`mosquitto_pub`.
 
 use bytes::{Bytes, BytesMut};
 use std::io;
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
 
 use super::{Gateway, Transport};
+use crate::net::{accept_loop, Stream};
 
-/// A byte stream: a plain TCP socket or TLS over one.
-struct TcpTransport<S>(S);
+struct TcpTransport(Stream);
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for TcpTransport<S> {
+impl Transport for TcpTransport {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
@@ -30,8 +29,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for TcpTransp
     }
 }
 
-/// Accepts TCP clients until the gateway shuts down. Each connection runs on its own task,
-/// tracked by `tracker`; an accept error backs off briefly and never ends the loop.
+/// Accepts MQTT clients until the gateway shuts down.
 pub async fn serve(
     listener: TcpListener,
     gateway: Gateway,
@@ -39,40 +37,15 @@ pub async fn serve(
     tls: Option<crate::tls::TlsAcceptor>,
 ) {
     let shutdown = gateway.shutdown_token().clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                // Signaling is small and latency-bound: never wait on Nagle.
-                if let Err(e) = stream.set_nodelay(true) {
-                    warn!(error = %e, "set_nodelay failed");
-                }
-                let gateway = gateway.clone();
-                let tls = tls.clone();
-                tracker.spawn(async move {
-                    let Some(tls) = tls else {
-                        let peer = format!("tcp:{peer}");
-                        return gateway.serve(TcpTransport(stream), peer).await;
-                    };
-                    // The TLS handshake counts against the CONNECT deadline.
-                    let limit = gateway.limits().connect_timeout();
-                    match tokio::time::timeout(limit, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let peer = format!("tls:{peer}");
-                            gateway.serve(TcpTransport(stream), peer).await
-                        }
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    accept_loop(listener, tls, shutdown, tracker, move |stream, peer| {
+        let gateway = gateway.clone();
+        async move {
+            let peer = match &stream {
+                Either::Left(_) => format!("tcp:{peer}"),
+                Either::Right(_) => format!("tls:{peer}"),
+            };
+            gateway.serve(TcpTransport(stream), peer).await
         }
-    }
+    })
+    .await
 }

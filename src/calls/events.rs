@@ -3,9 +3,9 @@
 
 use serde_json::{json, Value};
 
-use super::model::{rfc3339, Call};
 use crate::auth::Identity;
 use crate::ids::{new_message_id, now_rfc3339};
+use crate::model::call::{rfc3339, Call};
 
 /// Wraps a notification payload as the seed's `notification.created` event.
 pub fn notification_created(payload: Value) -> Value {

@@ -3,20 +3,20 @@
 //! then announced, through an outbox that publishes events in the order the changes were made.
 
 pub mod events;
-pub mod model;
 
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::auth::Identity;
-use crate::bridge::acl::notifications_topic;
-use crate::broker::Broker;
+use crate::bus::{Message, Publisher};
+use crate::model::call::{now_ms, Action, Call, CallType, Party, Status, TransitionError};
+use crate::model::topic::notifications_topic;
 use crate::store::{Store, StoreError};
-use model::{now_ms, Action, Call, CallType, Party, Status, TransitionError};
+use crate::sync::lock;
 
 /// How long after a restart the calls missed while down are announced.
 pub const RECONNECT_GRACE: Duration = Duration::from_secs(3);
@@ -30,7 +30,10 @@ pub enum CallError {
     #[error("{0}")]
     Transition(#[from] TransitionError),
     #[error("the receiver is busy in another call")]
-    Busy,
+    Busy {
+        receiver_id: String,
+        conversation_id: String,
+    },
     #[error("{0} is already calling you: accept that call instead")]
     Glare(String, Box<Call>),
     #[error(transparent)]
@@ -55,6 +58,10 @@ struct Outbox {
 struct Live {
     /// Ringing or active call ids per user.
     by_user: HashMap<String, Vec<u64>>,
+    /// Who sent the latest offer of each live call (signaling state: an answer must come from
+    /// the other party). Forgotten when the call ends; not kept across restarts, where the
+    /// state-based rule applies until the next offer.
+    last_offer_by: HashMap<u64, String>,
 }
 
 impl Live {
@@ -68,6 +75,7 @@ impl Live {
     }
 
     fn remove(&mut self, call: &Call) {
+        self.last_offer_by.remove(&call.id);
         for uid in [&call.caller.id, &call.receiver.id] {
             if let Some(ids) = self.by_user.get_mut(uid) {
                 ids.retain(|id| *id != call.id);
@@ -85,10 +93,13 @@ impl Live {
 
 struct Inner {
     store: Store,
-    broker: Broker,
+    publisher: Publisher,
     ring_timeout: Duration,
     live: Mutex<Live>,
     outbox: Mutex<Outbox>,
+    /// Held while publishing from the outbox, so events leave in change order even though
+    /// publishing may wait for the bus.
+    announcing: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
 }
 
@@ -98,26 +109,23 @@ pub struct Calls {
     inner: Arc<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Calls {
     /// Loads live calls, marks those whose ring timeout passed while callbus was down as missed
     /// (announcing it), and re-arms the timers of the others.
     pub async fn start(
         store: Store,
-        broker: Broker,
+        publisher: Publisher,
         ring_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let calls = Calls {
             inner: Arc::new(Inner {
                 store,
-                broker,
+                publisher,
                 ring_timeout,
                 live: Mutex::default(),
                 outbox: Mutex::default(),
+                announcing: tokio::sync::Mutex::new(()),
                 shutdown,
             }),
         };
@@ -159,15 +167,29 @@ impl Calls {
             }
             for call in missed {
                 let end = events::ended(&call);
-                calls.publish_now(&call.caller.id, &end);
-                calls.publish_now(&call.receiver.id, &end);
-                calls.publish_now(&call.receiver.id, &events::missed_call(&call));
+                calls.publish_now(&call.caller.id, &end).await;
+                calls.publish_now(&call.receiver.id, &end).await;
+                let missed = events::missed_call(&call);
+                calls.publish_now(&call.receiver.id, &missed).await;
             }
         });
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Call>, StoreError> {
         self.inner.store.calls.get(id)
+    }
+
+    /// Who sent the latest offer of a live call, if known.
+    pub fn last_offer_by(&self, id: u64) -> Option<String> {
+        lock(&self.inner.live).last_offer_by.get(&id).cloned()
+    }
+
+    /// Records that `by` sent an offer for `call`, if the call is still live.
+    pub fn record_offer(&self, call: &Call, by: &str) {
+        let mut live = lock(&self.inner.live);
+        if live.calls_of(&call.caller.id).contains(&call.id) {
+            live.last_offer_by.insert(call.id, by.to_owned());
+        }
     }
 
     pub fn history(
@@ -181,66 +203,82 @@ impl Calls {
 
     /// Starts a call from `caller`. Membership is checked by the caller of this function.
     pub async fn initiate(&self, caller: &Identity, req: NewCall) -> Result<Call, CallError> {
-        let now = now_ms();
-        let seq = {
-            let mut live = lock(&self.inner.live);
-            // Glare: the receiver is already ringing the caller. The first call wins; the
-            // second caller is pointed at it.
-            for id in live.calls_of(&caller.user_id) {
-                if let Some(existing) = self.inner.store.calls.get(*id)? {
-                    if existing.status == Status::Ringing
-                        && existing.caller.id == req.receiver_id
-                        && existing.receiver.id == caller.user_id
-                    {
-                        return Err(CallError::Glare(
-                            existing.caller.username.clone(),
-                            Box::new(existing),
-                        ));
-                    }
-                }
+        let (seq, call) = match self.create(caller, req) {
+            Err(CallError::Busy {
+                receiver_id,
+                conversation_id,
+            }) => {
+                let event = events::busy(&receiver_id, &conversation_id);
+                self.publish_now(&caller.user_id, &event).await;
+                return Err(CallError::Busy {
+                    receiver_id,
+                    conversation_id,
+                });
             }
-            if !live.calls_of(&req.receiver_id).is_empty() {
-                drop(live);
-                let event = events::busy(&req.receiver_id, &req.conversation_id);
-                self.publish_now(&caller.user_id, &event);
-                return Err(CallError::Busy);
-            }
-            let call = Call {
-                id: self.inner.store.calls.next_id()?,
-                caller: Party {
-                    id: caller.user_id.clone(),
-                    username: caller.username.clone(),
-                    first_name: caller.first_name.clone(),
-                    last_name: caller.last_name.clone(),
-                },
-                receiver: Party {
-                    id: req.receiver_id.clone(),
-                    username: req.receiver_id.clone(),
-                    first_name: String::new(),
-                    last_name: String::new(),
-                },
-                call_type: req.call_type,
-                conversation_id: req.conversation_id,
-                status: Status::Ringing,
-                created_ms: now,
-                ring_deadline_ms: now + self.inner.ring_timeout.as_millis() as u64,
-                accepted_ms: None,
-                ended_ms: None,
-                end_reason: None,
-                hangup_reason: None,
-                accepted_device: None,
-            };
-            self.inner.store.calls.put(&call)?;
-            live.add(&call);
-            let event = events::incoming_call(&call, caller);
-            let seq = self.enqueue(vec![(call.receiver.id.clone(), event)]);
-            (seq, call)
+            other => other?,
         };
-        let (seq, call) = seq;
         self.commit_and_announce(seq).await?;
         crate::metrics::CALLS_INITIATED.inc();
         self.arm_ring_timer(call.id, self.inner.ring_timeout.as_millis() as u64);
         Ok(call)
+    }
+
+    /// Writes a new ringing call, unless the receiver is busy or already calling the caller
+    /// (glare), all under the live lock so that two racing initiates cannot both win.
+    fn create(&self, caller: &Identity, req: NewCall) -> Result<(u64, Call), CallError> {
+        let now = now_ms();
+        let mut live = lock(&self.inner.live);
+        // Glare: the receiver is already ringing the caller. The first call wins; the second
+        // caller is pointed at it.
+        for id in live.calls_of(&caller.user_id) {
+            if let Some(existing) = self.inner.store.calls.get(*id)? {
+                if existing.status == Status::Ringing
+                    && existing.caller.id == req.receiver_id
+                    && existing.receiver.id == caller.user_id
+                {
+                    return Err(CallError::Glare(
+                        existing.caller.username.clone(),
+                        Box::new(existing),
+                    ));
+                }
+            }
+        }
+        if !live.calls_of(&req.receiver_id).is_empty() {
+            return Err(CallError::Busy {
+                receiver_id: req.receiver_id,
+                conversation_id: req.conversation_id,
+            });
+        }
+        let call = Call {
+            id: self.inner.store.calls.next_id()?,
+            caller: Party {
+                id: caller.user_id.clone(),
+                username: caller.username.clone(),
+                first_name: caller.first_name.clone(),
+                last_name: caller.last_name.clone(),
+            },
+            receiver: Party {
+                id: req.receiver_id.clone(),
+                username: req.receiver_id.clone(),
+                first_name: String::new(),
+                last_name: String::new(),
+            },
+            call_type: req.call_type,
+            conversation_id: req.conversation_id,
+            status: Status::Ringing,
+            created_ms: now,
+            ring_deadline_ms: now + self.inner.ring_timeout.as_millis() as u64,
+            accepted_ms: None,
+            ended_ms: None,
+            end_reason: None,
+            hangup_reason: None,
+            accepted_device: None,
+        };
+        self.inner.store.calls.put(&call)?;
+        live.add(&call);
+        let event = events::incoming_call(&call, caller);
+        let seq = self.enqueue(vec![(call.receiver.id.clone(), event)]);
+        Ok((seq, call))
     }
 
     /// Applies an action to a call; the new record once durable.
@@ -274,9 +312,9 @@ impl Calls {
     }
 
     /// Publishes `notification.created` with the main app's own payload.
-    pub fn notify(&self, user_id: &str, payload: Value) -> Value {
+    pub async fn notify(&self, user_id: &str, payload: Value) -> Value {
         let event = events::notification_created(payload);
-        self.publish_now(user_id, &event);
+        self.publish_now(user_id, &event).await;
         event
     }
 
@@ -292,21 +330,26 @@ impl Calls {
     /// to it, in order.
     async fn commit_and_announce(&self, seq: u64) -> Result<(), StoreError> {
         self.inner.store.flush().await?;
-        let mut outbox = lock(&self.inner.outbox);
-        while outbox.pending.front().is_some_and(|(s, _)| *s <= seq) {
-            if let Some((_, events)) = outbox.pending.pop_front() {
-                for (uid, event) in events {
-                    self.publish_now(&uid, &event);
+        let _turn = self.inner.announcing.lock().await;
+        loop {
+            let batch = {
+                let mut outbox = lock(&self.inner.outbox);
+                if outbox.pending.front().is_none_or(|(s, _)| *s > seq) {
+                    break;
                 }
+                outbox.pending.pop_front()
+            };
+            for (uid, event) in batch.map(|(_, events)| events).unwrap_or_default() {
+                self.publish_now(&uid, &event).await;
             }
         }
         Ok(())
     }
 
-    fn publish_now(&self, user_id: &str, event: &Value) {
-        let topic = notifications_topic(user_id);
-        if let Err(e) = self.inner.broker.publish(&topic, event.to_string()) {
-            warn!(%topic, error = %e, "could not publish an event");
+    async fn publish_now(&self, user_id: &str, event: &Value) {
+        let message = Message::new(notifications_topic(user_id), event.to_string());
+        if let Err(e) = self.inner.publisher.publish(message).await {
+            warn!(user = user_id, error = %e, "could not publish an event");
         }
     }
 

@@ -1,7 +1,7 @@
 //! Calls in sled: `calls` (id → record), `user_calls` (user id, call id → ()) for history, and
 //! `live_calls` (ids of ringing or active calls) so startup only looks at what can still change.
 
-use crate::calls::model::Call;
+use crate::model::call::Call;
 
 use super::StoreError;
 

@@ -8,6 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use super::StoreError;
+use crate::sync::{read, write};
 
 /// A conversation and its members.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,20 +43,20 @@ impl Conversations {
     /// Creates or replaces a conversation; returns the previous one. The caller flushes.
     pub fn put(&self, conv: Conversation) -> Result<Option<Arc<Conversation>>, StoreError> {
         let value = serde_json::to_vec(&conv).map_err(|_| StoreError::Corrupt(conv.id.clone()))?;
-        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        let mut cache = write(&self.cache);
         self.tree.insert(conv.id.as_bytes(), value)?;
         Ok(cache.insert(conv.id.clone(), Arc::new(conv)))
     }
 
     /// The conversation, if known.
     pub fn get(&self, cid: &str) -> Option<Arc<Conversation>> {
-        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let cache = read(&self.cache);
         cache.get(cid).cloned()
     }
 
     /// Whether `uid` is a member of `cid`.
     pub fn is_member(&self, cid: &str, uid: &str) -> bool {
-        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let cache = read(&self.cache);
         cache.get(cid).is_some_and(|c| c.members.contains(uid))
     }
 }

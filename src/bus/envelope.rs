@@ -1,0 +1,102 @@
+//! How a [`Message`]'s routing facts travel through a bus that carries only topic and payload
+//! (rumqttd): a small header in front of the payload, added by the bus on publish and removed
+//! before delivery, so clients never see it.
+//!
+//! Layout: `seq` (u64, big endian), the audience as a count (u8; 0 = every subscriber) of
+//! length-prefixed (u8) user ids, then the payload.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{Audience, Message};
+
+/// What a decoded envelope holds besides the message.
+pub(super) struct Decoded {
+    pub seq: u64,
+    pub message: Message,
+}
+
+/// Header size for `audience` (for accounting).
+pub(super) fn header_len(audience: &Audience) -> usize {
+    9 + match audience {
+        Audience::Subscribers => 0,
+        Audience::Users(users) => users.iter().map(|u| 1 + u.len()).sum(),
+    }
+}
+
+/// The payload with its header. User ids are at most 64 bytes and an audience at most 255
+/// users (callers name two); longer ones are refused by [`Message`]'s builders' callers.
+pub(super) fn encode(seq: u64, audience: &Audience, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(header_len(audience) + payload.len());
+    out.put_u64(seq);
+    match audience {
+        Audience::Subscribers => out.put_u8(0),
+        Audience::Users(users) => {
+            let users = &users[..users.len().min(255)];
+            out.put_u8(users.len() as u8);
+            for user in users {
+                let id = &user.as_bytes()[..user.len().min(255)];
+                out.put_u8(id.len() as u8);
+                out.put_slice(id);
+            }
+        }
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// Splits a delivered payload into its header and the message. `None` if it carries no valid
+/// header (nothing but callbus publishes on the embedded router, so that is a bug).
+pub(super) fn decode(topic: Bytes, mut raw: Bytes) -> Option<Decoded> {
+    let seq = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+    let count = *raw.get(8)?;
+    let mut pos = 9;
+    let audience = if count == 0 {
+        Audience::Subscribers
+    } else {
+        let mut users = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let len = *raw.get(pos)? as usize;
+            let id = raw.get(pos + 1..pos + 1 + len)?;
+            users.push(String::from_utf8(id.to_vec()).ok()?);
+            pos += 1 + len;
+        }
+        Audience::Users(users.into())
+    };
+    let payload = raw.split_off(pos);
+    Some(Decoded {
+        seq,
+        message: Message {
+            topic,
+            payload,
+            audience,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        for audience in [
+            Audience::Subscribers,
+            Audience::Users(vec!["a".to_owned(), "bob-7".to_owned()].into()),
+        ] {
+            let raw = encode(42, &audience, b"{\"x\":1}");
+            assert_eq!(raw.len(), header_len(&audience) + 7);
+            let d = decode(Bytes::from_static(b"chat/1"), raw).unwrap();
+            assert_eq!(d.seq, 42);
+            assert_eq!(d.message.audience, audience);
+            assert_eq!(&d.message.payload[..], b"{\"x\":1}");
+        }
+    }
+
+    #[test]
+    fn refuses_truncated_headers() {
+        let raw = encode(1, &Audience::Users(vec!["abc".to_owned()].into()), b"");
+        for cut in 0..raw.len() {
+            assert!(decode(Bytes::new(), raw.slice(..cut)).is_none(), "{cut}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The bus: the one way a publish travels. Sessions and services hand every accepted publish to
+//! a [`Bus`]; it carries them in one order and hands them back, in that order, to a
+//! [`Deliver`] (the broker's hub), which routes each to the local sessions that subscribed.
+//!
+//! The embedded implementation ([`embedded`]) is the rumqttd router behind one in-process link.
+//! A bus that cannot keep up makes publishers wait (backpressure) instead of dropping; any loss
+//! that can still happen is counted (`callbus_bus_lost_total`) and logged.
+
+pub mod embedded;
+mod envelope;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
+
+/// Who may receive a message, besides matching a subscription and passing the ACL.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Audience {
+    /// Every subscriber the ACL allows.
+    #[default]
+    Subscribers,
+    /// Only these users' sessions (and admins'): the `chat/{cid}` copy of call signaling is for
+    /// the call's two parties. Decided once, by the publisher.
+    Users(Arc<[String]>),
+}
+
+impl Audience {
+    /// Whether `user_id` is in the audience (admins are checked by the caller).
+    pub fn includes(&self, user_id: &str) -> bool {
+        match self {
+            Audience::Subscribers => true,
+            Audience::Users(users) => users.iter().any(|u| u == user_id),
+        }
+    }
+}
+
+/// One publish on the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub audience: Audience,
+}
+
+impl Message {
+    /// A message for every subscriber of `topic`.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            topic: Bytes::from(topic.into()),
+            payload: payload.into(),
+            audience: Audience::Subscribers,
+        }
+    }
+
+    /// A message for `users` only (and admins).
+    pub fn to_users(topic: impl Into<String>, payload: impl Into<Bytes>, users: &[&str]) -> Self {
+        Self {
+            audience: Audience::Users(users.iter().map(|u| u.to_string()).collect()),
+            ..Self::new(topic, payload)
+        }
+    }
+
+    /// The topic as text (always UTF-8 when it came through [`Message::new`]).
+    pub fn topic_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.topic).ok()
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    #[error("the bus is closed")]
+    Closed,
+    #[error("the bus could not start: {0}")]
+    Start(String),
+}
+
+/// Where a bus hands its deliveries, in bus order.
+pub trait Deliver: Send + Sync + 'static {
+    fn deliver(&self, message: Message);
+    /// The bus is gone: nothing will be delivered any more.
+    fn closed(&self);
+}
+
+/// Carries publishes in one order to every [`Deliver`]er.
+pub trait Bus: Send + Sync + 'static {
+    /// Hands `message` to the bus after everything published before it. Waits while the bus is
+    /// full (backpressure); an error means the bus is gone.
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>>;
+}
+
+/// A cloneable handle for publishing: what sessions and services hold.
+#[derive(Clone)]
+pub struct Publisher(Arc<dyn Bus>);
+
+impl Publisher {
+    pub fn new(bus: Arc<dyn Bus>) -> Self {
+        Self(bus)
+    }
+
+    pub async fn publish(&self, message: Message) -> Result<(), BusError> {
+        self.0.publish(message).await
+    }
+}

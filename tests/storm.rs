@@ -1,0 +1,108 @@
+//! A publish storm: many publishers at full speed into a few subscribers, through a router log
+//! far smaller than the traffic. The bus slows publishers down instead of letting the router
+//! skip messages; every accepted publish reaches every subscriber, in each publisher's order.
+
+mod common;
+
+use common::{granted, TestServer, Via};
+use serde_json::json;
+use std::collections::HashMap;
+
+const PUBLISHERS: usize = 50;
+const EACH: usize = 20;
+const SUBSCRIBERS: usize = 2;
+
+/// The value of a counter in `/metrics`.
+async fn metric(s: &TestServer, name: &str) -> u64 {
+    let text = s
+        .http_client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_storm_loses_nothing() {
+    // A 2 MiB router log (two 1 MiB segments) against 16 MB of traffic per subscriber.
+    let config = callbus::config::DEFAULT_CONFIG
+        .replace("max_segment_size = 4194304", "max_segment_size = 1048576")
+        .replace("max_segment_count = 3", "max_segment_count = 2")
+        .replace("publish_rate = 200", "publish_rate = 100000")
+        .replace("publish_burst = 500", "publish_burst = 100000");
+    let s = TestServer::start_with(&config).await;
+    let users: Vec<String> = (0..PUBLISHERS).map(|i| format!("p{i}")).collect();
+    let mut members: Vec<&str> = users.iter().map(String::as_str).collect();
+    members.extend(["s0", "s1"]);
+    s.set_members("storm", &members).await;
+
+    let mut subscribers = Vec::new();
+    for i in 0..SUBSCRIBERS {
+        let mut sub = s.connect(Via::Tcp, &format!("s{i}")).await;
+        assert!(granted(&sub.subscribe(&["chat/storm"]).await[0]));
+        subscribers.push(sub);
+    }
+    let pad = "x".repeat(16 * 1024);
+    let mut publishers = Vec::new();
+    for user in &users {
+        let mut client = s.connect(Via::Tcp, user).await;
+        let pad = pad.clone();
+        publishers.push(tokio::spawn(async move {
+            // Full speed: every publish queued at once (QoS 1, up to 100 in flight), then the
+            // PUBACKs collected.
+            for n in 0..EACH {
+                let msg = json!({"type": "message", "n": n, "pad": pad}).to_string();
+                client
+                    .client
+                    .publish("chat/storm", rumqttc::QoS::AtLeastOnce, false, msg)
+                    .await
+                    .expect("queue publish");
+            }
+            let mut acked = 0;
+            while acked < EACH {
+                match client.next_packet().await {
+                    Ok(rumqttc::Packet::PubAck(_)) => acked += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher cut off after {acked} PUBACKs: {e:?}"),
+                }
+            }
+        }));
+    }
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut sub| {
+            tokio::spawn(async move {
+                let mut next: HashMap<String, u64> = HashMap::new();
+                for _ in 0..PUBLISHERS * EACH {
+                    let msg = sub.recv().await.json();
+                    let sender = msg["sender_id"].as_str().expect("sender").to_owned();
+                    let expected = next.entry(sender.clone()).or_default();
+                    assert_eq!(msg["n"], *expected, "out of order from {sender}");
+                    *expected += 1;
+                }
+                next.values().sum::<u64>()
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    for r in readers {
+        assert_eq!(r.await.expect("subscriber"), (PUBLISHERS * EACH) as u64);
+    }
+    let waits = metric(&s, "callbus_bus_publisher_waits_total").await;
+    let lost = metric(&s, "callbus_bus_lost_total").await;
+    let dropped = metric(&s, "callbus_sessions_dropped_slow_total").await;
+    println!(
+        "storm: {PUBLISHERS} publishers x {EACH} x 16 KiB, {SUBSCRIBERS} subscribers: \
+         every message delivered; publishes that waited for the bus: {waits}; lost: {lost}"
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(dropped, 0);
+}
