@@ -1,4 +1,4 @@
-//! Wires the parts together: store, router, gateway listeners and the HTTP API, under one
+//! Wires the parts together: store, bus, hub, MQTT listeners and the HTTP API, under one
 //! cancellation token. Takes already-bound listeners so tests can use ephemeral ports.
 
 use anyhow::Context;

@@ -1,6 +1,6 @@
 //! Conversation membership: who may read and write `chat/{cid}`. The main app owns it and
 //! replaces it through `PUT /api/conversations/{cid}/`. Reads come from an in-memory copy (the
-//! gateway asks on every chat delivery), which is updated in the same critical section as sled,
+//! hub asks on every chat delivery), which is updated in the same critical section as sled,
 //! so a change is visible to the ACL the moment the write returns.
 
 use serde::{Deserialize, Serialize};

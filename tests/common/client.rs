@@ -1,0 +1,256 @@
+//! Real MQTT clients for the tests: rumqttc over TCP or WebSocket, and hand-made packets.
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS,
+    SubscribeReasonCode, Transport,
+};
+use serde_json::Value;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::{TestServer, WAIT};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Tcp,
+    Ws,
+}
+
+pub const BOTH: [Via; 2] = [Via::Tcp, Via::Ws];
+
+/// A message a client received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: QoS,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).expect("JSON payload")
+    }
+}
+
+/// A real MQTT client (rumqttc) with its event loop on a task.
+pub struct Client {
+    pub client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<Packet, ConnectionError>>,
+    /// Messages that arrived while waiting for an acknowledgement; `recv` returns them first.
+    held: std::collections::VecDeque<Received>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    pub(super) async fn connect(
+        server: &TestServer,
+        via: Via,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Client, ConnectionError> {
+        let mut options = match via {
+            Via::Tcp => MqttOptions::new(client_id, "127.0.0.1", server.mqtt.port()),
+            Via::Ws => {
+                let url = format!("ws://127.0.0.1:{}/mqtt", server.http.port());
+                let mut o = MqttOptions::new(client_id, url, server.http.port());
+                o.set_transport(Transport::Ws);
+                o
+            }
+        };
+        options
+            .set_credentials(username, password)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(256 * 1024, 256 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if tx.send(Ok(packet)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return; // no reconnects: tests see every disconnect
+                    }
+                }
+            }
+        });
+        let first = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("CONNACK in time")
+            .expect("event loop alive");
+        match first {
+            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok(Client {
+                client,
+                events,
+                held: Default::default(),
+                task,
+            }),
+            Ok(other) => panic!("expected CONNACK, got {other:?}"),
+            Err(e) => {
+                task.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Next packet (or the connection's end), bounded by [`WAIT`].
+    pub async fn next_packet(&mut self) -> Result<Packet, ConnectionError> {
+        tokio::time::timeout(WAIT, self.events.recv())
+            .await
+            .expect("an MQTT event in time")
+            .unwrap_or(Err(ConnectionError::RequestsDone))
+    }
+
+    /// Subscribes and waits for the SUBACK's return codes.
+    pub async fn subscribe(&mut self, filters: &[&str]) -> Vec<SubscribeReasonCode> {
+        let topics: Vec<_> = filters
+            .iter()
+            .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce))
+            .collect();
+        self.client.subscribe_many(topics).await.expect("subscribe");
+        loop {
+            match self.next_packet().await {
+                Ok(Packet::SubAck(ack)) => return ack.return_codes,
+                Ok(Packet::Publish(p)) => self.hold(p),
+                Ok(_) => {}
+                Err(e) => panic!("connection ended before SUBACK: {e:?}"),
+            }
+        }
+    }
+
+    /// Publishes with QoS 1 and waits for the PUBACK.
+    pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+        loop {
+            match self.next_packet().await {
+                Ok(Packet::PubAck(_)) => return,
+                Ok(Packet::Publish(p)) => self.hold(p),
+                Ok(_) => {}
+                Err(e) => panic!("connection ended before PUBACK: {e:?}"),
+            }
+        }
+    }
+
+    /// Publishes JSON with QoS 1 and waits for the PUBACK.
+    pub async fn publish_json(&mut self, topic: &str, value: Value) {
+        self.publish(topic, value.to_string()).await;
+    }
+
+    fn hold(&mut self, p: rumqttc::Publish) {
+        self.held.push_back(Received {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+            qos: p.qos,
+        });
+    }
+
+    /// The next message delivered to this client (skipping acks).
+    pub async fn recv(&mut self) -> Received {
+        if let Some(held) = self.held.pop_front() {
+            return held;
+        }
+        loop {
+            match self.next_packet().await {
+                Ok(Packet::Publish(p)) => {
+                    return Received {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                        qos: p.qos,
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("connection ended while waiting for a message: {e:?}"),
+            }
+        }
+    }
+
+    /// The next message whose JSON `type` is `kind` (other messages are skipped).
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let msg = self.recv().await;
+            let v = msg.json();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// Waits until the server closes this connection; returns false if a message came first.
+    pub async fn closed(&mut self) -> bool {
+        if !self.held.is_empty() {
+            return false;
+        }
+        loop {
+            match self.next_packet().await {
+                Err(_) => return true,
+                Ok(Packet::Publish(_)) => return false,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// Whether a SUBACK return code granted the subscription.
+pub fn granted(code: &SubscribeReasonCode) -> bool {
+    matches!(code, SubscribeReasonCode::Success(_))
+}
+
+/// Encodes a CONNECT by hand (with an arbitrary protocol level).
+pub fn raw_connect(level: u8, keep_alive: u16, password: &str) -> Vec<u8> {
+    let name: &[u8] = if level == 3 { b"MQIsdp" } else { b"MQTT" };
+    let mut var = Vec::new();
+    var.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    var.extend_from_slice(name);
+    var.push(level);
+    var.push(0b0100_0010); // password flag + clean session
+    var.extend_from_slice(&keep_alive.to_be_bytes());
+    var.extend_from_slice(&4u16.to_be_bytes());
+    var.extend_from_slice(b"raw1");
+    var.extend_from_slice(&(password.len() as u16).to_be_bytes());
+    var.extend_from_slice(password.as_bytes());
+    let mut out = vec![0x10];
+    let mut len = var.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&var);
+    out
+}
+
+/// A raw TCP connection that has sent a good CONNECT and read its CONNACK.
+pub async fn raw_session(s: &TestServer, keep_alive: u16, user: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
+    stream
+        .write_all(&raw_connect(4, keep_alive, &s.token(user)))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    stream
+}
