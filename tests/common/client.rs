@@ -148,6 +148,28 @@ impl Client {
         }
     }
 
+    /// Queues every payload at once with QoS 1 (the client keeps up to 100 in flight), then
+    /// waits for all their PUBACKs: a publisher at full speed.
+    pub async fn publish_all(&mut self, topic: &str, payloads: impl IntoIterator<Item = String>) {
+        let mut sent = 0;
+        for payload in payloads {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("queue publish");
+            sent += 1;
+        }
+        let mut acked = 0;
+        while acked < sent {
+            match self.next_packet().await {
+                Ok(Packet::PubAck(_)) => acked += 1,
+                Ok(Packet::Publish(p)) => self.hold(p),
+                Ok(_) => {}
+                Err(e) => panic!("the publisher was cut off after {acked} PUBACKs: {e:?}"),
+            }
+        }
+    }
+
     /// Publishes JSON with QoS 1 and waits for the PUBACK.
     pub async fn publish_json(&mut self, topic: &str, value: Value) {
         self.publish(topic, value.to_string()).await;
