@@ -53,7 +53,8 @@ impl RouterSettings {
     /// Bytes that may be in flight on the router at once: all but one segment of the log, so the
     /// oldest unread message is never in a segment the router drops.
     fn budget(&self) -> usize {
-        self.0.max_segment_size * (self.0.max_segment_count - 1)
+        let budget = self.0.max_segment_size * (self.0.max_segment_count - 1);
+        budget.min(u32::MAX as usize) // a publish takes at most u32::MAX permits
     }
 }
 
