@@ -18,6 +18,37 @@ pub struct FileConfig {
     /// callbus's listeners.
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// Persistent sessions (`clean_session = 0`).
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+}
+
+/// Persistent sessions: how long one is kept while its client is away, and how much it queues.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// Seconds a session is kept after its connection ends.
+    pub expiry_secs: u64,
+    /// Most QoS 1 messages queued for one session while it is away; past it the oldest go.
+    pub queue_messages: usize,
+    /// Most payload bytes queued for one session while it is away; past it the oldest go.
+    pub queue_bytes: usize,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            expiry_secs: 600,
+            queue_messages: 1000,
+            queue_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl SessionsConfig {
+    pub fn expiry(&self) -> Duration {
+        Duration::from_secs(self.expiry_secs)
+    }
 }
 
 /// Limits of the client-facing MQTT listeners (TCP and WebSocket).
@@ -110,6 +141,11 @@ impl FileConfig {
             source,
         })?;
         config.gateway.validate()?;
+        if config.sessions.queue_messages == 0 || config.sessions.queue_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "sessions.queue_messages and queue_bytes must be > 0".into(),
+            ));
+        }
         config.router.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }

@@ -78,6 +78,21 @@ pub static SESSIONS_DROPPED_SLOW: Metric = Metric::new(
     "counter",
     "Sessions dropped because their mailbox passed its bound (a client that stopped reading).",
 );
+pub static SESSIONS_STORED: Metric = Metric::new(
+    "callbus_sessions_stored",
+    "gauge",
+    "Persistent sessions kept while their clients are away.",
+);
+pub static SESSIONS_EXPIRED: Metric = Metric::new(
+    "callbus_sessions_expired_total",
+    "counter",
+    "Persistent sessions dropped because their client stayed away past the expiry.",
+);
+pub static SESSION_QUEUE_DROPPED: Metric = Metric::new(
+    "callbus_session_queue_dropped_total",
+    "counter",
+    "Messages dropped (oldest first) from stored sessions' queues at their bound.",
+);
 pub static BUS_PUBLISHER_WAITS: Metric = Metric::new(
     "callbus_bus_publisher_waits_total",
     "counter",
@@ -96,7 +111,7 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 12] = [
+const ALL: [&Metric; 15] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -105,6 +120,9 @@ const ALL: [&Metric; 12] = [
     &SUBSCRIPTIONS_REFUSED,
     &PUBLISHES_THROTTLED,
     &SESSIONS_DROPPED_SLOW,
+    &SESSIONS_STORED,
+    &SESSIONS_EXPIRED,
+    &SESSION_QUEUE_DROPPED,
     &BUS_PUBLISHER_WAITS,
     &BUS_LOST,
     &CALLS_INITIATED,

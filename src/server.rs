@@ -116,7 +116,10 @@ impl Server {
             .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
         let auth = Authenticator::new(&settings.jwt_secret);
         // The hub owns the sessions; the bus hands it every message, in bus order.
-        let hub = Hub::new(store.conversations.clone());
+        let hub = Hub::new(
+            store.conversations.clone(),
+            settings.config.sessions.clone(),
+        );
         let bus = EmbeddedBus::start(settings.config.router.clone(), hub.clone())
             .await
             .context("starting the embedded bus (rumqttd router)")?;

@@ -12,22 +12,6 @@ const PUBLISHERS: usize = 50;
 const EACH: usize = 20;
 const SUBSCRIBERS: usize = 2;
 
-/// The value of a counter in `/metrics`.
-async fn metric(s: &TestServer, name: &str) -> u64 {
-    let text = s
-        .http_client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_storm_loses_nothing() {
     // A 2 MiB router log (two 1 MiB segments) against 16 MB of traffic per subscriber.
@@ -81,9 +65,9 @@ async fn a_publish_storm_loses_nothing() {
     for r in readers {
         assert_eq!(r.await.expect("subscriber"), (PUBLISHERS * EACH) as u64);
     }
-    let waits = metric(&s, "callbus_bus_publisher_waits_total").await;
-    let lost = metric(&s, "callbus_bus_lost_total").await;
-    let dropped = metric(&s, "callbus_sessions_dropped_slow_total").await;
+    let waits = s.metric("callbus_bus_publisher_waits_total").await;
+    let lost = s.metric("callbus_bus_lost_total").await;
+    let dropped = s.metric("callbus_sessions_dropped_slow_total").await;
     println!(
         "storm: {PUBLISHERS} publishers x {EACH} x 16 KiB, {SUBSCRIBERS} subscribers: \
          every message delivered; publishes that waited for the bus: {waits}; lost: {lost}"

@@ -82,6 +82,8 @@ pub enum ErrorCode {
     BadPayload,
     Forbidden,
     RateLimited,
+    /// A persistent session's queue passed its bound while the client was away.
+    QueueOverflow,
 }
 
 impl ErrorCode {
@@ -93,6 +95,7 @@ impl ErrorCode {
             ErrorCode::BadPayload => "bad_payload",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::QueueOverflow => "queue_overflow",
         }
     }
 }

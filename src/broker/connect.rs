@@ -21,6 +21,8 @@ pub(super) struct Admitted {
     pub client_id: String,
     /// Keepalive granted, in seconds.
     pub keepalive: u16,
+    /// `clean_session`: false asks for a persistent session.
+    pub clean: bool,
     /// Bytes that arrived after the CONNECT.
     pub inbuf: BytesMut,
 }
@@ -49,15 +51,16 @@ pub(super) async fn admit<T: Transport>(
                 0 => max,
                 k => k.min(max),
             };
-            (identity, client_id, keepalive)
+            (identity, client_id, keepalive, connect.clean_session)
         }),
         Err(refusal) => Err(refusal),
     };
     match decided {
-        Ok((identity, client_id, keepalive)) => Some(Admitted {
+        Ok((identity, client_id, keepalive, clean)) => Some(Admitted {
             client_id: namespaced_client_id(&identity.user_id, &client_id),
             identity: Arc::new(identity),
             keepalive,
+            clean,
             inbuf,
         }),
         Err(refusal) => {

@@ -6,6 +6,7 @@
 //! message.
 
 use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,9 @@ use super::codec::{
     SubscribeReasonCode, UnsubAck,
 };
 use super::connect::Admitted;
-use super::hub::{Event, Mailbox, Registration};
+use super::hub::{
+    Event, Mailbox, Parting, Queued, Registered, Registration, Resumed, MAILBOX_MESSAGES,
+};
 use super::throttle::TokenBucket;
 use super::{Gateway, Transport};
 use crate::auth::Identity;
@@ -27,21 +30,37 @@ use crate::bus::Message;
 use crate::metrics;
 use crate::model::topic::notifications_topic;
 
+/// How long a connection taking over a live persistent session waits for the older connection
+/// to hand it back.
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+
 /// Mailbox events written per wake-up before the output is flushed.
 const EVENTS_PER_FLUSH: usize = 64;
 
 /// Runs an admitted connection to its end.
 pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admitted: Admitted) {
     tracing::Span::current().record("client", admitted.client_id.as_str());
-    let (registration, mailbox) = gateway
-        .inner
-        .hub
-        .register(admitted.identity.clone(), admitted.client_id);
+    let hub = &gateway.inner.hub;
+    let (identity, client_id) = (&admitted.identity, &admitted.client_id);
+    let attached = match hub.register(identity.clone(), client_id, admitted.clean, true) {
+        Registered::Attached(attached) => attached,
+        Registered::Handover(parted) => {
+            // The older connection hands the session back as it ends; one stuck in a write
+            // is not waited for past the bound.
+            let _ = tokio::time::timeout(HANDOVER_WAIT, parted).await;
+            match hub.register(identity.clone(), client_id, admitted.clean, false) {
+                Registered::Attached(attached) => attached,
+                Registered::Handover(_) => return, // not returned without a handover
+            }
+        }
+    };
     let limits = gateway.limits();
     let mut session = Session {
         gateway,
-        registration,
-        mailbox,
+        registration: attached.registration,
+        mailbox: attached.mailbox,
+        persistent: !admitted.clean,
+        inflight: VecDeque::new(),
         identity: admitted.identity,
         inbuf: admitted.inbuf,
         outbuf: BytesMut::with_capacity(1024),
@@ -53,15 +72,34 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         bucket: TokenBucket::new(limits.publish_rate, limits.publish_burst),
         throttled_until: None,
     };
+    let present = attached.resumed.is_some();
     session.send(Packet::ConnAck(ConnAck::new(
         ConnectReturnCode::Success,
-        false,
+        present,
     )));
-    info!(user = %session.identity.user_id, role = ?session.identity.role, "connected");
+    info!(user = %session.identity.user_id, role = ?session.identity.role, present, "connected");
     metrics::CONNECTIONS_TOTAL.inc();
     metrics::CONNECTIONS_OPEN.inc();
-    let end = session.run(&mut transport).await;
-    drop(session);
+    let end = match attached.resumed {
+        Some(resumed) => session.replay(resumed),
+        None => Ok(()),
+    };
+    let end = match end {
+        Ok(()) => session.run(&mut transport).await,
+        Err(end) => end,
+    };
+    let Session {
+        registration,
+        mailbox,
+        inflight,
+        next_pkid,
+        ..
+    } = session;
+    let parting = Parting {
+        inflight: inflight.into(),
+        last_pkid: next_pkid,
+    };
+    registration.close(mailbox, parting);
     metrics::CONNECTIONS_OPEN.dec();
     info!(reason = %end, "disconnected");
     transport.close().await;
@@ -98,6 +136,10 @@ struct Session<'g> {
     gateway: &'g Gateway,
     registration: Registration,
     mailbox: Mailbox,
+    /// `clean_session = 0`: QoS 1 deliveries are kept until acknowledged.
+    persistent: bool,
+    /// Sent at QoS 1 and not yet acknowledged (persistent sessions only), oldest first.
+    inflight: VecDeque<Queued>,
     identity: Arc<Identity>,
     inbuf: BytesMut,
     outbuf: BytesMut,
@@ -197,8 +239,13 @@ impl Session<'_> {
             }
             Packet::PingReq => self.send(Packet::PingResp),
             Packet::PubRel(rel) => self.send(Packet::PubComp(PubComp::new(rel.pkid))),
-            // Acknowledgements of our QoS 1 deliveries: nothing to retransmit within a session.
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::PubAck(ack) => {
+                if let Some(i) = self.inflight.iter().position(|m| m.pkid == Some(ack.pkid)) {
+                    self.inflight.remove(i);
+                }
+            }
+            // callbus delivers at most QoS 1.
+            Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Disconnect => return Err(End::Disconnect),
             Packet::Connect(_) => return Err(End::Protocol("second CONNECT")),
             _ => return Err(End::Protocol("server-only packet from client")),
@@ -212,10 +259,7 @@ impl Session<'_> {
                 topic,
                 payload,
                 qos,
-            } => {
-                self.deliver(&topic, payload, qos);
-                Ok(())
-            }
+            } => self.deliver(topic, payload, qos),
             Event::Replaced => Err(End::Replaced),
             Event::TooSlow => Err(End::TooSlow),
             Event::BusClosed => Err(End::Bus),
@@ -302,16 +346,58 @@ impl Session<'_> {
         self.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
     }
 
-    /// Writes a message the hub routed here.
-    fn deliver(&mut self, topic: &Bytes, payload: Bytes, qos: QoS) {
-        let Ok(topic) = std::str::from_utf8(topic) else {
-            return;
+    /// Writes a message the hub routed here. A persistent session keeps QoS 1 messages until
+    /// the client acknowledges them; one that lets too many wait is ended (and kept).
+    fn deliver(&mut self, topic: Bytes, payload: Bytes, qos: QoS) -> Result<(), End> {
+        let Ok(name) = std::str::from_utf8(&topic) else {
+            return Ok(());
         };
-        let mut publish = Publish::from_bytes(topic, qos, payload);
+        let mut publish = Publish::from_bytes(name, qos, payload.clone());
         if qos != QoS::AtMostOnce {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             publish.pkid = self.next_pkid;
+            if self.persistent {
+                let pkid = Some(publish.pkid);
+                self.inflight.push_back(Queued {
+                    topic,
+                    payload,
+                    pkid,
+                });
+            }
         }
         self.send(Packet::Publish(publish));
+        if self.inflight.len() > MAILBOX_MESSAGES {
+            return Err(End::TooSlow);
+        }
+        Ok(())
+    }
+
+    /// A resumed session: what it had not acknowledged again with DUP, then (after telling the
+    /// client if its queue overflowed) what was queued while it was away.
+    fn replay(&mut self, resumed: Resumed) -> Result<(), End> {
+        self.next_pkid = resumed.last_pkid;
+        for message in resumed.inflight {
+            let (Ok(name), Some(pkid)) = (std::str::from_utf8(&message.topic), message.pkid) else {
+                continue;
+            };
+            let mut publish = Publish::from_bytes(name, QoS::AtLeastOnce, message.payload.clone());
+            publish.pkid = pkid;
+            publish.dup = true;
+            self.send(Packet::Publish(publish));
+            self.inflight.push_back(message);
+        }
+        if resumed.dropped > 0 {
+            let detail = format!(
+                "{} messages were dropped while you were away (the session's queue is bounded)",
+                resumed.dropped
+            );
+            let event = error_event(ErrorCode::QueueOverflow, &detail, &ErrorRef::default());
+            let topic = Bytes::from(notifications_topic(&self.identity.user_id));
+            self.deliver(topic, Bytes::from(event), QoS::AtLeastOnce)?;
+        }
+        for message in resumed.queue {
+            self.deliver(message.topic, message.payload, QoS::AtLeastOnce)?;
+        }
+        Ok(())
     }
 }

@@ -37,6 +37,8 @@ impl Received {
 /// A real MQTT client (rumqttc) with its event loop on a task.
 pub struct Client {
     pub client: AsyncClient,
+    /// The CONNACK's session-present flag.
+    pub session_present: bool,
     events: mpsc::UnboundedReceiver<Result<Packet, ConnectionError>>,
     /// Messages that arrived while waiting for an acknowledgement; `recv` returns them first.
     held: std::collections::VecDeque<Received>,
@@ -56,6 +58,7 @@ impl Client {
         client_id: &str,
         username: &str,
         password: &str,
+        clean: bool,
     ) -> Result<Client, ConnectionError> {
         let mut options = match via {
             Via::Tcp => MqttOptions::new(client_id, "127.0.0.1", server.mqtt.port()),
@@ -68,6 +71,7 @@ impl Client {
         };
         options
             .set_credentials(username, password)
+            .set_clean_session(clean)
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(256 * 1024, 256 * 1024);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
@@ -95,6 +99,7 @@ impl Client {
         match first {
             Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok(Client {
                 client,
+                session_present: ack.session_present,
                 events,
                 held: Default::default(),
                 task,
@@ -234,17 +239,28 @@ pub fn granted(code: &SubscribeReasonCode) -> bool {
     matches!(code, SubscribeReasonCode::Success(_))
 }
 
-/// Encodes a CONNECT by hand (with an arbitrary protocol level).
+/// Encodes a CONNECT by hand (with an arbitrary protocol level), client id `raw1`, clean session.
 pub fn raw_connect(level: u8, keep_alive: u16, password: &str) -> Vec<u8> {
+    raw_connect_with(level, keep_alive, password, "raw1", true)
+}
+
+/// Encodes a CONNECT by hand.
+pub fn raw_connect_with(
+    level: u8,
+    keep_alive: u16,
+    password: &str,
+    client_id: &str,
+    clean: bool,
+) -> Vec<u8> {
     let name: &[u8] = if level == 3 { b"MQIsdp" } else { b"MQTT" };
     let mut var = Vec::new();
     var.extend_from_slice(&(name.len() as u16).to_be_bytes());
     var.extend_from_slice(name);
     var.push(level);
-    var.push(0b0100_0010); // password flag + clean session
+    var.push(0b0100_0000 | if clean { 0b10 } else { 0 }); // password flag, clean session
     var.extend_from_slice(&keep_alive.to_be_bytes());
-    var.extend_from_slice(&4u16.to_be_bytes());
-    var.extend_from_slice(b"raw1");
+    var.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    var.extend_from_slice(client_id.as_bytes());
     var.extend_from_slice(&(password.len() as u16).to_be_bytes());
     var.extend_from_slice(password.as_bytes());
     let mut out = vec![0x10];

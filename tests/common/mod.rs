@@ -167,7 +167,31 @@ impl TestServer {
         username: &str,
         password: &str,
     ) -> Result<Client, ConnectionError> {
-        Client::connect(self, via, client_id, username, password).await
+        Client::connect(self, via, client_id, username, password, true).await
+    }
+
+    /// Connects `user` with `clean_session = 0` under `client_id`.
+    pub async fn connect_persistent(&self, via: Via, user: &str, client_id: &str) -> Client {
+        let token = self.token(user);
+        Client::connect(self, via, client_id, user, &token, false)
+            .await
+            .expect("connect")
+    }
+
+    /// The value of a metric in `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self
+            .http_client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
     }
 
     /// POST `/api/calls/initiate/` in conversation `c1` as `caller`.

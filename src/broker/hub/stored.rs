@@ -1,0 +1,111 @@
+//! A persistent session while its client is away: the QoS 1 messages it was sent but had not
+//! acknowledged, and those published for it since, bounded (oldest dropped and counted).
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+use tokio::time::Instant;
+
+use crate::config::SessionsConfig;
+use crate::metrics;
+
+/// A message kept for a session. `pkid` is set once it was sent (it is then resent with DUP and
+/// the same packet id, as MQTT 3.1.1 requires).
+#[derive(Debug, Clone)]
+pub(crate) struct Queued {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub pkid: Option<u16>,
+}
+
+/// What a session that ends hands back to the hub.
+pub(crate) struct Parting {
+    /// Sent and not acknowledged, oldest first.
+    pub inflight: Vec<Queued>,
+    /// The last packet id used, so the resumed session does not reuse one in flight.
+    pub last_pkid: u16,
+}
+
+/// What a resumed session starts from.
+#[derive(Default)]
+pub(crate) struct Resumed {
+    /// Resend these first, with DUP.
+    pub inflight: Vec<Queued>,
+    /// Then these, in order.
+    pub queue: Vec<Queued>,
+    /// Messages dropped at the queue's bound while away.
+    pub dropped: u64,
+    pub last_pkid: u16,
+}
+
+pub(super) struct Stored {
+    inflight: Vec<Queued>,
+    queue: VecDeque<Queued>,
+    bytes: usize,
+    dropped: u64,
+    last_pkid: u16,
+    pub expires_at: Instant,
+    /// The connection that left it, so its late parting lands here and nowhere else.
+    pub conn: u64,
+    /// Newer connections waiting for that connection's parting before they resume.
+    pub waiting: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Stored {
+    pub(super) fn new(conn: u64, expires_at: Instant) -> Self {
+        metrics::SESSIONS_STORED.inc();
+        Self {
+            inflight: Vec::new(),
+            queue: VecDeque::new(),
+            bytes: 0,
+            dropped: 0,
+            last_pkid: 0,
+            expires_at,
+            conn,
+            waiting: Vec::new(),
+        }
+    }
+
+    /// Keeps a message published while the client is away.
+    pub(super) fn push(&mut self, message: Queued, limits: &SessionsConfig) {
+        self.bytes += message.payload.len();
+        self.queue.push_back(message);
+        while self.queue.len() > limits.queue_messages || self.bytes > limits.queue_bytes {
+            let Some(old) = self.queue.pop_front() else {
+                break;
+            };
+            self.bytes -= old.payload.len();
+            self.dropped += 1;
+            metrics::SESSION_QUEUE_DROPPED.inc();
+        }
+    }
+
+    /// Takes back what the connection had not finished: its unacknowledged messages, then
+    /// what was still in its mailbox, both older than anything queued since.
+    pub(super) fn part(&mut self, parting: Parting, unsent: Vec<Queued>, limits: &SessionsConfig) {
+        self.inflight = parting.inflight;
+        self.last_pkid = parting.last_pkid;
+        let newer = std::mem::take(&mut self.queue);
+        self.bytes = 0;
+        for message in unsent.into_iter().chain(newer) {
+            self.push(message, limits);
+        }
+        for waiter in self.waiting.drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+
+    pub(super) fn resume(mut self) -> Resumed {
+        Resumed {
+            inflight: std::mem::take(&mut self.inflight),
+            queue: std::mem::take(&mut self.queue).into(),
+            dropped: self.dropped,
+            last_pkid: self.last_pkid,
+        }
+    }
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        metrics::SESSIONS_STORED.dec();
+    }
+}
