@@ -84,6 +84,8 @@ pub enum ErrorCode {
     RateLimited,
     /// A persistent session's queue passed its bound while the client was away.
     QueueOverflow,
+    /// A feature callbus does not offer (retained messages).
+    Unsupported,
 }
 
 impl ErrorCode {
@@ -96,6 +98,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::QueueOverflow => "queue_overflow",
+            ErrorCode::Unsupported => "unsupported",
         }
     }
 }

@@ -72,6 +72,28 @@ impl Bridge {
         acl::authorize_subscribe(who, filter, self.is_member(who)).is_ok()
     }
 
+    /// Decides a CONNECT's Last Will: it must be a publish the client could make itself (chat
+    /// of a conversation it is a member of, a valid payload, no call signaling) and not
+    /// retained. Its publishing, when the connection drops, goes through [`Bridge::on_publish`]
+    /// and is stamped then.
+    pub fn check_will(
+        &self,
+        who: &Identity,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+    ) -> Result<(), String> {
+        if retain {
+            return Err("retained wills are not supported".into());
+        }
+        acl::authorize_publish(who, topic, self.is_member(who)).map_err(|e| e.to_string())?;
+        let msg = message::parse_chat(payload).map_err(|e| e.to_string())?;
+        if msg.is_signaling() {
+            return Err("a will cannot be call signaling".into());
+        }
+        Ok(())
+    }
+
     /// Decides a PUBLISH and turns it into what the router should carry.
     pub fn on_publish(&self, who: &Identity, topic: &str, payload: &[u8]) -> PublishOutcome {
         let refuse = |code, detail: String| PublishOutcome::Refuse {

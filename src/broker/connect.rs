@@ -23,6 +23,8 @@ pub(super) struct Admitted {
     pub keepalive: u16,
     /// `clean_session`: false asks for a persistent session.
     pub clean: bool,
+    /// The Last Will (topic, payload), already checked against the ACL.
+    pub will: Option<(String, bytes::Bytes)>,
     /// Bytes that arrived after the CONNECT.
     pub inbuf: BytesMut,
 }
@@ -51,16 +53,18 @@ pub(super) async fn admit<T: Transport>(
                 0 => max,
                 k => k.min(max),
             };
-            (identity, client_id, keepalive, connect.clean_session)
+            let will = connect.last_will.map(|w| (w.topic, w.message));
+            (identity, client_id, keepalive, connect.clean_session, will)
         }),
         Err(refusal) => Err(refusal),
     };
     match decided {
-        Ok((identity, client_id, keepalive, clean)) => Some(Admitted {
+        Ok((identity, client_id, keepalive, clean, will)) => Some(Admitted {
             client_id: namespaced_client_id(&identity.user_id, &client_id),
             identity: Arc::new(identity),
             keepalive,
             clean,
+            will,
             inbuf,
         }),
         Err(refusal) => {
@@ -103,6 +107,13 @@ fn decide(
             info!(reason = %e, "CONNECT refused");
             Refusal::Code(ConnectReturnCode::NotAuthorized)
         })?;
+    if let Some(will) = &connect.last_will {
+        let bridge = &gateway.inner.bridge;
+        if let Err(why) = bridge.check_will(&identity, &will.topic, &will.message, will.retain) {
+            info!(reason = %why, topic = %will.topic.escape_debug(), "Last Will refused");
+            return Err(Refusal::Code(ConnectReturnCode::NotAuthorized));
+        }
+    }
     let client_id = if connect.client_id.is_empty() && connect.clean_session {
         format!("auto-{}", random_hex::<8>())
     } else if is_valid_id(&connect.client_id) {

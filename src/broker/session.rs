@@ -41,6 +41,7 @@ const EVENTS_PER_FLUSH: usize = 64;
 pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admitted: Admitted) {
     tracing::Span::current().record("client", admitted.client_id.as_str());
     let hub = &gateway.inner.hub;
+    let will = admitted.will;
     let (identity, client_id) = (&admitted.identity, &admitted.client_id);
     let attached = match hub.register(identity.clone(), client_id, admitted.clean, true) {
         Registered::Attached(attached) => attached,
@@ -88,6 +89,10 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         Ok(()) => session.run(&mut transport).await,
         Err(end) => end,
     };
+    // MQTT: the Last Will goes out when the connection ends without DISCONNECT.
+    if let (Some((topic, payload)), false) = (will, matches!(end, End::Disconnect)) {
+        session.publish_will(&topic, &payload).await;
+    }
     let Session {
         registration,
         mailbox,
@@ -281,9 +286,17 @@ impl Session<'_> {
 
     async fn on_publish(&mut self, publish: Publish) -> Result<(), End> {
         let inner = &self.gateway.inner;
-        let outcome = inner
-            .bridge
-            .on_publish(&self.identity, &publish.topic, &publish.payload);
+        let outcome = if publish.retain {
+            PublishOutcome::Refuse {
+                code: ErrorCode::Unsupported,
+                detail: "retained messages are not supported".into(),
+                about: crate::bridge::message::describe(&publish.payload, &publish.topic),
+            }
+        } else {
+            inner
+                .bridge
+                .on_publish(&self.identity, &publish.topic, &publish.payload)
+        };
         match outcome {
             PublishOutcome::Deliver(messages) => {
                 metrics::PUBLISHES_RELAYED.inc();
@@ -313,6 +326,23 @@ impl Session<'_> {
         // is reported as an `error` event on the sender's own notifications topic.
         self.acknowledge(publish.qos, publish.pkid);
         Ok(())
+    }
+
+    /// Publishes the Last Will, checked and stamped like any publish.
+    async fn publish_will(&self, topic: &str, payload: &[u8]) {
+        let inner = &self.gateway.inner;
+        match inner.bridge.on_publish(&self.identity, topic, payload) {
+            PublishOutcome::Deliver(messages) => {
+                for message in messages {
+                    if let Err(e) = inner.publisher.publish(message).await {
+                        warn!(error = %e, "could not publish the Last Will");
+                    }
+                }
+            }
+            PublishOutcome::Refuse { detail, .. } => {
+                info!(%detail, "Last Will no longer allowed; not published");
+            }
+        }
     }
 
     /// Sends an `error` event to this client's own notifications topic.

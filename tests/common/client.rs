@@ -58,7 +58,7 @@ impl Client {
         client_id: &str,
         username: &str,
         password: &str,
-        clean: bool,
+        configure: impl FnOnce(&mut MqttOptions),
     ) -> Result<Client, ConnectionError> {
         let mut options = match via {
             Via::Tcp => MqttOptions::new(client_id, "127.0.0.1", server.mqtt.port()),
@@ -71,9 +71,9 @@ impl Client {
         };
         options
             .set_credentials(username, password)
-            .set_clean_session(clean)
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(256 * 1024, 256 * 1024);
+        configure(&mut options);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let (tx, mut events) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {

@@ -167,15 +167,28 @@ impl TestServer {
         username: &str,
         password: &str,
     ) -> Result<Client, ConnectionError> {
-        Client::connect(self, via, client_id, username, password, true).await
+        Client::connect(self, via, client_id, username, password, |_| {}).await
+    }
+
+    /// Connects `user` under `client_id` with options adjusted by `configure`.
+    pub async fn connect_with(
+        &self,
+        via: Via,
+        user: &str,
+        client_id: &str,
+        configure: impl FnOnce(&mut rumqttc::MqttOptions),
+    ) -> Result<Client, ConnectionError> {
+        let token = self.token(user);
+        Client::connect(self, via, client_id, user, &token, configure).await
     }
 
     /// Connects `user` with `clean_session = 0` under `client_id`.
     pub async fn connect_persistent(&self, via: Via, user: &str, client_id: &str) -> Client {
-        let token = self.token(user);
-        Client::connect(self, via, client_id, user, &token, false)
-            .await
-            .expect("connect")
+        self.connect_with(via, user, client_id, |o| {
+            o.set_clean_session(false);
+        })
+        .await
+        .expect("connect")
     }
 
     /// The value of a metric in `/metrics`.
