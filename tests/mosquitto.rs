@@ -17,6 +17,13 @@ struct Sub {
 impl Sub {
     /// Starts `mosquitto_sub -d -v` and waits for its SUBACK.
     async fn start(s: &TestServer, user: &str, password: &str, topics: &[&str]) -> Sub {
+        let mut sub = Self::spawn(s, user, password, topics, &[]);
+        sub.until(|l| l.contains("received SUBACK")).await;
+        sub
+    }
+
+    /// Starts `mosquitto_sub -d -v` with more arguments (`-c -i ID` for a persistent session).
+    fn spawn(s: &TestServer, user: &str, password: &str, topics: &[&str], extra: &[&str]) -> Sub {
         // mosquitto_sub block-buffers a piped stdout; stdbuf makes it line-buffered.
         let mut cmd = Command::new("stdbuf");
         cmd.args([
@@ -27,7 +34,8 @@ impl Sub {
             "-p",
             &s.mqtt.port().to_string(),
         ])
-        .args(["-u", user, "-P", password, "-q", "1", "-v", "-d"]);
+        .args(["-u", user, "-P", password, "-q", "1", "-v", "-d"])
+        .args(extra);
         for t in topics {
             cmd.args(["-t", t]);
         }
@@ -38,12 +46,10 @@ impl Sub {
             .spawn()
             .expect("mosquitto_sub (apt-get install mosquitto-clients)");
         let stdout = child.stdout.take().unwrap();
-        let mut sub = Sub {
+        Sub {
             child,
             lines: BufReader::new(stdout).lines(),
-        };
-        sub.until(|l| l.contains("received SUBACK")).await;
-        sub
+        }
     }
 
     async fn until(&mut self, pred: impl Fn(&str) -> bool) -> String {
@@ -171,4 +177,29 @@ async fn mosquitto_clients_interoperate() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not authorised"), "{stderr}");
     let _ = bob.child.kill().await;
+}
+
+#[tokio::test]
+async fn mosquitto_sub_with_a_persistent_session_gets_what_came_while_it_was_stopped() {
+    let s = TestServer::start().await;
+    let token = s.token("mia");
+    let topics = ["users/mia/notifications"];
+    let persistent = ["-c", "-i", "mia-console"];
+    let mut sub = Sub::spawn(&s, "mia", &token, &topics, &persistent);
+    sub.until(|l| l.contains("received SUBACK")).await;
+    // Killed, as a laptop lid closes: no DISCONNECT.
+    sub.child.kill().await.expect("kill mosquitto_sub");
+    let service = s.token_with("app", Role::Service);
+    for n in 0..2 {
+        let body = json!({"user_id": "mia", "payload": {"n": n}});
+        let (status, _) = s.post("/api/notifications/", &service, body).await;
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED);
+    }
+    // What was queued comes right after the CONNACK, before its own SUBSCRIBE is answered.
+    let mut sub = Sub::spawn(&s, "mia", &token, &topics, &persistent);
+    for n in 0..2 {
+        let (topic, msg) = sub.message().await;
+        assert_eq!(topic, "users/mia/notifications");
+        assert_eq!(msg["payload"]["n"], n);
+    }
 }
