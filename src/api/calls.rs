@@ -83,7 +83,15 @@ pub async fn initiate(
             },
         )
         .await?;
-    Ok((StatusCode::CREATED, Json(call.to_json())))
+    // Reachability, so the caller's UI can say "ringing" or "calling…": the receiver's live
+    // devices (push hand-off is not built yet, so nothing is queued for sleeping phones).
+    let mut body = call.to_json();
+    if let Value::Object(map) = &mut body {
+        let devices = state.gateway.live_devices(&call.receiver.id);
+        map.insert("receiver_devices".into(), devices.into());
+        map.insert("push_queued".into(), false.into());
+    }
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// A call id from the path: 400 if malformed, 404 if it cannot name a call.

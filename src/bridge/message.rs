@@ -86,6 +86,8 @@ pub enum ErrorCode {
     QueueOverflow,
     /// A feature callbus does not offer (retained messages).
     Unsupported,
+    /// The call was accepted on another of the receiver's devices.
+    AnsweredElsewhere,
 }
 
 impl ErrorCode {
@@ -99,6 +101,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::QueueOverflow => "queue_overflow",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::AnsweredElsewhere => "answered_elsewhere",
         }
     }
 }

@@ -94,8 +94,15 @@ impl Bridge {
         Ok(())
     }
 
-    /// Decides a PUBLISH and turns it into what the router should carry.
-    pub fn on_publish(&self, who: &Identity, topic: &str, payload: &[u8]) -> PublishOutcome {
+    /// Decides a PUBLISH from `who`'s device `device` (its MQTT client id) and turns it into
+    /// what the bus should carry.
+    pub fn on_publish(
+        &self,
+        who: &Identity,
+        device: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> PublishOutcome {
         let refuse = |code, detail: String| PublishOutcome::Refuse {
             code,
             detail,
@@ -122,8 +129,15 @@ impl Bridge {
                     .get(id)
                     .map_err(|e| (ErrorCode::CallNotFound, e.to_string()))?;
                 let offered_by = self.calls.last_offer_by(id);
-                let copies =
-                    signaling::relay(who, cid, kind, &msg, call.as_ref(), offered_by.as_deref())?;
+                let sender = signaling::Sender { who, device };
+                let copies = signaling::relay(
+                    &sender,
+                    cid,
+                    kind,
+                    &msg,
+                    call.as_ref(),
+                    offered_by.as_deref(),
+                )?;
                 if let (signaling::Kind::Offer, Some(call)) = (kind, &call) {
                     self.calls.record_offer(call, &who.user_id);
                 }

@@ -79,17 +79,26 @@ fn candidate(body: &Map<String, Value>) -> Result<Value, Refusal> {
     }
 }
 
-/// Validates a signaling message from `who` on `chat/{cid}` for `call`, whose latest offer (if
-/// any is known) came from `offered_by`, and builds the two copies: one for `chat/{cid}`, which
-/// only the call's parties receive, and one for the other party's notifications.
+/// Who sends a signaling message: the user and the device (MQTT client id) it comes from.
+pub struct Sender<'a> {
+    pub who: &'a Identity,
+    pub device: &'a str,
+}
+
+/// Validates a signaling message from `sender` on `chat/{cid}` for `call`, whose latest offer
+/// (if any is known) came from `offered_by`, and builds the two copies: one for `chat/{cid}`,
+/// which only the call's parties receive, and one for the other party's notifications. Once
+/// the call is accepted on one of the receiver's devices, the receiver's other devices may no
+/// longer signal for it; every copy names that device in `device_id`.
 pub fn relay(
-    who: &Identity,
+    sender: &Sender<'_>,
     cid: &str,
     kind: Kind,
     msg: &ChatMessage,
     call: Option<&Call>,
     offered_by: Option<&str>,
 ) -> Result<Vec<Message>, Refusal> {
+    let who = sender.who;
     let Some(call) = call else {
         return refuse(ErrorCode::CallNotFound, "no such call");
     };
@@ -109,11 +118,20 @@ pub fn relay(
         );
     }
     let is_caller = call.caller.id == who.user_id;
+    if let Some(bound) = &call.accepted_device {
+        if !is_caller && bound != sender.device {
+            return refuse(
+                ErrorCode::AnsweredElsewhere,
+                "the call was answered on another of your devices",
+            );
+        }
+    }
     let mut event = json!({
         "call_id": call.id.to_string(),
         "conversation_id": call.conversation_id,
         "sender_id": who.user_id,
         "sender_username": who.username,
+        "device_id": call.accepted_device,
         "id": new_message_id(),
         "ts": now_rfc3339(),
     });
@@ -225,7 +243,12 @@ mod tests {
     ) -> Result<Vec<Message>, ErrorCode> {
         let msg = parse_chat(raw).unwrap();
         let kind = Kind::parse(&msg.kind).unwrap();
-        relay(&user(who), cid, kind, &msg, c.as_ref(), offered_by).map_err(|(code, _)| code)
+        let who = user(who);
+        let sender = Sender {
+            who: &who,
+            device: "dev1",
+        };
+        relay(&sender, cid, kind, &msg, c.as_ref(), offered_by).map_err(|(code, _)| code)
     }
 
     #[test]
@@ -285,6 +308,44 @@ mod tests {
         let no_id = br#"{"type":"call.candidate","candidate":{"candidate":""}}"#;
         let code = call_id(&parse_chat(no_id).unwrap()).map_err(|(code, _)| code);
         assert_eq!(code, Err(ErrorCode::BadPayload));
+    }
+
+    #[test]
+    fn a_call_bound_to_a_device_refuses_the_receivers_other_devices() {
+        let mut bound = call(Status::Active);
+        bound.accepted_device = Some("phone".into());
+        let msg = parse_chat(CANDIDATE).unwrap();
+        let bob = user("b");
+        let from = |device| Sender { who: &bob, device };
+        let refused = relay(
+            &from("web"),
+            "c1",
+            Kind::Candidate,
+            &msg,
+            Some(&bound),
+            None,
+        );
+        assert_eq!(
+            refused.map_err(|(c, _)| c).err(),
+            Some(ErrorCode::AnsweredElsewhere)
+        );
+        let relayed = relay(
+            &from("phone"),
+            "c1",
+            Kind::Candidate,
+            &msg,
+            Some(&bound),
+            None,
+        );
+        let v: Value = serde_json::from_slice(&relayed.unwrap()[0].payload).unwrap();
+        assert_eq!(v["device_id"], "phone");
+        // The caller's devices are not bound.
+        let alice = user("a");
+        let caller = Sender {
+            who: &alice,
+            device: "laptop",
+        };
+        assert!(relay(&caller, "c1", Kind::Candidate, &msg, Some(&bound), None).is_ok());
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub(super) struct Admitted {
     pub identity: Arc<Identity>,
     /// Broker-side client id, `<user id>.<client id>`.
     pub client_id: String,
+    /// The client id as the client chose it (or was given): its device.
+    pub device: String,
     /// Keepalive granted, in seconds.
     pub keepalive: u16,
     /// `clean_session`: false asks for a persistent session.
@@ -61,6 +63,7 @@ pub(super) async fn admit<T: Transport>(
     match decided {
         Ok((identity, client_id, keepalive, clean, will)) => Some(Admitted {
             client_id: namespaced_client_id(&identity.user_id, &client_id),
+            device: client_id,
             identity: Arc::new(identity),
             keepalive,
             clean,

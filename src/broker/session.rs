@@ -61,6 +61,7 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         registration: attached.registration,
         mailbox: attached.mailbox,
         persistent: !admitted.clean,
+        device: admitted.device,
         inflight: VecDeque::new(),
         identity: admitted.identity,
         inbuf: admitted.inbuf,
@@ -143,6 +144,8 @@ struct Session<'g> {
     mailbox: Mailbox,
     /// `clean_session = 0`: QoS 1 deliveries are kept until acknowledged.
     persistent: bool,
+    /// The client id the client chose: its device, for calls bound to a device.
+    device: String,
     /// Sent at QoS 1 and not yet acknowledged (persistent sessions only), oldest first.
     inflight: VecDeque<Queued>,
     identity: Arc<Identity>,
@@ -293,9 +296,10 @@ impl Session<'_> {
                 about: crate::bridge::message::describe(&publish.payload, &publish.topic),
             }
         } else {
+            let device = &self.device;
             inner
                 .bridge
-                .on_publish(&self.identity, &publish.topic, &publish.payload)
+                .on_publish(&self.identity, device, &publish.topic, &publish.payload)
         };
         match outcome {
             PublishOutcome::Deliver(messages) => {
@@ -331,7 +335,10 @@ impl Session<'_> {
     /// Publishes the Last Will, checked and stamped like any publish.
     async fn publish_will(&self, topic: &str, payload: &[u8]) {
         let inner = &self.gateway.inner;
-        match inner.bridge.on_publish(&self.identity, topic, payload) {
+        match inner
+            .bridge
+            .on_publish(&self.identity, &self.device, topic, payload)
+        {
             PublishOutcome::Deliver(messages) => {
                 for message in messages {
                     if let Err(e) = inner.publisher.publish(message).await {

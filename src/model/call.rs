@@ -232,6 +232,7 @@ impl Call {
             "duration_seconds": self.duration_seconds(),
             "end_reason": self.end_reason,
             "hangup_reason": self.hangup_reason,
+            "device_id": self.accepted_device,
         })
     }
 }

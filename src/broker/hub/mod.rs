@@ -363,6 +363,20 @@ impl Hub {
         }
     }
 
+    /// How many live connections (devices) `user_id` has.
+    pub fn live_devices(&self, user_id: &str) -> usize {
+        let state = lock(&self.state);
+        let sids = state.by_user.get(user_id).map(Vec::as_slice).unwrap_or(&[]);
+        sids.iter()
+            .filter(|sid| {
+                state
+                    .sessions
+                    .get(sid)
+                    .is_some_and(|e| matches!(e.link, Link::Live { .. }))
+            })
+            .count()
+    }
+
     /// Tells every session the server is shutting down.
     pub(crate) fn shutdown(&self) {
         self.close_all(|| Event::Shutdown);
