@@ -52,6 +52,13 @@ struct ServeArgs {
     /// Seconds a call may ring before it is missed.
     #[arg(long, env = "CALLBUS_RING_TIMEOUT", default_value_t = 60)]
     ring_timeout: u64,
+    /// Seconds an active call survives with neither party connected (then it ends with
+    /// reason connection_lost).
+    #[arg(long, env = "CALLBUS_CALL_LOST_GRACE", default_value_t = 120)]
+    call_lost_grace: u64,
+    /// Longest an active call lasts, in seconds (then it ends with reason max_duration).
+    #[arg(long, env = "CALLBUS_MAX_CALL_DURATION", default_value_t = 14_400)]
+    max_call_duration: u64,
     /// Shared secret for TURN REST credentials (coturn's static-auth-secret).
     #[arg(long, env = "CALLBUS_TURN_SECRET")]
     turn_secret: Option<String>,
@@ -116,6 +123,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut settings = Settings::new(config, args.data_dir.clone(), jwt_secret(args.dev)?);
     settings.ring_timeout = std::time::Duration::from_secs(args.ring_timeout);
+    if args.call_lost_grace == 0 || args.max_call_duration == 0 {
+        bail!("--call-lost-grace and --max-call-duration must be at least 1 second");
+    }
+    settings.call_lost_grace = std::time::Duration::from_secs(args.call_lost_grace);
+    settings.max_call_duration = std::time::Duration::from_secs(args.max_call_duration);
     settings.dev = args.dev;
     settings.cors_origins = args.cors_origins.clone();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {

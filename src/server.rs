@@ -18,7 +18,7 @@ use crate::bridge::Bridge;
 use crate::broker::{self, Gateway, Hub};
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::Publisher;
-use crate::calls::Calls;
+use crate::calls::{CallLimits, Calls};
 use crate::config::FileConfig;
 use crate::conversations::ConversationService;
 use crate::net;
@@ -31,6 +31,10 @@ pub struct Settings {
     pub jwt_secret: Vec<u8>,
     /// How long a call rings before it is missed.
     pub ring_timeout: Duration,
+    /// How long an active call survives with neither party connected.
+    pub call_lost_grace: Duration,
+    /// The longest an active call lasts.
+    pub max_call_duration: Duration,
     pub turn: Option<TurnConfig>,
     pub cors_origins: Vec<String>,
     /// Development mode: `/api/dev/token` on.
@@ -47,6 +51,8 @@ impl Settings {
             data_dir,
             jwt_secret,
             ring_timeout: Duration::from_secs(60),
+            call_lost_grace: CallLimits::default().lost_grace,
+            max_call_duration: CallLimits::default().max_duration,
             turn: None,
             cors_origins: Vec::new(),
             dev: false,
@@ -125,10 +131,16 @@ impl Server {
             .context("starting the embedded bus (rumqttd router)")?;
         let publisher = Publisher::new(std::sync::Arc::new(bus));
         let shutdown = CancellationToken::new();
+        let limits = CallLimits {
+            ring_timeout: settings.ring_timeout,
+            lost_grace: settings.call_lost_grace,
+            max_duration: settings.max_call_duration,
+        };
         let calls = Calls::start(
             store.clone(),
             publisher.clone(),
-            settings.ring_timeout,
+            hub.clone(),
+            limits,
             shutdown.clone(),
         )
         .await

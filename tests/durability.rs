@@ -35,13 +35,17 @@ fn free_port() -> u16 {
 }
 
 async fn spawn(dir: &Path, ring_timeout: u64) -> Proc {
+    spawn_with(dir, &["--ring-timeout", &ring_timeout.to_string()]).await
+}
+
+async fn spawn_with(dir: &Path, args: &[&str]) -> Proc {
     let (http, mqtt) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_callbus"))
         .args(["serve", "--data-dir"])
         .arg(dir)
         .args(["--http", &format!("127.0.0.1:{http}")])
         .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-        .args(["--ring-timeout", &ring_timeout.to_string()])
+        .args(args)
         .env("CALLBUS_JWT_SECRET", SECRET)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -224,6 +228,65 @@ async fn calls_whose_ring_timeout_passed_while_down_are_missed_and_announced() {
     .await
     .expect("missed call announced");
     assert_eq!(announced["reason"], "missed");
+}
+
+#[tokio::test]
+async fn a_call_left_active_when_callbus_dies_ends_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = spawn_with(dir.path(), &["--call-lost-grace", "3600"]).await;
+    let http = reqwest::Client::new();
+    let url = |proc: &Proc, path: &str| format!("http://127.0.0.1:{}{path}", proc.http);
+    let put = http
+        .put(url(&first, "/api/conversations/c1/"))
+        .bearer_auth(token("app", Role::Service))
+        .json(&json!({"members": ["alice", "bob"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let call: Value = http
+        .post(url(&first, "/api/calls/initiate/"))
+        .bearer_auth(token("alice", Role::User))
+        .json(&json!({"receiver_id": "bob", "call_type": "voice", "conversation_id": "c1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = call["id"].as_u64().expect("call id");
+    let accepted = http
+        .post(url(&first, &format!("/api/calls/{id}/accept/")))
+        .bearer_auth(token("bob", Role::User))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), StatusCode::OK);
+    drop(first); // SIGKILL with the call active; nobody reconnects
+
+    let second = spawn_with(dir.path(), &["--call-lost-grace", "1"]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let call = loop {
+        let call: Value = http
+            .get(url(&second, &format!("/api/calls/{id}/")))
+            .bearer_auth(token("alice", Role::User))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if call["status"] != "active" {
+            break call;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still active: {call}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(call["status"], "ended");
+    assert_eq!(call["end_reason"], "connection_lost");
 }
 
 #[test]

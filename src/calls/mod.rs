@@ -3,9 +3,12 @@
 //! then announced, through an outbox that publishes events in the order the changes were made.
 
 pub mod events;
+mod live;
+mod reaper;
+
+use live::{Live, Outbox};
 
 use serde_json::Value;
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +43,33 @@ pub enum CallError {
     Store(#[from] StoreError),
 }
 
+/// How long calls may last in each state.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    /// A ringing call is missed after this.
+    pub ring_timeout: Duration,
+    /// An active call neither of whose parties has had a live connection for this long ends
+    /// (`connection_lost`): long enough for a phone to come back on another network.
+    pub lost_grace: Duration,
+    /// No call stays active longer than this (`max_duration`).
+    pub max_duration: Duration,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        Self {
+            ring_timeout: Duration::from_secs(60),
+            lost_grace: Duration::from_secs(120),
+            max_duration: Duration::from_secs(4 * 3600),
+        }
+    }
+}
+
+/// Whether a user has a live connection (on any device); the broker's hub answers.
+pub trait Presence: Send + Sync + 'static {
+    fn online(&self, user_id: &str) -> bool;
+}
+
 /// A new call's request, already validated for shape.
 pub struct NewCall {
     pub receiver_id: String,
@@ -47,54 +77,11 @@ pub struct NewCall {
     pub conversation_id: String,
 }
 
-/// Events waiting for their change to be durable; published strictly in sequence.
-#[derive(Default)]
-struct Outbox {
-    next_seq: u64,
-    pending: VecDeque<(u64, Vec<(String, Value)>)>,
-}
-
-#[derive(Default)]
-struct Live {
-    /// Ringing or active call ids per user.
-    by_user: HashMap<String, Vec<u64>>,
-    /// Who sent the latest offer of each live call (signaling state: an answer must come from
-    /// the other party). Forgotten when the call ends; not kept across restarts, where the
-    /// state-based rule applies until the next offer.
-    last_offer_by: HashMap<u64, String>,
-}
-
-impl Live {
-    fn add(&mut self, call: &Call) {
-        for uid in [&call.caller.id, &call.receiver.id] {
-            let ids = self.by_user.entry(uid.clone()).or_default();
-            if !ids.contains(&call.id) {
-                ids.push(call.id);
-            }
-        }
-    }
-
-    fn remove(&mut self, call: &Call) {
-        self.last_offer_by.remove(&call.id);
-        for uid in [&call.caller.id, &call.receiver.id] {
-            if let Some(ids) = self.by_user.get_mut(uid) {
-                ids.retain(|id| *id != call.id);
-                if ids.is_empty() {
-                    self.by_user.remove(uid);
-                }
-            }
-        }
-    }
-
-    fn calls_of(&self, uid: &str) -> &[u64] {
-        self.by_user.get(uid).map(Vec::as_slice).unwrap_or(&[])
-    }
-}
-
 struct Inner {
     store: Store,
     publisher: Publisher,
-    ring_timeout: Duration,
+    presence: Arc<dyn Presence>,
+    limits: CallLimits,
     live: Mutex<Live>,
     outbox: Mutex<Outbox>,
     /// Held while publishing from the outbox, so events leave in change order even though
@@ -115,14 +102,16 @@ impl Calls {
     pub async fn start(
         store: Store,
         publisher: Publisher,
-        ring_timeout: Duration,
+        presence: Arc<dyn Presence>,
+        limits: CallLimits,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let calls = Calls {
             inner: Arc::new(Inner {
                 store,
                 publisher,
-                ring_timeout,
+                presence,
+                limits,
                 live: Mutex::default(),
                 outbox: Mutex::default(),
                 announcing: tokio::sync::Mutex::new(()),
@@ -151,6 +140,7 @@ impl Calls {
         if !missed.is_empty() {
             calls.announce_after_restart(missed);
         }
+        tokio::spawn(reaper::run(calls.clone()));
         Ok(calls)
     }
 
@@ -219,7 +209,7 @@ impl Calls {
         };
         self.commit_and_announce(seq).await?;
         crate::metrics::CALLS_INITIATED.inc();
-        self.arm_ring_timer(call.id, self.inner.ring_timeout.as_millis() as u64);
+        self.arm_ring_timer(call.id, self.inner.limits.ring_timeout.as_millis() as u64);
         Ok(call)
     }
 
@@ -267,7 +257,7 @@ impl Calls {
             conversation_id: req.conversation_id,
             status: Status::Ringing,
             created_ms: now,
-            ring_deadline_ms: now + self.inner.ring_timeout.as_millis() as u64,
+            ring_deadline_ms: now + self.inner.limits.ring_timeout.as_millis() as u64,
             accepted_ms: None,
             ended_ms: None,
             end_reason: None,

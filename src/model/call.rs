@@ -114,6 +114,11 @@ pub enum Action {
     },
     /// The ring timeout passed.
     Timeout,
+    /// callbus ends an active call by itself: `connection_lost` (neither party connected for
+    /// the grace period) or `max_duration`.
+    Expire {
+        reason: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -197,6 +202,12 @@ impl Call {
                 }
                 next.finish(Status::Missed, "missed", now_ms);
             }
+            Action::Expire { reason } => {
+                if self.status != Status::Active {
+                    return Err(wrong_state());
+                }
+                next.finish(Status::Ended, reason, now_ms);
+            }
         }
         Ok(next)
     }
@@ -257,142 +268,5 @@ pub fn now_ms() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ringing() -> Call {
-        Call {
-            id: 17,
-            caller: Party {
-                id: "a".into(),
-                username: "alice".into(),
-                first_name: String::new(),
-                last_name: String::new(),
-            },
-            receiver: Party {
-                id: "b".into(),
-                username: "b".into(),
-                first_name: String::new(),
-                last_name: String::new(),
-            },
-            call_type: CallType::Video,
-            conversation_id: "c1".into(),
-            status: Status::Ringing,
-            created_ms: 1_000,
-            ring_deadline_ms: 61_000,
-            accepted_ms: None,
-            ended_ms: None,
-            end_reason: None,
-            hangup_reason: None,
-            accepted_device: None,
-        }
-    }
-
-    fn accept(by: &str) -> Action {
-        Action::Accept {
-            by: by.into(),
-            username: "bob".into(),
-            device_id: Some("phone".into()),
-        }
-    }
-
-    fn end(by: &str) -> Action {
-        Action::End {
-            by: by.into(),
-            hangup_reason: None,
-        }
-    }
-
-    #[test]
-    fn accept_then_end_computes_duration() {
-        let active = ringing().apply(&accept("b"), 2_000).unwrap();
-        assert_eq!(active.status, Status::Active);
-        assert_eq!(active.receiver.username, "bob");
-        assert_eq!(active.accepted_device.as_deref(), Some("phone"));
-        let ended = active.apply(&end("a"), 14_500).unwrap();
-        assert_eq!(ended.status, Status::Ended);
-        assert_eq!(ended.duration_seconds(), 12);
-        assert_eq!(ended.end_reason.as_deref(), Some("ended"));
-    }
-
-    #[test]
-    fn only_the_receiver_accepts_or_rejects() {
-        assert_eq!(
-            ringing().apply(&accept("a"), 2),
-            Err(TransitionError::NotReceiver)
-        );
-        assert_eq!(
-            ringing().apply(&accept("z"), 2),
-            Err(TransitionError::NotAParty)
-        );
-        let reject = Action::Reject {
-            by: "a".into(),
-            username: "alice".into(),
-        };
-        assert_eq!(
-            ringing().apply(&reject, 2),
-            Err(TransitionError::NotReceiver)
-        );
-    }
-
-    #[test]
-    fn ending_while_ringing() {
-        assert_eq!(
-            ringing().apply(&end("a"), 5).unwrap().status,
-            Status::Cancelled
-        );
-        assert_eq!(
-            ringing().apply(&end("b"), 5).unwrap().status,
-            Status::Rejected
-        );
-        assert_eq!(
-            ringing().apply(&end("z"), 5),
-            Err(TransitionError::NotAParty)
-        );
-        assert_eq!(ringing().apply(&end("a"), 5).unwrap().duration_seconds(), 0);
-    }
-
-    #[test]
-    fn timeout_misses_only_ringing_calls() {
-        assert_eq!(
-            ringing().apply(&Action::Timeout, 61_000).unwrap().status,
-            Status::Missed
-        );
-        let active = ringing().apply(&accept("b"), 2_000).unwrap();
-        assert!(active.apply(&Action::Timeout, 70_000).is_err());
-    }
-
-    #[test]
-    fn terminal_states_never_change() {
-        let terminal = [
-            ringing().apply(&end("a"), 5).unwrap(),
-            ringing().apply(&end("b"), 5).unwrap(),
-            ringing().apply(&Action::Timeout, 5).unwrap(),
-            ringing()
-                .apply(&accept("b"), 5)
-                .unwrap()
-                .apply(&end("b"), 9)
-                .unwrap(),
-        ];
-        for call in terminal {
-            assert!(call.status.is_terminal());
-            for action in [accept("b"), end("a"), end("b"), Action::Timeout] {
-                assert!(matches!(
-                    call.apply(&action, 100),
-                    Err(TransitionError::WrongState(_))
-                ));
-            }
-        }
-    }
-
-    #[test]
-    fn json_shape() {
-        let v = ringing().to_json();
-        assert_eq!(v["id"], 17);
-        assert_eq!(v["caller"]["username"], "alice");
-        assert_eq!(v["status"], "ringing");
-        assert_eq!(v["call_type"], "video");
-        assert!(v["accepted_at"].is_null());
-        assert_eq!(v["created_at"], "1970-01-01T00:00:01.000Z");
-    }
-}
+#[path = "call_tests.rs"]
+mod tests;

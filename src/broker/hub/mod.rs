@@ -411,6 +411,12 @@ impl Hub {
     }
 }
 
+impl crate::calls::Presence for Hub {
+    fn online(&self, user_id: &str) -> bool {
+        self.live_devices(user_id) > 0
+    }
+}
+
 impl Entry {
     fn resumable(&self) -> bool {
         self.persistent && !matches!(&self.link, Link::Away(s) if s.expires_at <= Instant::now())

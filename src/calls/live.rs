@@ -1,0 +1,52 @@
+//! The call service's in-memory state: who is in a ringing or active call (for busy and glare),
+//! the signaling state of live calls, and the outbox of events waiting for their change to be
+//! durable.
+
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+
+use crate::model::call::Call;
+
+/// Events waiting for their change to be durable; published strictly in sequence.
+#[derive(Default)]
+pub(super) struct Outbox {
+    pub next_seq: u64,
+    pub pending: VecDeque<(u64, Vec<(String, Value)>)>,
+}
+
+#[derive(Default)]
+pub(super) struct Live {
+    /// Ringing or active call ids per user.
+    pub by_user: HashMap<String, Vec<u64>>,
+    /// Who sent the latest offer of each live call (signaling state: an answer must come from
+    /// the other party). Forgotten when the call ends; not kept across restarts, where the
+    /// state-based rule applies until the next offer.
+    pub last_offer_by: HashMap<u64, String>,
+}
+
+impl Live {
+    pub(super) fn add(&mut self, call: &Call) {
+        for uid in [&call.caller.id, &call.receiver.id] {
+            let ids = self.by_user.entry(uid.clone()).or_default();
+            if !ids.contains(&call.id) {
+                ids.push(call.id);
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, call: &Call) {
+        self.last_offer_by.remove(&call.id);
+        for uid in [&call.caller.id, &call.receiver.id] {
+            if let Some(ids) = self.by_user.get_mut(uid) {
+                ids.retain(|id| *id != call.id);
+                if ids.is_empty() {
+                    self.by_user.remove(uid);
+                }
+            }
+        }
+    }
+
+    pub(super) fn calls_of(&self, uid: &str) -> &[u64] {
+        self.by_user.get(uid).map(Vec::as_slice).unwrap_or(&[])
+    }
+}

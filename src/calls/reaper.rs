@@ -1,0 +1,70 @@
+//! No call outlives its devices: an active call ends by itself (`connection_lost`) once neither
+//! party has had a live connection for the grace period, and no call stays active past the
+//! maximum duration (`max_duration`). The clock for a call starts when this task first sees it
+//! without either party, so after a restart the parties get the whole grace to come back.
+
+use std::collections::HashMap;
+use std::time::Duration;
+use tracing::{info, warn};
+
+use super::{CallError, Calls};
+use crate::model::call::{now_ms, Action, Status, TransitionError};
+use crate::sync::lock;
+
+/// Checks live calls periodically until shutdown.
+pub(super) async fn run(calls: Calls) {
+    let limits = calls.inner.limits;
+    let period = (limits.lost_grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    // Per active call: when a party was last seen connected (Unix ms).
+    let mut last_seen: HashMap<u64, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = calls.inner.shutdown.cancelled() => return,
+        }
+        for (id, reason) in overdue(&calls, &mut last_seen, now_ms()) {
+            match calls.transition(id, Action::Expire { reason }).await {
+                Ok(_) => info!(call = id, reason, "call ended by callbus"),
+                Err(CallError::Transition(TransitionError::WrongState(_))) => {}
+                Err(e) => warn!(call = id, error = %e, "could not end a call"),
+            }
+        }
+    }
+}
+
+/// The active calls to end now, and why.
+fn overdue(calls: &Calls, last_seen: &mut HashMap<u64, u64>, now: u64) -> Vec<(u64, &'static str)> {
+    let limits = calls.inner.limits;
+    let grace = limits.lost_grace.as_millis() as u64;
+    let max = limits.max_duration.as_millis() as u64;
+    let mut ids: Vec<u64> = lock(&calls.inner.live)
+        .by_user
+        .values()
+        .flatten()
+        .copied()
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    last_seen.retain(|id, _| ids.binary_search(id).is_ok());
+    let mut out = Vec::new();
+    for id in ids {
+        let Ok(Some(call)) = calls.get(id) else {
+            continue;
+        };
+        if call.status != Status::Active {
+            continue;
+        }
+        let presence = &calls.inner.presence;
+        let seen = last_seen.entry(id).or_insert(now);
+        if presence.online(&call.caller.id) || presence.online(&call.receiver.id) {
+            *seen = now;
+        }
+        if now.saturating_sub(*seen) >= grace {
+            out.push((id, "connection_lost"));
+        } else if now.saturating_sub(call.accepted_ms.unwrap_or(now)) >= max {
+            out.push((id, "max_duration"));
+        }
+    }
+    out
+}
