@@ -6,7 +6,8 @@
 //!   the hub that owns them and routes the bus's deliveries.
 //! - [`bridge`]: policy — topic ACL, payload validation, sender stamping, signaling rules.
 //! - [`api`]: the axum REST API.
-//! - [`calls`]: the service that changes and announces calls; [`conversations`]: membership.
+//! - [`calls`]: the service that changes and announces calls; [`conversations`]: membership;
+//!   [`push`]: the webhook that wakes sleeping phones.
 //! - [`store`]: durable state in sled.
 //! - [`auth`], [`ids`], [`config`]: identity, identifiers, configuration.
 //! - [`server`]: wires the parts together.
@@ -23,6 +24,7 @@ pub mod ids;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod push;
 pub mod server;
 pub mod store;
 pub mod sync;

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker, the MQTT listeners (TCP and WebSocket) and the REST API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a JWT signed with CALLBUS_JWT_SECRET.
     Token(TokenArgs),
 }
@@ -59,6 +59,13 @@ struct ServeArgs {
     /// Longest an active call lasts, in seconds (then it ends with reason max_duration).
     #[arg(long, env = "CALLBUS_MAX_CALL_DURATION", default_value_t = 14_400)]
     max_call_duration: u64,
+    /// The app backend's push webhook (http://): POSTed when a call starts and stops ringing,
+    /// so it can wake sleeping phones through FCM/APNs (with --push-secret).
+    #[arg(long, env = "CALLBUS_PUSH_WEBHOOK", requires = "push_secret")]
+    push_webhook: Option<String>,
+    /// Secret for the webhook's X-Callbus-Signature (HMAC-SHA256).
+    #[arg(long, env = "CALLBUS_PUSH_SECRET", requires = "push_webhook")]
+    push_secret: Option<String>,
     /// Shared secret for TURN REST credentials (coturn's static-auth-secret).
     #[arg(long, env = "CALLBUS_TURN_SECRET")]
     turn_secret: Option<String>,
@@ -129,6 +136,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.call_lost_grace = std::time::Duration::from_secs(args.call_lost_grace);
     settings.max_call_duration = std::time::Duration::from_secs(args.max_call_duration);
     settings.dev = args.dev;
+    if let (Some(url), Some(secret)) = (&args.push_webhook, &args.push_secret) {
+        let webhook =
+            callbus::push::Webhook::new(url, secret.as_bytes()).map_err(anyhow::Error::msg)?;
+        settings.push = Some(webhook);
+    }
     settings.cors_origins = args.cors_origins.clone();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         settings.tls = Some(callbus::tls::acceptor(cert, key)?);
@@ -214,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Token(args) => token(args),
     }
 }

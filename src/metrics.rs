@@ -103,6 +103,21 @@ pub static BUS_LOST: Metric = Metric::new(
     "counter",
     "Messages the bus accepted but never delivered back (should stay 0).",
 );
+pub static PUSHES_DELIVERED: Metric = Metric::new(
+    "callbus_pushes_delivered_total",
+    "counter",
+    "Push webhook calls answered with a 2xx.",
+);
+pub static PUSH_RETRIES: Metric = Metric::new(
+    "callbus_push_retries_total",
+    "counter",
+    "Push webhook attempts that failed and were retried.",
+);
+pub static PUSHES_DROPPED: Metric = Metric::new(
+    "callbus_pushes_dropped_total",
+    "counter",
+    "Push webhook calls given up at their deadline.",
+);
 pub static CALLS_INITIATED: Metric =
     Metric::new("callbus_calls_initiated_total", "counter", "Calls created.");
 pub static CALL_TRANSITIONS: Metric = Metric::new(
@@ -111,7 +126,7 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 15] = [
+const ALL: [&Metric; 18] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -125,6 +140,9 @@ const ALL: [&Metric; 15] = [
     &SESSION_QUEUE_DROPPED,
     &BUS_PUBLISHER_WAITS,
     &BUS_LOST,
+    &PUSHES_DELIVERED,
+    &PUSH_RETRIES,
+    &PUSHES_DROPPED,
     &CALLS_INITIATED,
     &CALL_TRANSITIONS,
 ];

@@ -41,6 +41,8 @@ pub struct Settings {
     pub dev: bool,
     /// TLS for both listeners.
     pub tls: Option<crate::tls::TlsAcceptor>,
+    /// Push hand-off webhook.
+    pub push: Option<crate::push::Webhook>,
 }
 
 impl Settings {
@@ -57,6 +59,7 @@ impl Settings {
             cors_origins: Vec::new(),
             dev: false,
             tls: None,
+            push: None,
         }
     }
 }
@@ -136,11 +139,14 @@ impl Server {
             lost_grace: settings.call_lost_grace,
             max_duration: settings.max_call_duration,
         };
+        let push = (settings.push.clone())
+            .map(|webhook| crate::push::start(store.clone(), webhook, shutdown.clone()));
         let calls = Calls::start(
             store.clone(),
             publisher.clone(),
             hub.clone(),
             limits,
+            push,
             shutdown.clone(),
         )
         .await

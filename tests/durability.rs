@@ -5,74 +5,16 @@
 mod common;
 
 use callbus::auth::{Authenticator, Role};
+use common::process::{spawn_with, token, Proc, SECRET};
 use common::{granted, WAIT};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-const SECRET: &str = "durability-secret";
-
-struct Proc {
-    child: Child,
-    http: u16,
-    mqtt: u16,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 async fn spawn(dir: &Path, ring_timeout: u64) -> Proc {
     spawn_with(dir, &["--ring-timeout", &ring_timeout.to_string()]).await
-}
-
-async fn spawn_with(dir: &Path, args: &[&str]) -> Proc {
-    let (http, mqtt) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_callbus"))
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--http", &format!("127.0.0.1:{http}")])
-        .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-        .args(args)
-        .env("CALLBUS_JWT_SECRET", SECRET)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn callbus");
-    let proc = Proc { child, http, mqtt };
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{http}/healthz"))
-            .send()
-            .await
-        {
-            if r.status() == StatusCode::OK {
-                return proc;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("callbus did not become healthy");
-}
-
-fn token(sub: &str, role: Role) -> String {
-    Authenticator::new(SECRET.as_bytes())
-        .issue(sub, None, role, 3600)
-        .unwrap()
 }
 
 /// Starts `n` concurrent initiates (caller u{i} → receiver v{i}), SIGKILLs the server as soon as

@@ -84,12 +84,12 @@ pub async fn initiate(
         )
         .await?;
     // Reachability, so the caller's UI can say "ringing" or "calling…": the receiver's live
-    // devices (push hand-off is not built yet, so nothing is queued for sleeping phones).
+    // devices, and whether a push to wake sleeping ones was queued.
     let mut body = call.to_json();
     if let Value::Object(map) = &mut body {
         let devices = state.gateway.live_devices(&call.receiver.id);
         map.insert("receiver_devices".into(), devices.into());
-        map.insert("push_queued".into(), false.into());
+        map.insert("push_queued".into(), state.calls.pushes().into());
     }
     Ok((StatusCode::CREATED, Json(body)))
 }

@@ -18,6 +18,7 @@ use crate::auth::Identity;
 use crate::bus::{Message, Publisher};
 use crate::model::call::{now_ms, Action, Call, CallType, Party, Status, TransitionError};
 use crate::model::topic::notifications_topic;
+use crate::push;
 use crate::store::{Store, StoreError};
 use crate::sync::lock;
 
@@ -67,7 +68,12 @@ impl Default for CallLimits {
 
 /// Whether a user has a live connection (on any device); the broker's hub answers.
 pub trait Presence: Send + Sync + 'static {
-    fn online(&self, user_id: &str) -> bool;
+    /// How many live connections (devices) the user has.
+    fn live_devices(&self, user_id: &str) -> usize;
+
+    fn online(&self, user_id: &str) -> bool {
+        self.live_devices(user_id) > 0
+    }
 }
 
 /// A new call's request, already validated for shape.
@@ -82,6 +88,8 @@ struct Inner {
     publisher: Publisher,
     presence: Arc<dyn Presence>,
     limits: CallLimits,
+    /// Wakes the push worker when jobs were queued (None: no webhook configured).
+    push: Option<Arc<tokio::sync::Notify>>,
     live: Mutex<Live>,
     outbox: Mutex<Outbox>,
     /// Held while publishing from the outbox, so events leave in change order even though
@@ -104,6 +112,7 @@ impl Calls {
         publisher: Publisher,
         presence: Arc<dyn Presence>,
         limits: CallLimits,
+        push: Option<Arc<tokio::sync::Notify>>,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let calls = Calls {
@@ -112,6 +121,7 @@ impl Calls {
                 publisher,
                 presence,
                 limits,
+                push,
                 live: Mutex::default(),
                 outbox: Mutex::default(),
                 announcing: tokio::sync::Mutex::new(()),
@@ -167,6 +177,11 @@ impl Calls {
 
     pub fn get(&self, id: u64) -> Result<Option<Call>, StoreError> {
         self.inner.store.calls.get(id)
+    }
+
+    /// Whether calls are handed to a push webhook.
+    pub fn pushes(&self) -> bool {
+        self.inner.push.is_some()
     }
 
     /// Who sent the latest offer of a live call, if known.
@@ -265,6 +280,13 @@ impl Calls {
             accepted_device: None,
         };
         self.inner.store.calls.put(&call)?;
+        if self.inner.push.is_some() {
+            let devices = self.inner.presence.live_devices(&call.receiver.id);
+            self.inner
+                .store
+                .push
+                .enqueue(&push::ringing(&call, devices))?;
+        }
         live.add(&call);
         let event = events::incoming_call(&call, caller);
         let seq = self.enqueue(vec![(call.receiver.id.clone(), event)]);
@@ -278,6 +300,13 @@ impl Calls {
             let current = self.inner.store.calls.get(id)?.ok_or(CallError::NotFound)?;
             let next = current.apply(&action, now_ms())?;
             self.inner.store.calls.put(&next)?;
+            if current.status == Status::Ringing && self.inner.push.is_some() {
+                let devices = self.inner.presence.live_devices(&next.receiver.id);
+                self.inner
+                    .store
+                    .push
+                    .enqueue(&push::stopped(&next, devices))?;
+            }
             if next.status.is_terminal() {
                 live.remove(&next);
             }
@@ -320,6 +349,9 @@ impl Calls {
     /// to it, in order.
     async fn commit_and_announce(&self, seq: u64) -> Result<(), StoreError> {
         self.inner.store.flush().await?;
+        if let Some(push) = &self.inner.push {
+            push.notify_one();
+        }
         let _turn = self.inner.announcing.lock().await;
         loop {
             let batch = {

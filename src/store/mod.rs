@@ -4,9 +4,11 @@
 mod calls;
 mod commit;
 mod conversations;
+mod push;
 
 pub use calls::CallTrees;
 pub use conversations::{Conversation, Conversations};
+pub use push::{PushJob, PushTree};
 
 use commit::Committer;
 
@@ -28,6 +30,7 @@ pub struct Store {
     committer: Committer,
     pub conversations: Conversations,
     pub calls: CallTrees,
+    pub push: PushTree,
 }
 
 impl Store {
@@ -40,7 +43,9 @@ impl Store {
             .open()?;
         let conversations = Conversations::open(&db)?;
         let calls = CallTrees::open(&db)?;
+        let push = PushTree::open(&db)?;
         Ok(Self {
+            push,
             committer: Committer::start(db),
             conversations,
             calls,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 mod client;
+pub mod process;
 pub use client::*;
 
 pub const SECRET: &[u8] = b"test-secret";

@@ -412,8 +412,8 @@ impl Hub {
 }
 
 impl crate::calls::Presence for Hub {
-    fn online(&self, user_id: &str) -> bool {
-        self.live_devices(user_id) > 0
+    fn live_devices(&self, user_id: &str) -> usize {
+        Hub::live_devices(self, user_id)
     }
 }
 
