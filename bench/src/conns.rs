@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 
-const SECRET: &str = "bench-secret";
+pub(crate) const SECRET: &str = "bench-secret";
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -22,7 +22,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -37,7 +37,7 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn spawn_callbus(dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+pub(crate) async fn spawn_callbus(dir: &std::path::Path) -> anyhow::Result<(Proc, u16, u16)> {
     let exe = std::env::current_exe()?
         .parent()
         .map(|d| d.join("callbus"))
@@ -63,7 +63,7 @@ async fn spawn_callbus(dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
             .await
             .is_ok()
         {
-            return Ok((proc, http));
+            return Ok((proc, http, mqtt));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -72,7 +72,7 @@ async fn spawn_callbus(dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
 
 async fn level(n: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (proc, http) = spawn_callbus(dir.path()).await?;
+    let (proc, http, _) = spawn_callbus(dir.path()).await?;
     let pid = proc.0.id();
     let auth = Authenticator::new(SECRET.as_bytes());
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -6,10 +6,13 @@
 //! - calls: C concurrent caller/callee pairs running the whole flow over REST and MQTT.
 //! - conns: N idle MQTT-over-WebSocket clients against a callbus process: RSS per connection and
 //!   the time for one notification per user to reach all of them.
+//! - sessions: N persistent sessions away while M messages each are queued, then all back:
+//!   memory per stored session and the time until everything is replayed.
 
 mod calls;
 mod conns;
 mod relay;
+mod sessions;
 mod util;
 
 #[tokio::main]
@@ -31,12 +34,16 @@ async fn main() -> anyhow::Result<()> {
             };
             conns::run(&sizes).await?
         }
+        "sessions" => sessions::run(num(1, 1000), num(2, 20)).await?,
         "all" => {
             relay::run(2000, 10_000).await?;
             calls::run(&[1, 10, 100], 5).await?;
             conns::run(&[1_000, 10_000]).await?;
+            sessions::run(1000, 20).await?;
         }
-        other => anyhow::bail!("unknown scenario {other}: use relay, calls, conns or all"),
+        other => {
+            anyhow::bail!("unknown scenario {other}: use relay, calls, conns, sessions or all")
+        }
     }
     Ok(())
 }
