@@ -1,6 +1,7 @@
 //! The demo page in Debian's headless Chromium (npm playwright-core): two pages complete a real
-//! WebRTC video call over callbus, then a reject and an end path (tests/e2e/call.mjs). Needs
-//! `/usr/bin/chromium` and `npm ci`; `.ci/run` installs both.
+//! WebRTC video call over callbus, then a reject and an end path (tests/e2e/call.mjs); and a
+//! page that loses its connection while called resumes its session and completes the call
+//! (tests/e2e/resume.mjs). Needs `/usr/bin/chromium` and `npm ci`; `.ci/run` installs both.
 
 mod common;
 
@@ -38,4 +39,30 @@ async fn two_browsers_complete_a_video_call() {
     );
     assert!(stdout.contains("bob decodes video frames"));
     assert!(stdout.contains("e2e: all checks passed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_blinks_while_called_resumes_and_completes_the_call() {
+    let s =
+        common::TestServer::start_custom(callbus::config::DEFAULT_CONFIG, |st| st.dev = true).await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let url = format!("http://{}", s.http);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(format!("{root}/tests/e2e/resume.mjs"))
+            .env("CALLBUS_URL", url)
+            .current_dir(root)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "resume test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("back online, bob's page rings for Alice"));
+    assert!(stdout.contains("e2e resume: all checks passed"));
 }

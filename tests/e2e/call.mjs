@@ -1,43 +1,13 @@
 // Two pages of the demo in Debian's headless Chromium complete a real WebRTC video call over
 // callbus, then a reject and an end path, each checked on both pages.
 // Usage: CALLBUS_URL=http://127.0.0.1:PORT node tests/e2e/call.mjs [screenshot.png]
-import { chromium } from "playwright-core";
+import { launch, check, open as openAs, connected, TIMEOUT } from "./browser.mjs";
 
 const base = process.env.CALLBUS_URL;
 if (!base) throw new Error("CALLBUS_URL is required");
 const screenshot = process.argv[2];
-const TIMEOUT = 20000;
-
-// Flags for a machine with no network. --allow-loopback-in-peer-connection makes Chromium
-// (playwright gives each launch a fresh profile directory) gather host candidates on loopback; without it the call never connects. The fake-media flags
-// give a test pattern camera and skip the permission prompt.
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-  ],
-  headless: true,
-});
-
-function check(cond, what) {
-  if (!cond) throw new Error(`check failed: ${what}`);
-  console.log(`ok - ${what}`);
-}
-
-async function open(user) {
-  const context = await browser.newContext({ viewport: { width: 1100, height: 760 } });
-  const page = await context.newPage();
-  page.on("pageerror", (e) => console.log(`[${user}] page error: ${e.message}`));
-  await page.goto(base);
-  await page.fill("#user-id", user);
-  await page.fill("#user-name", user[0].toUpperCase() + user.slice(1));
-  await page.click("#signin-btn");
-  await page.waitForFunction(() => window.demo.connected, null, { timeout: TIMEOUT });
-  return page;
-}
+const browser = await launch();
+const open = (user) => openAs(browser, base, user);
 
 const alice = await open("alice");
 const bob = await open("bob");
@@ -52,10 +22,7 @@ async function call(type) {
 // 1. A real video call: both peer connections connect and bob decodes video frames.
 await call("video");
 await bob.click("#accept-btn");
-for (const [name, page] of [["alice", alice], ["bob", bob]]) {
-  await page.waitForFunction(() => window.demo.call && window.demo.call.pc && window.demo.call.pc.connectionState === "connected", null, { timeout: TIMEOUT });
-  check(true, `${name}'s RTCPeerConnection is connected`);
-}
+for (const [name, page] of [["alice", alice], ["bob", bob]]) await connected(page, name);
 async function framesDecoded(page) {
   return page.evaluate(async () => {
     const stats = await window.demo.call.pc.getStats();

@@ -50,7 +50,7 @@ function connect() {
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/mqtt`;
   const client = mqtt.connect(url, {
     username: state.me, password: state.token, clientId: state.deviceId,
-    protocolVersion: 4, keepalive: 30, clean: true, reconnectPeriod: 2000,
+    protocolVersion: 4, keepalive: 30, clean: false, reconnectPeriod: 2000,
   });
   state.client = client;
   client.on("connect", () => {
