@@ -125,10 +125,8 @@ impl Server {
             .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
         let auth = Authenticator::new(&settings.jwt_secret);
         // The hub owns the sessions; the bus hands it every message, in bus order.
-        let hub = Hub::new(
-            store.conversations.clone(),
-            settings.config.sessions.clone(),
-        );
+        let hub = Hub::new(store.clone(), settings.config.sessions.clone())
+            .context("restoring persistent sessions")?;
         let bus = EmbeddedBus::start(settings.config.router.clone(), hub.clone())
             .await
             .context("starting the embedded bus (rumqttd router)")?;

@@ -26,7 +26,7 @@ pub async fn notify(
         Some(Value::Object(p)) => Value::Object(p.clone()),
         _ => return Err(ApiError::BadRequest("payload must be a JSON object".into())),
     };
-    let event = state.calls.notify(&user_id, payload).await;
+    let event = state.calls.notify(&user_id, payload).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": event["id"] }))))
 }
 

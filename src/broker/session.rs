@@ -63,6 +63,7 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         persistent: !admitted.clean,
         device: admitted.device,
         inflight: VecDeque::new(),
+        acked_event: 0,
         identity: admitted.identity,
         inbuf: admitted.inbuf,
         outbuf: BytesMut::with_capacity(1024),
@@ -99,11 +100,13 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         mailbox,
         inflight,
         next_pkid,
+        acked_event,
         ..
     } = session;
     let parting = Parting {
         inflight: inflight.into(),
         last_pkid: next_pkid,
+        acked_event,
     };
     registration.close(mailbox, parting);
     metrics::CONNECTIONS_OPEN.dec();
@@ -148,6 +151,8 @@ struct Session<'g> {
     device: String,
     /// Sent at QoS 1 and not yet acknowledged (persistent sessions only), oldest first.
     inflight: VecDeque<Queued>,
+    /// The highest durable event-log sequence the client acknowledged.
+    acked_event: u64,
     identity: Arc<Identity>,
     inbuf: BytesMut,
     outbuf: BytesMut,
@@ -238,7 +243,7 @@ impl Session<'_> {
         let sid = self.registration.id;
         match packet {
             Packet::Publish(publish) => self.on_publish(publish).await?,
-            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
+            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe) => {
                 for filter in &unsubscribe.topics {
                     self.gateway.inner.hub.unsubscribe(sid, filter);
@@ -249,7 +254,9 @@ impl Session<'_> {
             Packet::PubRel(rel) => self.send(Packet::PubComp(PubComp::new(rel.pkid))),
             Packet::PubAck(ack) => {
                 if let Some(i) = self.inflight.iter().position(|m| m.pkid == Some(ack.pkid)) {
-                    self.inflight.remove(i);
+                    if let Some(acked) = self.inflight.remove(i).and_then(|m| m.event) {
+                        self.acked_event = self.acked_event.max(acked);
+                    }
                 }
             }
             // callbus delivers at most QoS 1.
@@ -267,7 +274,8 @@ impl Session<'_> {
                 topic,
                 payload,
                 qos,
-            } => self.deliver(topic, payload, qos),
+                event,
+            } => self.deliver(topic, payload, qos, event),
             Event::Replaced => Err(End::Replaced),
             Event::TooSlow => Err(End::TooSlow),
             Event::BusClosed => Err(End::Bus),
@@ -361,7 +369,9 @@ impl Session<'_> {
         }
     }
 
-    fn on_subscribe(&mut self, subscribe: rumqttc::mqttbytes::v4::Subscribe) {
+    /// A persistent session's SUBACK is sent once its subscriptions are on disk, so they
+    /// survive a restart.
+    async fn on_subscribe(&mut self, subscribe: rumqttc::mqttbytes::v4::Subscribe) {
         let inner = &self.gateway.inner;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         for filter in subscribe.filters {
@@ -380,12 +390,23 @@ impl Session<'_> {
                 codes.push(SubscribeReasonCode::Failure);
             }
         }
+        if self.persistent {
+            if let Err(e) = inner.hub.persist().await {
+                warn!(error = %e, "subscriptions not made durable");
+            }
+        }
         self.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
     }
 
     /// Writes a message the hub routed here. A persistent session keeps QoS 1 messages until
     /// the client acknowledges them; one that lets too many wait is ended (and kept).
-    fn deliver(&mut self, topic: Bytes, payload: Bytes, qos: QoS) -> Result<(), End> {
+    fn deliver(
+        &mut self,
+        topic: Bytes,
+        payload: Bytes,
+        qos: QoS,
+        event: Option<u64>,
+    ) -> Result<(), End> {
         let Ok(name) = std::str::from_utf8(&topic) else {
             return Ok(());
         };
@@ -399,6 +420,7 @@ impl Session<'_> {
                     topic,
                     payload,
                     pkid,
+                    event,
                 });
             }
         }
@@ -430,10 +452,10 @@ impl Session<'_> {
             );
             let event = error_event(ErrorCode::QueueOverflow, &detail, &ErrorRef::default());
             let topic = Bytes::from(notifications_topic(&self.identity.user_id));
-            self.deliver(topic, Bytes::from(event), QoS::AtLeastOnce)?;
+            self.deliver(topic, Bytes::from(event), QoS::AtLeastOnce, None)?;
         }
-        for message in resumed.queue {
-            self.deliver(message.topic, message.payload, QoS::AtLeastOnce)?;
+        for m in resumed.queue {
+            self.deliver(m.topic, m.payload, QoS::AtLeastOnce, m.event)?;
         }
         Ok(())
     }

@@ -144,7 +144,7 @@ impl EmbeddedBus {
         let mut link = lock(&self.link);
         link.next_seq += 1;
         let seq = link.next_seq;
-        let payload = envelope::encode(seq, &message.audience, &message.payload);
+        let payload = envelope::encode(seq, &message);
         lock(&self.in_flight).push_back((seq, permit));
         match link.tx.try_publish(message.topic, payload) {
             Ok(_) => Ok(()),

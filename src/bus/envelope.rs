@@ -2,8 +2,8 @@
 //! (rumqttd): a small header in front of the payload, added by the bus on publish and removed
 //! before delivery, so clients never see it.
 //!
-//! Layout: `seq` (u64, big endian), the audience as a count (u8; 0 = every subscriber) of
-//! length-prefixed (u8) user ids, then the payload.
+//! Layout: `seq` (u64, big endian), the event-log sequence (u64; 0 = none), the audience as a
+//! count (u8; 0 = every subscriber) of length-prefixed (u8) user ids, then the payload.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -17,7 +17,7 @@ pub(super) struct Decoded {
 
 /// Header size for `audience` (for accounting).
 pub(super) fn header_len(audience: &Audience) -> usize {
-    9 + match audience {
+    17 + match audience {
         Audience::Subscribers => 0,
         Audience::Users(users) => users.iter().map(|u| 1 + u.len()).sum(),
     }
@@ -25,9 +25,11 @@ pub(super) fn header_len(audience: &Audience) -> usize {
 
 /// The payload with its header. User ids are at most 64 bytes and an audience at most 255
 /// users (callers name two); longer ones are refused by [`Message`]'s builders' callers.
-pub(super) fn encode(seq: u64, audience: &Audience, payload: &[u8]) -> Bytes {
+pub(super) fn encode(seq: u64, message: &Message) -> Bytes {
+    let (audience, payload) = (&message.audience, &message.payload);
     let mut out = BytesMut::with_capacity(header_len(audience) + payload.len());
     out.put_u64(seq);
+    out.put_u64(message.event.unwrap_or(0));
     match audience {
         Audience::Subscribers => out.put_u8(0),
         Audience::Users(users) => {
@@ -48,8 +50,9 @@ pub(super) fn encode(seq: u64, audience: &Audience, payload: &[u8]) -> Bytes {
 /// header (nothing but callbus publishes on the embedded router, so that is a bug).
 pub(super) fn decode(topic: Bytes, mut raw: Bytes) -> Option<Decoded> {
     let seq = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
-    let count = *raw.get(8)?;
-    let mut pos = 9;
+    let event = u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
+    let count = *raw.get(16)?;
+    let mut pos = 17;
     let audience = if count == 0 {
         Audience::Subscribers
     } else {
@@ -69,6 +72,7 @@ pub(super) fn decode(topic: Bytes, mut raw: Bytes) -> Option<Decoded> {
             topic,
             payload,
             audience,
+            event: (event != 0).then_some(event),
         },
     })
 }
@@ -79,22 +83,25 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for audience in [
-            Audience::Subscribers,
-            Audience::Users(vec!["a".to_owned(), "bob-7".to_owned()].into()),
-        ] {
-            let raw = encode(42, &audience, b"{\"x\":1}");
+        let users = Audience::Users(vec!["a".to_owned(), "bob-7".to_owned()].into());
+        for (audience, event) in [(Audience::Subscribers, None), (users, Some(9))] {
+            let message = Message {
+                audience: audience.clone(),
+                event,
+                ..Message::new("chat/1", &b"{\"x\":1}"[..])
+            };
+            let raw = encode(42, &message);
             assert_eq!(raw.len(), header_len(&audience) + 7);
             let d = decode(Bytes::from_static(b"chat/1"), raw).unwrap();
             assert_eq!(d.seq, 42);
-            assert_eq!(d.message.audience, audience);
-            assert_eq!(&d.message.payload[..], b"{\"x\":1}");
+            assert_eq!(d.message, message);
         }
     }
 
     #[test]
     fn refuses_truncated_headers() {
-        let raw = encode(1, &Audience::Users(vec!["abc".to_owned()].into()), b"");
+        let message = Message::to_users("chat/1", &b""[..], &["abc"]);
+        let raw = encode(1, &message);
         for cut in 0..raw.len() {
             assert!(decode(Bytes::new(), raw.slice(..cut)).is_none(), "{cut}");
         }

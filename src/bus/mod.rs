@@ -40,6 +40,9 @@ pub struct Message {
     pub topic: Bytes,
     pub payload: Bytes,
     pub audience: Audience,
+    /// Set on events the REST layer made and logged durably: their sequence in the event log,
+    /// so a persistent session can be replayed from the log after a restart.
+    pub event: Option<u64>,
 }
 
 impl Message {
@@ -49,6 +52,15 @@ impl Message {
             topic: Bytes::from(topic.into()),
             payload: payload.into(),
             audience: Audience::Subscribers,
+            event: None,
+        }
+    }
+
+    /// A durable event (logged under sequence `event`) for every subscriber of `topic`.
+    pub fn logged(topic: impl Into<String>, payload: impl Into<Bytes>, event: u64) -> Self {
+        Self {
+            event: Some(event),
+            ..Self::new(topic, payload)
         }
     }
 

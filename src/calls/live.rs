@@ -2,16 +2,24 @@
 //! the signaling state of live calls, and the outbox of events waiting for their change to be
 //! durable.
 
-use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 
 use crate::model::call::Call;
+
+/// An event for a user's notifications, written to the durable event log.
+#[derive(Debug, Clone)]
+pub(super) struct Logged {
+    pub user_id: String,
+    pub payload: String,
+    /// Its sequence in the event log.
+    pub seq: u64,
+}
 
 /// Events waiting for their change to be durable; published strictly in sequence.
 #[derive(Default)]
 pub(super) struct Outbox {
     pub next_seq: u64,
-    pub pending: VecDeque<(u64, Vec<(String, Value)>)>,
+    pub pending: VecDeque<(u64, Vec<Logged>)>,
 }
 
 #[derive(Default)]

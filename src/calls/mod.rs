@@ -6,7 +6,7 @@ pub mod events;
 mod live;
 mod reaper;
 
-use live::{Live, Outbox};
+use live::{Live, Logged, Outbox};
 
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -138,7 +138,10 @@ impl Calls {
                     continue; // only ringing calls get here
                 };
                 calls.inner.store.calls.put(&next)?;
-                missed.push(next);
+                let end = events::ended(&next);
+                missed.push(calls.log(&next.caller.id, &end)?);
+                missed.push(calls.log(&next.receiver.id, &end)?);
+                missed.push(calls.log(&next.receiver.id, &events::missed_call(&next))?);
                 continue;
             }
             lock(&calls.inner.live).add(&call);
@@ -157,7 +160,7 @@ impl Calls {
     /// Announces calls that became missed while callbus was down. Nobody is connected at
     /// startup, so the events wait for [`RECONNECT_GRACE`], long enough for clients'
     /// automatic reconnects; the calls themselves are already `missed` in the store and the API.
-    fn announce_after_restart(&self, missed: Vec<Call>) {
+    fn announce_after_restart(&self, missed: Vec<Logged>) {
         let calls = self.clone();
         let shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
@@ -165,12 +168,8 @@ impl Calls {
                 _ = tokio::time::sleep(RECONNECT_GRACE) => {}
                 _ = shutdown.cancelled() => return,
             }
-            for call in missed {
-                let end = events::ended(&call);
-                calls.publish_now(&call.caller.id, &end).await;
-                calls.publish_now(&call.receiver.id, &end).await;
-                let missed = events::missed_call(&call);
-                calls.publish_now(&call.receiver.id, &missed).await;
+            for event in &missed {
+                calls.publish(event).await;
             }
         });
     }
@@ -214,7 +213,7 @@ impl Calls {
                 conversation_id,
             }) => {
                 let event = events::busy(&receiver_id, &conversation_id);
-                self.publish_now(&caller.user_id, &event).await;
+                self.announce_now(&caller.user_id, &event).await?;
                 return Err(CallError::Busy {
                     receiver_id,
                     conversation_id,
@@ -289,7 +288,7 @@ impl Calls {
         }
         live.add(&call);
         let event = events::incoming_call(&call, caller);
-        let seq = self.enqueue(vec![(call.receiver.id.clone(), event)]);
+        let seq = self.enqueue(vec![(call.receiver.id.clone(), event)])?;
         Ok((seq, call))
     }
 
@@ -323,26 +322,53 @@ impl Calls {
             if next.status == Status::Missed {
                 out.push((next.receiver.id.clone(), events::missed_call(&next)));
             }
-            (self.enqueue(out), next)
+            (self.enqueue(out)?, next)
         };
         self.commit_and_announce(seq).await?;
         crate::metrics::CALL_TRANSITIONS.inc();
         Ok(call)
     }
 
-    /// Publishes `notification.created` with the main app's own payload.
-    pub async fn notify(&self, user_id: &str, payload: Value) -> Value {
+    /// Publishes `notification.created` with the main app's own payload, once it is in the
+    /// durable event log.
+    pub async fn notify(&self, user_id: &str, payload: Value) -> Result<Value, StoreError> {
         let event = events::notification_created(payload);
-        self.publish_now(user_id, &event).await;
-        event
+        self.announce_now(user_id, &event).await?;
+        Ok(event)
     }
 
-    fn enqueue(&self, events: Vec<(String, Value)>) -> u64 {
+    /// Writes an event to the durable event log (the caller flushes).
+    fn log(&self, user_id: &str, event: &Value) -> Result<Logged, StoreError> {
+        let payload = event.to_string();
+        let sessions = &self.inner.store.sessions;
+        let seq = sessions.log_event(user_id, &payload, now_ms())?;
+        Ok(Logged {
+            user_id: user_id.to_owned(),
+            payload,
+            seq,
+        })
+    }
+
+    /// Logs an event that no call change carries, makes it durable, and publishes it.
+    async fn announce_now(&self, user_id: &str, event: &Value) -> Result<(), StoreError> {
+        let logged = self.log(user_id, event)?;
+        self.inner.store.flush().await?;
+        self.publish(&logged).await;
+        Ok(())
+    }
+
+    /// Logs the events of a change (inside its critical section) and queues them for
+    /// [`Calls::commit_and_announce`].
+    fn enqueue(&self, events: Vec<(String, Value)>) -> Result<u64, StoreError> {
+        let logged = events
+            .iter()
+            .map(|(uid, event)| self.log(uid, event))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut outbox = lock(&self.inner.outbox);
         outbox.next_seq += 1;
         let seq = outbox.next_seq;
-        outbox.pending.push_back((seq, events));
-        seq
+        outbox.pending.push_back((seq, logged));
+        Ok(seq)
     }
 
     /// Waits for the change numbered `seq` to be durable, then publishes every pending event up
@@ -361,17 +387,18 @@ impl Calls {
                 }
                 outbox.pending.pop_front()
             };
-            for (uid, event) in batch.map(|(_, events)| events).unwrap_or_default() {
-                self.publish_now(&uid, &event).await;
+            for event in batch.map(|(_, events)| events).unwrap_or_default() {
+                self.publish(&event).await;
             }
         }
         Ok(())
     }
 
-    async fn publish_now(&self, user_id: &str, event: &Value) {
-        let message = Message::new(notifications_topic(user_id), event.to_string());
+    async fn publish(&self, event: &Logged) {
+        let topic = notifications_topic(&event.user_id);
+        let message = Message::logged(topic, event.payload.clone(), event.seq);
         if let Err(e) = self.inner.publisher.publish(message).await {
-            warn!(user = user_id, error = %e, "could not publish an event");
+            warn!(user = %event.user_id, error = %e, "could not publish an event");
         }
     }
 

@@ -5,10 +5,12 @@ mod calls;
 mod commit;
 mod conversations;
 mod push;
+mod sessions;
 
 pub use calls::CallTrees;
 pub use conversations::{Conversation, Conversations};
 pub use push::{PushJob, PushTree};
+pub use sessions::{SessionRecord, SessionTrees};
 
 use commit::Committer;
 
@@ -31,6 +33,7 @@ pub struct Store {
     pub conversations: Conversations,
     pub calls: CallTrees,
     pub push: PushTree,
+    pub sessions: SessionTrees,
 }
 
 impl Store {
@@ -44,8 +47,10 @@ impl Store {
         let conversations = Conversations::open(&db)?;
         let calls = CallTrees::open(&db)?;
         let push = PushTree::open(&db)?;
+        let sessions = SessionTrees::open(&db)?;
         Ok(Self {
             push,
+            sessions,
             committer: Committer::start(db),
             conversations,
             calls,

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+use super::stored::Queued;
 use crate::broker::codec::QoS;
 
 /// Most messages that may wait in one session's mailbox.
@@ -21,6 +22,8 @@ pub(crate) enum Event {
         topic: Bytes,
         payload: Bytes,
         qos: QoS,
+        /// The durable event-log sequence, for events the REST layer made.
+        event: Option<u64>,
     },
     /// A newer connection of the same user took this client id.
     Replaced,
@@ -102,17 +105,23 @@ impl Mailbox {
         Some(self.taken(Some(event)))
     }
 
-    /// Every message still waiting, in order (control events are dropped).
-    pub(super) fn drain(&mut self) -> Vec<(Bytes, Bytes, QoS)> {
+    /// Every QoS 1 message still waiting, in order (QoS 0 and control events are dropped).
+    pub(super) fn drain(&mut self) -> Vec<Queued> {
         let mut out = Vec::new();
         while let Ok(event) = self.rx.try_recv() {
             if let Event::Deliver {
                 topic,
                 payload,
-                qos,
+                qos: QoS::AtLeastOnce,
+                event,
             } = event
             {
-                out.push((topic, payload, qos));
+                out.push(Queued {
+                    topic,
+                    payload,
+                    pkid: None,
+                    event,
+                });
             }
         }
         out

@@ -34,7 +34,7 @@ use crate::bus::{Deliver, Message};
 use crate::config::SessionsConfig;
 use crate::metrics;
 use crate::model::topic::chat_topic;
-use crate::store::Conversations;
+use crate::store::{SessionRecord, Store, StoreError};
 use crate::sync::lock;
 use mailbox::Sender;
 use routes::Routes;
@@ -51,9 +51,11 @@ struct Entry {
     identity: Arc<Identity>,
     /// Broker-side client id, `<user id>.<client id>`.
     client_id: String,
-    /// `clean_session = 0`: kept after the connection ends.
+    /// `clean_session = 0`: kept after the connection ends (and across restarts).
     persistent: bool,
     link: Link,
+    /// The highest event-log sequence the client acknowledged (persistent sessions).
+    delivered_through: u64,
 }
 
 #[derive(Default)]
@@ -86,8 +88,9 @@ impl State {
 pub struct Hub {
     state: Mutex<State>,
     next_id: AtomicU64,
-    /// Membership, checked on every chat delivery and replay (no stale ACL cache).
-    conversations: Conversations,
+    /// Membership (checked on every chat delivery and replay: no stale ACL cache), persistent
+    /// session records and the durable event log.
+    store: Store,
     sessions: SessionsConfig,
 }
 
@@ -134,20 +137,124 @@ pub(crate) struct Attached {
 }
 
 impl Hub {
-    pub fn new(conversations: Conversations, sessions: SessionsConfig) -> Arc<Hub> {
+    /// The hub, with the persistent sessions stored before a restart restored as away.
+    pub fn new(store: Store, sessions: SessionsConfig) -> Result<Arc<Hub>, StoreError> {
         let hub = Arc::new(Hub {
             state: Mutex::default(),
             next_id: AtomicU64::new(1),
-            conversations,
+            store,
             sessions,
         });
+        hub.restore()?;
         tokio::spawn(expire_sessions(Arc::downgrade(&hub)));
-        hub
+        Ok(hub)
+    }
+
+    fn restore(&self) -> Result<(), StoreError> {
+        let records = self.store.sessions.all()?;
+        let mut state = lock(&self.state);
+        for (client_id, record) in records {
+            let identity = Arc::new(Identity {
+                user_id: record.user_id.clone(),
+                username: record.user_id.clone(),
+                first_name: String::new(),
+                last_name: String::new(),
+                role: if record.admin {
+                    Role::Admin
+                } else {
+                    Role::User
+                },
+            });
+            let mut stored = Stored::new(0, Instant::now() + self.sessions.expiry());
+            stored.from_log = Some(record.delivered_through);
+            let link = Link::Away(Box::new(stored));
+            let sid = self.add(&mut state, identity, client_id, true, link);
+            if let Some(entry) = state.sessions.get_mut(&sid) {
+                entry.delivered_through = record.delivered_through;
+            }
+            for (filter, qos) in &record.filters {
+                let qos = if *qos == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                state.routes.subscribe(sid, filter, qos);
+            }
+        }
+        if !state.sessions.is_empty() {
+            info!(
+                sessions = state.sessions.len(),
+                "persistent sessions restored"
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes a persistent session's record (its filters and progress in the event log).
+    fn save(&self, state: &State, sid: u64) {
+        let Some(entry) = state.sessions.get(&sid).filter(|e| e.persistent) else {
+            return;
+        };
+        let record = SessionRecord {
+            user_id: entry.identity.user_id.clone(),
+            admin: entry.identity.role == Role::Admin,
+            filters: state
+                .routes
+                .filters_of(sid)
+                .into_iter()
+                .map(|(f, q)| (f, q as u8))
+                .collect(),
+            delivered_through: entry.delivered_through,
+        };
+        if let Err(e) = self.store.sessions.put(&entry.client_id, &record) {
+            warn!(error = %e, "cannot store a persistent session");
+        }
+    }
+
+    fn forget(&self, entry: &Entry) {
+        if entry.persistent {
+            if let Err(e) = self.store.sessions.remove(&entry.client_id) {
+                warn!(error = %e, "cannot remove a stored session");
+            }
+        }
+    }
+
+    /// Makes every session record written so far durable (before a persistent SUBACK).
+    pub(crate) async fn persist(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+
+    /// The durable events a restored session missed, for its notifications subscription.
+    fn logged_since(&self, state: &State, sid: u64, user_id: &str, through: u64) -> Vec<Queued> {
+        let topic = crate::model::topic::notifications_topic(user_id);
+        let subscribed = state
+            .routes
+            .filters_of(sid)
+            .iter()
+            .any(|(f, _)| crate::model::topic::filter_matches(f, &topic));
+        if !subscribed {
+            return Vec::new();
+        }
+        match self.store.sessions.events_after(user_id, through) {
+            Ok(events) => events
+                .into_iter()
+                .map(|(seq, payload)| Queued {
+                    topic: bytes::Bytes::from(topic.clone()),
+                    payload: bytes::Bytes::from(payload),
+                    pkid: None,
+                    event: Some(seq),
+                })
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the event log");
+                Vec::new()
+            }
+        }
     }
 
     fn may_receive(&self, who: &Identity, topic: &str) -> bool {
         acl::may_receive(who, topic, |cid| {
-            self.conversations.is_member(cid, &who.user_id)
+            self.store.conversations.is_member(cid, &who.user_id)
         })
     }
 
@@ -181,17 +288,29 @@ impl Hub {
                 Some(old)
             }
             Some(old) => {
-                if let Some(Entry {
-                    link: Link::Live { sender: old, .. },
-                    ..
-                }) = state.remove(old)
-                {
-                    old.send(Event::Replaced);
+                if let Some(entry) = state.remove(old) {
+                    self.forget(&entry);
+                    if let Link::Live { sender: old, .. } = entry.link {
+                        old.send(Event::Replaced);
+                    }
                 }
                 None
             }
             None => None,
         };
+        // A session restored after a restart resumes with the durable events it missed.
+        let logged = resumable
+            .and_then(|sid| match state.sessions.get(&sid) {
+                Some(Entry {
+                    link: Link::Away(stored),
+                    identity,
+                    ..
+                }) => stored
+                    .from_log
+                    .map(|through| self.logged_since(&state, sid, &identity.user_id, through)),
+                _ => None,
+            })
+            .unwrap_or_default();
         let resumed_entry =
             resumable.and_then(|sid| state.sessions.get_mut(&sid).map(|e| (sid, e)));
         let (sid, mut resumed) = match resumed_entry {
@@ -203,7 +322,7 @@ impl Hub {
                         old.send(Event::Replaced);
                         Resumed::default()
                     }
-                    Link::Away(stored) => stored.resume(),
+                    Link::Away(stored) => stored.resume(logged),
                 };
                 (sid, Some(resumed))
             }
@@ -211,6 +330,7 @@ impl Hub {
                 let link = Link::Live { sender, conn };
                 let client_id = client_id.to_owned();
                 let sid = self.add(&mut state, identity.clone(), client_id, !clean, link);
+                self.save(&state, sid);
                 (sid, None)
             }
         };
@@ -277,6 +397,7 @@ impl Hub {
             client_id,
             persistent,
             link,
+            delivered_through: 0,
         };
         state.sessions.insert(sid, entry);
         sid
@@ -295,7 +416,7 @@ impl Hub {
             return;
         };
         let (unsent, parting) = match parting {
-            Some((mut mailbox, parting)) => (unsent(mailbox.drain()), Some(parting)),
+            Some((mut mailbox, parting)) => (mailbox.drain(), Some(parting)),
             None => (Vec::new(), None),
         };
         match &mut entry.link {
@@ -306,9 +427,11 @@ impl Hub {
                 }
                 let mut stored = Stored::new(conn, Instant::now() + self.sessions.expiry());
                 if let Some(parting) = parting {
+                    entry.delivered_through = entry.delivered_through.max(parting.acked_event);
                     stored.part(parting, unsent, &self.sessions);
                 }
                 entry.link = Link::Away(Box::new(stored));
+                self.save(&state, sid);
             }
             Link::Live { sender, .. } => {
                 let inflight = parting.map(|p| p.inflight).unwrap_or_default();
@@ -318,6 +441,7 @@ impl Hub {
                             topic: m.topic,
                             payload: m.payload,
                             qos: QoS::AtLeastOnce,
+                            event: m.event,
                         });
                     }
                 }
@@ -337,11 +461,14 @@ impl Hub {
         let mut state = lock(&self.state);
         if state.sessions.contains_key(&sid) {
             state.routes.subscribe(sid, filter, qos);
+            self.save(&state, sid);
         }
     }
 
     pub(crate) fn unsubscribe(&self, sid: u64, filter: &str) {
-        lock(&self.state).routes.unsubscribe(sid, filter);
+        let mut state = lock(&self.state);
+        state.routes.unsubscribe(sid, filter);
+        self.save(&state, sid);
     }
 
     /// Drops every `chat/{cid}` subscription of `user_id`'s sessions, stored ones included
@@ -359,6 +486,7 @@ impl Hub {
             if !admin {
                 debug!(session = sid, %topic, "membership revoked, dropping the subscription");
                 state.routes.unsubscribe(sid, &topic);
+                self.save(&state, sid);
             }
         }
     }
@@ -405,8 +533,16 @@ impl Hub {
         for sid in expired {
             if let Some(entry) = state.remove(sid) {
                 info!(client = %entry.client_id, "stored session expired");
+                self.forget(&entry);
                 metrics::SESSIONS_EXPIRED.inc();
             }
+        }
+        drop(state);
+        // No stored session can need events older than the expiry.
+        let horizon = self.sessions.expiry() + Duration::from_secs(60);
+        let before = crate::model::call::now_ms().saturating_sub(horizon.as_millis() as u64);
+        if let Err(e) = self.store.sessions.trim_events(before) {
+            warn!(error = %e, "cannot trim the event log");
         }
     }
 }
@@ -421,18 +557,6 @@ impl Entry {
     fn resumable(&self) -> bool {
         self.persistent && !matches!(&self.link, Link::Away(s) if s.expires_at <= Instant::now())
     }
-}
-
-fn unsent(messages: Vec<(bytes::Bytes, bytes::Bytes, QoS)>) -> Vec<Queued> {
-    messages
-        .into_iter()
-        .filter(|(_, _, qos)| *qos == QoS::AtLeastOnce)
-        .map(|(topic, payload, _)| Queued {
-            topic,
-            payload,
-            pkid: None,
-        })
-        .collect()
 }
 
 /// Sweeps expired stored sessions until the hub is gone.
@@ -473,6 +597,7 @@ impl Deliver for Hub {
                         topic: message.topic.clone(),
                         payload: message.payload.clone(),
                         qos,
+                        event: message.event,
                     });
                 }
                 // A client that is away gets what it subscribed to at QoS 1 when it is back.
@@ -481,6 +606,7 @@ impl Deliver for Hub {
                         topic: message.topic.clone(),
                         payload: message.payload.clone(),
                         pkid: None,
+                        event: message.event,
                     };
                     stored.push(queued, &self.sessions);
                 }

@@ -66,6 +66,19 @@ impl Routes {
         }
     }
 
+    /// A session's filters and their QoS.
+    pub(super) fn filters_of(&self, sid: u64) -> Vec<(String, QoS)> {
+        let mut out: Vec<(String, QoS)> = self.wildcard.get(&sid).cloned().unwrap_or_default();
+        for filter in self.held.get(&sid).map(Vec::as_slice).unwrap_or(&[]) {
+            let qos = self
+                .exact
+                .get(filter)
+                .and_then(|sids| sids.iter().find(|(s, _)| *s == sid).map(|(_, q)| *q));
+            out.push((filter.clone(), qos.unwrap_or(QoS::AtMostOnce)));
+        }
+        out
+    }
+
     /// The sessions `topic` reaches, each with the highest QoS of its matching filters.
     pub(super) fn matches(&self, topic: &str) -> Vec<(u64, QoS)> {
         let mut targets = self.exact.get(topic).cloned().unwrap_or_default();

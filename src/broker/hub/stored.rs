@@ -15,6 +15,8 @@ pub(crate) struct Queued {
     pub topic: Bytes,
     pub payload: Bytes,
     pub pkid: Option<u16>,
+    /// Its sequence in the durable event log, for events the REST layer made.
+    pub event: Option<u64>,
 }
 
 /// What a session that ends hands back to the hub.
@@ -23,6 +25,8 @@ pub(crate) struct Parting {
     pub inflight: Vec<Queued>,
     /// The last packet id used, so the resumed session does not reuse one in flight.
     pub last_pkid: u16,
+    /// The highest event-log sequence the client acknowledged.
+    pub acked_event: u64,
 }
 
 /// What a resumed session starts from.
@@ -46,6 +50,9 @@ pub(super) struct Stored {
     pub expires_at: Instant,
     /// The connection that left it, so its late parting lands here and nowhere else.
     pub conn: u64,
+    /// Restored after a restart: durable events after this sequence come from the event log
+    /// on resume, so they are not queued here as well.
+    pub from_log: Option<u64>,
     /// Newer connections waiting for that connection's parting before they resume.
     pub waiting: Vec<tokio::sync::oneshot::Sender<()>>,
 }
@@ -61,12 +68,16 @@ impl Stored {
             last_pkid: 0,
             expires_at,
             conn,
+            from_log: None,
             waiting: Vec::new(),
         }
     }
 
     /// Keeps a message published while the client is away.
     pub(super) fn push(&mut self, message: Queued, limits: &SessionsConfig) {
+        if self.from_log.is_some() && message.event.is_some() {
+            return; // replayed from the event log on resume
+        }
         self.bytes += message.payload.len();
         self.queue.push_back(message);
         while self.queue.len() > limits.queue_messages || self.bytes > limits.queue_bytes {
@@ -94,10 +105,14 @@ impl Stored {
         }
     }
 
-    pub(super) fn resume(mut self) -> Resumed {
+    /// What the session resumes with; `logged` are the durable events a restored session
+    /// missed (from the event log), delivered before what was queued since the restart.
+    pub(super) fn resume(mut self, logged: Vec<Queued>) -> Resumed {
+        let mut queue = logged;
+        queue.extend(std::mem::take(&mut self.queue));
         Resumed {
             inflight: std::mem::take(&mut self.inflight),
-            queue: std::mem::take(&mut self.queue).into(),
+            queue,
             dropped: self.dropped,
             last_pkid: self.last_pkid,
         }

@@ -1,0 +1,108 @@
+//! Persistent sessions survive a SIGKILL of callbus: their subscriptions, and every event the
+//! REST layer made for them while they were away, reach them when they come back to the
+//! restarted process, in order, before newer ones.
+
+mod common;
+
+use callbus::auth::Role;
+use common::process::{spawn_with, token, Proc};
+use common::WAIT;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+
+/// mia's phone: a persistent session (client id `phone`) on `proc`.
+async fn phone(proc: &Proc) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new("phone", "127.0.0.1", proc.mqtt);
+    options
+        .set_credentials("mia", token("mia", Role::User))
+        .set_clean_session(false);
+    AsyncClient::new(options, 10)
+}
+
+/// The next packet from the broker, bounded by [`WAIT`].
+async fn next(events: &mut EventLoop) -> Packet {
+    loop {
+        let event = tokio::time::timeout(WAIT, events.poll())
+            .await
+            .expect("an MQTT event in time")
+            .expect("connection alive");
+        if let Event::Incoming(packet) = event {
+            return packet;
+        }
+    }
+}
+
+async fn next_publish(events: &mut EventLoop) -> Value {
+    loop {
+        if let Packet::Publish(p) = next(events).await {
+            assert_eq!(p.topic, "users/mia/notifications");
+            return serde_json::from_slice(&p.payload).expect("JSON");
+        }
+    }
+}
+
+async fn notify(http: &reqwest::Client, proc: &Proc, n: u64) {
+    let response = http
+        .post(format!("http://127.0.0.1:{}/api/notifications/", proc.http))
+        .bearer_auth(token("app", Role::Service))
+        .json(&json!({"user_id": "mia", "payload": {"n": n}}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn a_stored_session_gets_what_it_missed_after_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = spawn_with(dir.path(), &[]).await;
+    let http = reqwest::Client::new();
+
+    // The phone subscribes (the SUBACK means the subscription is on disk) and leaves.
+    let (client, mut events) = phone(&first).await;
+    assert!(matches!(next(&mut events).await, Packet::ConnAck(a) if !a.session_present));
+    client
+        .subscribe("users/mia/notifications", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut events).await, Packet::SubAck(_)));
+    client.disconnect().await.unwrap();
+    while events.poll().await.is_ok() {}
+
+    // Two notifications and an incoming call while it is away; each 2xx means on disk.
+    notify(&http, &first, 0).await;
+    notify(&http, &first, 1).await;
+    let base = format!("http://127.0.0.1:{}", first.http);
+    let put = http
+        .put(format!("{base}/api/conversations/c1/"))
+        .bearer_auth(token("app", Role::Service))
+        .json(&json!({"members": ["alice", "mia"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let initiated = http
+        .post(format!("{base}/api/calls/initiate/"))
+        .bearer_auth(token("alice", Role::User))
+        .json(&json!({"receiver_id": "mia", "call_type": "video", "conversation_id": "c1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(initiated.status(), reqwest::StatusCode::CREATED);
+    drop(first); // SIGKILL
+
+    let second = spawn_with(dir.path(), &[]).await;
+    let (_client, mut events) = phone(&second).await;
+    match next(&mut events).await {
+        Packet::ConnAck(ack) => assert!(ack.session_present, "the session did not survive"),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    assert_eq!(next_publish(&mut events).await["payload"]["n"], 0);
+    assert_eq!(next_publish(&mut events).await["payload"]["n"], 1);
+    let ring = next_publish(&mut events).await;
+    assert_eq!(ring["type"], "notification.created");
+    assert_eq!(ring["payload"]["verb"], "incoming_video_call");
+    // Live traffic after the replay, without a new SUBSCRIBE.
+    notify(&http, &second, 2).await;
+    assert_eq!(next_publish(&mut events).await["payload"]["n"], 2);
+}
