@@ -11,8 +11,9 @@ use crate::model::call::Call;
 pub(super) struct Logged {
     pub user_id: String,
     pub payload: String,
-    /// Its sequence in the event log.
-    pub seq: u64,
+    /// Its sequence in the event log; none when the user had no persistent session (nobody
+    /// to replay it to after a restart, so it was not logged).
+    pub seq: Option<u64>,
 }
 
 /// Events waiting for their change to be durable; published strictly in sequence.

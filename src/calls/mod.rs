@@ -74,6 +74,10 @@ pub trait Presence: Send + Sync + 'static {
     fn online(&self, user_id: &str) -> bool {
         self.live_devices(user_id) > 0
     }
+
+    /// Whether the user has a persistent session (connected or away), which a restart must
+    /// not make miss an event.
+    fn keeps_sessions(&self, user_id: &str) -> bool;
 }
 
 /// A new call's request, already validated for shape.
@@ -337,11 +341,16 @@ impl Calls {
         Ok(event)
     }
 
-    /// Writes an event to the durable event log (the caller flushes).
+    /// Writes an event to the durable event log (the caller flushes), if the user has a
+    /// persistent session to replay it to after a restart.
     fn log(&self, user_id: &str, event: &Value) -> Result<Logged, StoreError> {
         let payload = event.to_string();
-        let sessions = &self.inner.store.sessions;
-        let seq = sessions.log_event(user_id, &payload, now_ms())?;
+        let seq = if self.inner.presence.keeps_sessions(user_id) {
+            let sessions = &self.inner.store.sessions;
+            Some(sessions.log_event(user_id, &payload, now_ms())?)
+        } else {
+            None
+        };
         Ok(Logged {
             user_id: user_id.to_owned(),
             payload,
@@ -352,7 +361,9 @@ impl Calls {
     /// Logs an event that no call change carries, makes it durable, and publishes it.
     async fn announce_now(&self, user_id: &str, event: &Value) -> Result<(), StoreError> {
         let logged = self.log(user_id, event)?;
-        self.inner.store.flush().await?;
+        if logged.seq.is_some() {
+            self.inner.store.flush().await?;
+        }
         self.publish(&logged).await;
         Ok(())
     }
@@ -396,7 +407,10 @@ impl Calls {
 
     async fn publish(&self, event: &Logged) {
         let topic = notifications_topic(&event.user_id);
-        let message = Message::logged(topic, event.payload.clone(), event.seq);
+        let message = match event.seq {
+            Some(seq) => Message::logged(topic, event.payload.clone(), seq),
+            None => Message::new(topic, event.payload.clone()),
+        };
         if let Err(e) = self.inner.publisher.publish(message).await {
             warn!(user = %event.user_id, error = %e, "could not publish an event");
         }

@@ -1,13 +1,14 @@
-//! A live session's mailbox: one stream of [`Event`]s from the hub, bounded by the hub (messages
-//! and bytes), so control events (replaced, shutdown) always get through.
+//! A live session's mailbox: one stream of [`Event`]s from the hub. Deliveries are bounded
+//! (messages and bytes); control events (replaced, shutdown) always get through.
 
 use bytes::Bytes;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 
 use super::stored::Queued;
 use crate::broker::codec::QoS;
+use crate::sync::lock;
 
 /// Most messages that may wait in one session's mailbox.
 pub(crate) const MAILBOX_MESSAGES: usize = 1024;
@@ -35,111 +36,134 @@ pub(crate) enum Event {
     Shutdown,
 }
 
-/// What is waiting in a session's mailbox.
+/// The queue a hub sender fills and a session empties. A plain deque behind a lock and a
+/// `Notify`: an idle session's mailbox allocates nothing (a channel would preallocate a block
+/// of 32 events, about 2.5 KiB, per connection).
 #[derive(Default)]
-pub(super) struct Backlog {
-    messages: AtomicUsize,
-    bytes: AtomicUsize,
-    /// Set when the hub dropped the session; checked before anything else is written.
-    dropped: AtomicBool,
+struct Shared {
+    inner: Mutex<Inner>,
+    notify: Notify,
 }
 
-impl Backlog {
-    /// Counts a message in; false if the mailbox is over its bound.
-    pub(super) fn admit(&self, len: usize) -> bool {
-        let waiting = self.messages.fetch_add(1, Ordering::Relaxed);
-        let bytes = self.bytes.fetch_add(len, Ordering::Relaxed);
-        waiting < MAILBOX_MESSAGES && bytes + len <= MAILBOX_BYTES
-    }
-
-    pub(super) fn drop_session(&self) {
-        self.dropped.store(true, Ordering::Relaxed);
-    }
+#[derive(Default)]
+struct Inner {
+    queue: VecDeque<Event>,
+    /// Payload bytes of the deliveries waiting.
+    bytes: usize,
+    /// Set when the hub dropped the session as too slow; nothing more is written.
+    dropped: bool,
+    /// Set when the hub's sender is gone.
+    closed: bool,
 }
 
 /// The sending side, kept by the hub.
 pub(super) struct Sender {
-    pub tx: mpsc::UnboundedSender<Event>,
-    pub backlog: Arc<Backlog>,
+    shared: Arc<Shared>,
 }
 
 impl Sender {
+    /// Queues a control event (always accepted).
     pub(super) fn send(&self, event: Event) {
-        let _ = self.tx.send(event);
+        lock(&self.shared.inner).queue.push_back(event);
+        self.shared.notify.notify_one();
+    }
+
+    /// Queues a delivery; false if the mailbox is over its bound (the client stopped reading).
+    pub(super) fn deliver(&self, event: Event) -> bool {
+        let len = match &event {
+            Event::Deliver { payload, .. } => payload.len(),
+            _ => 0,
+        };
+        let mut inner = lock(&self.shared.inner);
+        if inner.queue.len() >= MAILBOX_MESSAGES || inner.bytes + len > MAILBOX_BYTES {
+            return false;
+        }
+        inner.bytes += len;
+        inner.queue.push_back(event);
+        drop(inner);
+        self.shared.notify.notify_one();
+        true
+    }
+
+    /// Drops the session: it is told so before anything still waiting is written.
+    pub(super) fn drop_session(&self) {
+        lock(&self.shared.inner).dropped = true;
+        self.shared.notify.notify_one();
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        lock(&self.shared.inner).closed = true;
+        self.shared.notify.notify_one();
     }
 }
 
 /// A session's side of its mailbox.
 pub(crate) struct Mailbox {
-    rx: mpsc::UnboundedReceiver<Event>,
-    backlog: Arc<Backlog>,
+    shared: Arc<Shared>,
 }
 
 /// A new mailbox and its sender.
 pub(super) fn mailbox() -> (Sender, Mailbox) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let backlog = Arc::new(Backlog::default());
+    let shared = Arc::new(Shared::default());
     let sender = Sender {
-        tx,
-        backlog: backlog.clone(),
+        shared: shared.clone(),
     };
-    (sender, Mailbox { rx, backlog })
+    (sender, Mailbox { shared })
 }
 
 impl Mailbox {
     /// The next event. Cancel-safe.
     pub(crate) async fn recv(&mut self) -> Event {
-        if self.backlog.dropped.load(Ordering::Relaxed) {
-            return Event::TooSlow;
+        loop {
+            if let Some(event) = self.try_recv() {
+                return event;
+            }
+            // A notify_one with nobody waiting leaves a permit: no wake-up is lost.
+            self.shared.notify.notified().await;
         }
-        let event = self.rx.recv().await;
-        self.taken(event)
     }
 
     /// The next event if one is waiting.
     pub(crate) fn try_recv(&mut self) -> Option<Event> {
-        if self.backlog.dropped.load(Ordering::Relaxed) {
+        let mut inner = lock(&self.shared.inner);
+        if inner.dropped {
             return Some(Event::TooSlow);
         }
-        let event = self.rx.try_recv().ok()?;
-        Some(self.taken(Some(event)))
+        let Some(event) = inner.queue.pop_front() else {
+            // The hub's sender is gone: the session is gone from the hub.
+            return inner.closed.then_some(Event::Shutdown);
+        };
+        if let Event::Deliver { payload, .. } = &event {
+            inner.bytes -= payload.len();
+        }
+        if inner.queue.is_empty() && inner.queue.capacity() > 64 {
+            inner.queue = VecDeque::new(); // give a burst's memory back
+        }
+        Some(event)
     }
 
     /// Every QoS 1 message still waiting, in order (QoS 0 and control events are dropped).
     pub(super) fn drain(&mut self) -> Vec<Queued> {
-        let mut out = Vec::new();
-        while let Ok(event) = self.rx.try_recv() {
-            if let Event::Deliver {
-                topic,
-                payload,
-                qos: QoS::AtLeastOnce,
-                event,
-            } = event
-            {
-                out.push(Queued {
+        let mut inner = lock(&self.shared.inner);
+        inner.bytes = 0;
+        std::mem::take(&mut inner.queue)
+            .into_iter()
+            .filter_map(|event| match event {
+                Event::Deliver {
+                    topic,
+                    payload,
+                    qos: QoS::AtLeastOnce,
+                    event,
+                } => Some(Queued {
                     topic,
                     payload,
                     pkid: None,
                     event,
-                });
-            }
-        }
-        out
-    }
-
-    fn taken(&self, event: Option<Event>) -> Event {
-        match event {
-            Some(event) => {
-                if let Event::Deliver { payload, .. } = &event {
-                    self.backlog.messages.fetch_sub(1, Ordering::Relaxed);
-                    self.backlog
-                        .bytes
-                        .fetch_sub(payload.len(), Ordering::Relaxed);
-                }
-                event
-            }
-            // The hub dropped the session's sender: it is gone from the hub.
-            None => Event::Shutdown,
-        }
+                }),
+                _ => None,
+            })
+            .collect()
     }
 }

@@ -436,14 +436,12 @@ impl Hub {
             Link::Live { sender, .. } => {
                 let inflight = parting.map(|p| p.inflight).unwrap_or_default();
                 for m in inflight.into_iter().chain(unsent) {
-                    if sender.backlog.admit(m.payload.len()) {
-                        sender.send(Event::Deliver {
-                            topic: m.topic,
-                            payload: m.payload,
-                            qos: QoS::AtLeastOnce,
-                            event: m.event,
-                        });
-                    }
+                    sender.deliver(Event::Deliver {
+                        topic: m.topic,
+                        payload: m.payload,
+                        qos: QoS::AtLeastOnce,
+                        event: m.event,
+                    });
                 }
             }
             Link::Away(stored) if stored.conn == conn => {
@@ -551,6 +549,13 @@ impl crate::calls::Presence for Hub {
     fn live_devices(&self, user_id: &str) -> usize {
         Hub::live_devices(self, user_id)
     }
+
+    fn keeps_sessions(&self, user_id: &str) -> bool {
+        let state = lock(&self.state);
+        let sids = state.by_user.get(user_id).map(Vec::as_slice).unwrap_or(&[]);
+        sids.iter()
+            .any(|sid| state.sessions.get(sid).is_some_and(|e| e.persistent))
+    }
 }
 
 impl Entry {
@@ -589,16 +594,15 @@ impl Deliver for Hub {
             }
             match &mut entry.link {
                 Link::Live { sender, .. } => {
-                    if !sender.backlog.admit(message.payload.len()) {
-                        too_slow.push(sid);
-                        continue;
-                    }
-                    sender.send(Event::Deliver {
+                    let delivered = sender.deliver(Event::Deliver {
                         topic: message.topic.clone(),
                         payload: message.payload.clone(),
                         qos,
                         event: message.event,
                     });
+                    if !delivered {
+                        too_slow.push(sid);
+                    }
                 }
                 // A client that is away gets what it subscribed to at QoS 1 when it is back.
                 Link::Away(stored) if qos == QoS::AtLeastOnce => {
@@ -635,8 +639,7 @@ impl Hub {
         let Link::Live { sender, conn } = &entry.link else {
             return;
         };
-        sender.backlog.drop_session();
-        sender.send(Event::TooSlow);
+        sender.drop_session();
         if entry.persistent {
             let stored = Stored::new(*conn, Instant::now() + self.sessions.expiry());
             entry.link = Link::Away(Box::new(stored));
