@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_complete_a_video_call() {
     let s =
@@ -18,25 +16,9 @@ async fn two_browsers_complete_a_video_call() {
     } else {
         format!("{root}/target/demo.png")
     };
-    let url = format!("http://{}", s.http);
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(format!("{root}/tests/e2e/call.mjs"))
-            .arg(&screenshot)
-            .env("CALLBUS_URL", url)
-            .current_dir(root)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}\n{stderr}");
-    assert!(
-        output.status.success(),
-        "browser test failed:\n{stdout}\n{stderr}"
-    );
+    let env = vec![("CALLBUS_URL", format!("http://{}", s.http))];
+    let stdout = common::node::run("call.mjs", vec![screenshot], env).await;
+    println!("{stdout}");
     assert!(stdout.contains("bob decodes video frames"));
     assert!(stdout.contains("e2e: all checks passed"));
 }
@@ -45,24 +27,8 @@ async fn two_browsers_complete_a_video_call() {
 async fn a_page_that_blinks_while_called_resumes_and_completes_the_call() {
     let s =
         common::TestServer::start_custom(callbus::config::DEFAULT_CONFIG, |st| st.dev = true).await;
-    let root = env!("CARGO_MANIFEST_DIR");
-    let url = format!("http://{}", s.http);
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(format!("{root}/tests/e2e/resume.mjs"))
-            .env("CALLBUS_URL", url)
-            .current_dir(root)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "resume test failed:\n{stdout}\n{stderr}"
-    );
+    let env = vec![("CALLBUS_URL", format!("http://{}", s.http))];
+    let stdout = common::node::run("resume.mjs", vec![], env).await;
     assert!(stdout.contains("back online, bob's page rings for Alice"));
     assert!(stdout.contains("e2e resume: all checks passed"));
 }

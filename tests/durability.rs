@@ -176,57 +176,19 @@ async fn calls_whose_ring_timeout_passed_while_down_are_missed_and_announced() {
 async fn a_call_left_active_when_callbus_dies_ends_after_the_grace() {
     let dir = tempfile::tempdir().unwrap();
     let first = spawn_with(dir.path(), &["--call-lost-grace", "3600"]).await;
-    let http = reqwest::Client::new();
-    let url = |proc: &Proc, path: &str| format!("http://127.0.0.1:{}{path}", proc.http);
-    let put = http
-        .put(url(&first, "/api/conversations/c1/"))
-        .bearer_auth(token("app", Role::Service))
-        .json(&json!({"members": ["alice", "bob"]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
-    let call: Value = http
-        .post(url(&first, "/api/calls/initiate/"))
-        .bearer_auth(token("alice", Role::User))
-        .json(&json!({"receiver_id": "bob", "call_type": "voice", "conversation_id": "c1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = call["id"].as_u64().expect("call id");
-    let accepted = http
-        .post(url(&first, &format!("/api/calls/{id}/accept/")))
-        .bearer_auth(token("bob", Role::User))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(accepted.status(), StatusCode::OK);
+    first.set_members("c1", &["alice", "bob"]).await;
+    let id = first.initiate("alice", "bob").await["id"]
+        .as_u64()
+        .expect("call id");
+    let accept = format!("/api/calls/{id}/accept/");
+    let (status, _) = first
+        .call(reqwest::Method::POST, &accept, ("bob", Role::User), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
     drop(first); // SIGKILL with the call active; nobody reconnects
 
     let second = spawn_with(dir.path(), &["--call-lost-grace", "1"]).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let call = loop {
-        let call: Value = http
-            .get(url(&second, &format!("/api/calls/{id}/")))
-            .bearer_auth(token("alice", Role::User))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if call["status"] != "active" {
-            break call;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still active: {call}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let call = second.until_not_active(id, "alice").await;
     assert_eq!(call["status"], "ended");
     assert_eq!(call["end_reason"], "connection_lost");
 }

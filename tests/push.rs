@@ -7,7 +7,7 @@ mod common;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use common::process::{spawn_with, token};
+use common::process::spawn_with;
 use common::{TestServer, Via, WAIT};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -155,26 +155,8 @@ async fn a_push_queued_before_a_crash_is_delivered_after_the_restart() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["--push-webhook", &url, "--push-secret", PUSH_SECRET];
     let first = spawn_with(dir.path(), &args).await;
-    let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{}", first.http);
-    let put = http
-        .put(format!("{base}/api/conversations/c1/"))
-        .bearer_auth(token("app", callbus::auth::Role::Service))
-        .json(&json!({"members": ["alice", "bob"]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
-    let call: Value = http
-        .post(format!("{base}/api/calls/initiate/"))
-        .bearer_auth(token("alice", callbus::auth::Role::User))
-        .json(&json!({"receiver_id": "bob", "call_type": "voice", "conversation_id": "c1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    first.set_members("c1", &["alice", "bob"]).await;
+    let call = first.initiate("alice", "bob").await;
     assert_eq!(call["push_queued"], true, "{call}");
     drop(first); // SIGKILL while the push is still undelivered
 

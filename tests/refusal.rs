@@ -3,27 +3,13 @@
 
 mod common;
 
-use std::process::Command;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_js_sees_the_refusal_not_a_broken_pipe() {
     let s = common::TestServer::start().await;
-    let root = env!("CARGO_MANIFEST_DIR");
-    let url = format!("ws://{}/mqtt", s.http);
-    let token = s.token("alice");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(format!("{root}/tests/e2e/refusal.mjs"))
-            .env("CALLBUS_URL", url)
-            .env("CALLBUS_TOKEN", token)
-            .current_dir(root)
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let env = vec![
+        ("CALLBUS_URL", format!("ws://{}/mqtt", s.http)),
+        ("CALLBUS_TOKEN", s.token("alice")),
+    ];
+    let stdout = common::node::run("refusal.mjs", vec![], env).await;
     assert_eq!(stdout.matches("ok: ").count(), 2, "{stdout}");
 }

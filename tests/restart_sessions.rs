@@ -41,22 +41,20 @@ async fn next_publish(events: &mut EventLoop) -> Value {
     }
 }
 
-async fn notify(http: &reqwest::Client, proc: &Proc, n: u64) {
-    let response = http
-        .post(format!("http://127.0.0.1:{}/api/notifications/", proc.http))
-        .bearer_auth(token("app", Role::Service))
-        .json(&json!({"user_id": "mia", "payload": {"n": n}}))
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+async fn notify(proc: &Proc, n: u64) {
+    let body = json!({"user_id": "mia", "payload": {"n": n}});
+    let path = "/api/notifications/";
+    let service = ("app", Role::Service);
+    let (status, _) = proc
+        .call(reqwest::Method::POST, path, service, Some(body))
+        .await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
 }
 
 #[tokio::test]
 async fn a_stored_session_gets_what_it_missed_after_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let first = spawn_with(dir.path(), &[]).await;
-    let http = reqwest::Client::new();
 
     // The phone subscribes (the SUBACK means the subscription is on disk) and leaves.
     let (client, mut events) = phone(&first).await;
@@ -70,25 +68,10 @@ async fn a_stored_session_gets_what_it_missed_after_a_sigkill() {
     while events.poll().await.is_ok() {}
 
     // Two notifications and an incoming call while it is away; each 2xx means on disk.
-    notify(&http, &first, 0).await;
-    notify(&http, &first, 1).await;
-    let base = format!("http://127.0.0.1:{}", first.http);
-    let put = http
-        .put(format!("{base}/api/conversations/c1/"))
-        .bearer_auth(token("app", Role::Service))
-        .json(&json!({"members": ["alice", "mia"]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
-    let initiated = http
-        .post(format!("{base}/api/calls/initiate/"))
-        .bearer_auth(token("alice", Role::User))
-        .json(&json!({"receiver_id": "mia", "call_type": "video", "conversation_id": "c1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(initiated.status(), reqwest::StatusCode::CREATED);
+    notify(&first, 0).await;
+    notify(&first, 1).await;
+    first.set_members("c1", &["alice", "mia"]).await;
+    first.initiate("alice", "mia").await;
     drop(first); // SIGKILL
 
     let second = spawn_with(dir.path(), &[]).await;
@@ -101,8 +84,8 @@ async fn a_stored_session_gets_what_it_missed_after_a_sigkill() {
     assert_eq!(next_publish(&mut events).await["payload"]["n"], 1);
     let ring = next_publish(&mut events).await;
     assert_eq!(ring["type"], "notification.created");
-    assert_eq!(ring["payload"]["verb"], "incoming_video_call");
+    assert_eq!(ring["payload"]["verb"], "incoming_voice_call");
     // Live traffic after the replay, without a new SUBSCRIBE.
-    notify(&http, &second, 2).await;
+    notify(&second, 2).await;
     assert_eq!(next_publish(&mut events).await["payload"]["n"], 2);
 }

@@ -15,6 +15,82 @@ pub struct Proc {
     pub mqtt: u16,
 }
 
+impl Proc {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    /// Sends `body` (if any) with `method` to `path` as `who`; the status and JSON reply.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        who: (&str, Role),
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut request = reqwest::Client::new()
+            .request(method, self.url(path))
+            .bearer_auth(token(who.0, who.1));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("HTTP request");
+        let status = response.status();
+        (status, response.json().await.unwrap_or_default())
+    }
+
+    /// PUT a conversation's members as the main app.
+    pub async fn set_members(&self, cid: &str, members: &[&str]) {
+        let body = serde_json::json!({ "members": members });
+        let path = format!("/api/conversations/{cid}/");
+        let (status, _) = self
+            .call(
+                reqwest::Method::PUT,
+                &path,
+                ("app", Role::Service),
+                Some(body),
+            )
+            .await;
+        assert!(status.is_success(), "PUT conversation: {status}");
+    }
+
+    /// A call from `caller` to `receiver` in `c1`; the 201's body.
+    pub async fn initiate(&self, caller: &str, receiver: &str) -> serde_json::Value {
+        let body = serde_json::json!({
+            "receiver_id": receiver, "call_type": "voice", "conversation_id": "c1"
+        });
+        let (status, call) = self
+            .call(
+                reqwest::Method::POST,
+                "/api/calls/initiate/",
+                (caller, Role::User),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{call}");
+        call
+    }
+
+    /// Waits (bounded) until call `id` is no longer active, as its party `who` sees it.
+    pub async fn until_not_active(&self, id: u64, who: &str) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + super::WAIT;
+        let path = format!("/api/calls/{id}/");
+        loop {
+            let (_, call) = self
+                .call(reqwest::Method::GET, &path, (who, Role::User), None)
+                .await;
+            if call["status"] != "active" {
+                return call;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still active: {call}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
