@@ -3,7 +3,7 @@
 
 use crate::model::call::Call;
 
-use super::StoreError;
+use super::{user_key, StoreError};
 
 #[derive(Clone)]
 pub struct CallTrees {
@@ -11,14 +11,6 @@ pub struct CallTrees {
     calls: sled::Tree,
     by_user: sled::Tree,
     live: sled::Tree,
-}
-
-fn user_key(uid: &str, id: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(uid.len() + 9);
-    key.extend_from_slice(uid.as_bytes());
-    key.push(b'/'); // never part of a user id
-    key.extend_from_slice(&id.to_be_bytes());
-    key
 }
 
 impl CallTrees {

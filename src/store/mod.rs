@@ -26,6 +26,15 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// A key `<user id>/<id as 8 big-endian bytes>`: a user's entries sort together, by id.
+fn user_key(uid: &str, id: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(uid.len() + 9);
+    key.extend_from_slice(uid.as_bytes());
+    key.push(b'/'); // never part of a user id
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
 /// The sled database and its trees.
 #[derive(Clone)]
 pub struct Store {

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use super::{user_key, StoreError};
 
 /// A persistent session as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,14 +31,6 @@ pub struct SessionTrees {
     db: sled::Db,
     sessions: sled::Tree,
     events: sled::Tree,
-}
-
-fn event_key(user_id: &str, seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(user_id.len() + 9);
-    key.extend_from_slice(user_id.as_bytes());
-    key.push(b'/'); // never part of a user id
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -87,14 +79,14 @@ impl SessionTrees {
             payload: payload.to_owned(),
         };
         let value = serde_json::to_vec(&event).map_err(|_| corrupt("event"))?;
-        self.events.insert(event_key(user_id, seq), value)?;
+        self.events.insert(user_key(user_id, seq), value)?;
         Ok(seq)
     }
 
     /// `user_id`'s events after `seq`, oldest first: (sequence, payload).
     pub fn events_after(&self, user_id: &str, seq: u64) -> Result<Vec<(u64, String)>, StoreError> {
-        let start = event_key(user_id, seq.saturating_add(1));
-        let end = event_key(user_id, u64::MAX);
+        let start = user_key(user_id, seq.saturating_add(1));
+        let end = user_key(user_id, u64::MAX);
         let mut out = Vec::new();
         for item in self.events.range(start..end) {
             let (key, value) = item?;
