@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::net::TcpListener;
-use tracing::warn;
+use tracing::{info, warn};
 
 use callbus::api::turn::TurnConfig;
 use callbus::auth::{Authenticator, Role};
@@ -127,6 +127,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     if args.ring_timeout == 0 {
         bail!("--ring-timeout must be at least 1 second");
+    }
+    match callbus::net::raise_open_file_limit() {
+        Ok((soft, hard)) => info!(soft, hard, "open-file limit (each connection takes one)"),
+        Err(e) => warn!(error = %e, "could not read or raise the open-file limit"),
     }
     let mut settings = Settings::new(config, args.data_dir.clone(), jwt_secret(args.dev)?);
     settings.ring_timeout = std::time::Duration::from_secs(args.ring_timeout);

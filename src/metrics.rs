@@ -53,6 +53,11 @@ pub static CONNECTS_REFUSED: Metric = Metric::new(
     "counter",
     "CONNECTs refused (bad token, client id, protocol level or connection limit).",
 );
+pub static ACCEPTS_OUT_OF_FILES: Metric = Metric::new(
+    "callbus_accepts_out_of_files_total",
+    "counter",
+    "Accepts that failed because the process ran out of file descriptors (retried after a pause).",
+);
 pub static PUBLISHES_RELAYED: Metric = Metric::new(
     "callbus_mqtt_publishes_relayed_total",
     "counter",
@@ -126,10 +131,11 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 18] = [
+const ALL: [&Metric; 19] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
+    &ACCEPTS_OUT_OF_FILES,
     &PUBLISHES_RELAYED,
     &PUBLISHES_REFUSED,
     &SUBSCRIPTIONS_REFUSED,

@@ -1,5 +1,6 @@
-//! Accepting TCP connections, with TLS when configured: the one accept loop behind the MQTT
-//! listener and the HTTPS listener, with one handshake timeout.
+//! Accepting TCP connections, with TLS when configured: the one accept loop behind the MQTT and
+//! HTTP listeners, with one handshake timeout and a defined state when file descriptors run
+//! out; and raising the open-file limit at startup.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,10 +11,46 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::metrics;
 use crate::tls::TlsAcceptor;
 
 /// An accepted connection: plain TCP, or TLS over it.
 pub type Stream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// How long accepting pauses after running out of file descriptors (no busy loop).
+const FD_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per this interval while descriptors stay exhausted.
+const FD_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Raises this process's soft open-file limit to its hard limit (services often start with a
+/// soft limit of 1,024: 1,000 connections). Returns the limits now in force, (soft, hard).
+pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
+}
+
+/// Whether an accept error means the process (or system) is out of file descriptors.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
 
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,10 +68,22 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(Stream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut last_fd_log: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
+                Err(e) if out_of_descriptors(&e) => {
+                    // The connection waits in the listen backlog; sessions already admitted
+                    // go on. Pause instead of retrying at once.
+                    metrics::ACCEPTS_OUT_OF_FILES.inc();
+                    if last_fd_log.is_none_or(|t| t.elapsed() >= FD_LOG_EVERY) {
+                        warn!(error = %e, "out of file descriptors: not accepting for now");
+                        last_fd_log = Some(tokio::time::Instant::now());
+                    }
+                    tokio::time::sleep(FD_BACKOFF).await;
+                    continue;
+                }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -64,11 +64,12 @@ impl Settings {
     }
 }
 
-/// HTTPS: TLS on each accepted socket, then HTTP/1.1 with upgrades (for `/mqtt`).
-async fn serve_https(
+/// HTTP/1.1 with upgrades (for `/mqtt`) on each accepted socket, TLS first when configured.
+/// At shutdown each connection finishes the request in progress (bounded) and closes.
+async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
-    tls: crate::tls::TlsAcceptor,
+    tls: Option<crate::tls::TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -84,14 +85,17 @@ async fn serve_https(
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .with_upgrades();
+                tokio::pin!(conn);
                 tokio::select! {
-                    _ = conn => {}
+                    _ = conn.as_mut() => return,
                     _ = shutdown.cancelled() => {}
                 }
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
             }
         }
     };
-    net::accept_loop(listener, Some(tls), shutdown, tracker, handle).await
+    net::accept_loop(listener, tls, shutdown, tracker, handle).await
 }
 
 /// A started server.
@@ -178,18 +182,7 @@ impl Server {
         let token = shutdown.clone();
         let tls = settings.tls.clone();
         let task = tokio::spawn(async move {
-            match tls {
-                None => {
-                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-                    let served = axum::serve(http, app)
-                        .with_graceful_shutdown(async move { token.cancelled().await })
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "HTTP server failed");
-                    }
-                }
-                Some(tls) => serve_https(http, app, tls, token, tracker.clone()).await,
-            }
+            serve_http(http, app, tls, token, tracker.clone()).await;
             tracker.close();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         });

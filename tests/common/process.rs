@@ -106,8 +106,22 @@ pub fn free_port() -> u16 {
 }
 
 pub async fn spawn_with(dir: &Path, args: &[&str]) -> Proc {
+    spawn_via(&[], dir, args).await
+}
+
+/// Starts callbus through `wrapper` (a command that execs the rest, e.g. `prlimit ... --`).
+pub async fn spawn_via(wrapper: &[&str], dir: &Path, args: &[&str]) -> Proc {
     let (http, mqtt) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_callbus"))
+    let exe = env!("CARGO_BIN_EXE_callbus");
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let child = command
         .args(["serve", "--data-dir"])
         .arg(dir)
         .args(["--http", &format!("127.0.0.1:{http}")])
