@@ -44,7 +44,7 @@ pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
         }
         limit = raised;
     }
-    Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
+    Ok((limit.rlim_cur, limit.rlim_max))
 }
 
 /// Whether an accept error means the process (or system) is out of file descriptors.
