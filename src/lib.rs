@@ -10,6 +10,7 @@
 //!   [`push`]: the webhook that wakes sleeping phones.
 //! - [`store`]: durable state in sled.
 //! - [`auth`], [`ids`], [`config`]: identity, identifiers, configuration.
+//! - [`sys`]: `$SYS/#` figures for operators.
 //! - [`server`]: wires the parts together.
 
 pub mod api;
@@ -28,4 +29,5 @@ pub mod push;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod sys;
 pub mod tls;

@@ -63,6 +63,11 @@ pub static PUBLISHES_RELAYED: Metric = Metric::new(
     "counter",
     "Client publishes that passed the ACL and validation.",
 );
+pub static MESSAGES_SENT: Metric = Metric::new(
+    "callbus_mqtt_messages_sent_total",
+    "counter",
+    "PUBLISH packets written to clients.",
+);
 pub static PUBLISHES_REFUSED: Metric = Metric::new(
     "callbus_mqtt_publishes_refused_total",
     "counter",
@@ -131,12 +136,13 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 19] = [
+const ALL: [&Metric; 20] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
     &ACCEPTS_OUT_OF_FILES,
     &PUBLISHES_RELAYED,
+    &MESSAGES_SENT,
     &PUBLISHES_REFUSED,
     &SUBSCRIPTIONS_REFUSED,
     &PUBLISHES_THROTTLED,

@@ -43,6 +43,8 @@ pub struct Settings {
     pub tls: Option<crate::tls::TlsAcceptor>,
     /// Push hand-off webhook.
     pub push: Option<crate::push::Webhook>,
+    /// How often `$SYS/#` is published.
+    pub sys_interval: Duration,
 }
 
 impl Settings {
@@ -60,6 +62,7 @@ impl Settings {
             dev: false,
             tls: None,
             push: None,
+            sys_interval: Duration::from_secs(5),
         }
     }
 }
@@ -153,6 +156,13 @@ impl Server {
         )
         .await
         .context("loading live calls")?;
+        tokio::spawn(crate::sys::run(
+            publisher.clone(),
+            calls.clone(),
+            store.clone(),
+            settings.sys_interval,
+            shutdown.clone(),
+        ));
         let bridge = Bridge::new(auth.clone(), store.clone(), calls.clone());
         let conversations = ConversationService::new(store, hub.clone());
         let gateway = Gateway::new(

@@ -425,6 +425,7 @@ impl Session<'_> {
             }
         }
         self.send(Packet::Publish(publish));
+        metrics::MESSAGES_SENT.inc();
         if self.inflight.len() > MAILBOX_MESSAGES {
             return Err(End::TooSlow);
         }

@@ -182,6 +182,24 @@ impl Calls {
         self.inner.store.calls.get(id)
     }
 
+    /// How many calls are ringing and how many active.
+    pub fn live_counts(&self) -> (usize, usize) {
+        let mut ids: Vec<u64> = lock(&self.inner.live)
+            .by_user
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let statuses = ids.into_iter().filter_map(|id| self.get(id).ok().flatten());
+        statuses.fold((0, 0), |(r, a), call| match call.status {
+            Status::Ringing => (r + 1, a),
+            Status::Active => (r, a + 1),
+            _ => (r, a),
+        })
+    }
+
     /// Whether calls are handed to a push webhook.
     pub fn pushes(&self) -> bool {
         self.inner.push.is_some()

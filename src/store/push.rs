@@ -52,6 +52,15 @@ impl PushTree {
         Ok(Some((u64::from_be_bytes(key), job)))
     }
 
+    /// How many jobs are waiting.
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
     /// Removes a job once it is delivered or given up.
     pub fn remove(&self, key: u64) -> Result<(), StoreError> {
         self.tree.remove(key.to_be_bytes())?;
