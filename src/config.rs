@@ -69,6 +69,14 @@ pub struct GatewayConfig {
     pub publish_rate: u32,
     /// Publishes a connection may burst above the sustained rate.
     pub publish_burst: u32,
+    /// Most filters one connection may hold; past it a filter gets SUBACK failure.
+    pub max_subscriptions: usize,
+    /// Most live connections of one user (devices, tabs); past it CONNACK "server unavailable".
+    pub max_connections_per_user: usize,
+    /// New MQTT connections per second from one source address (burst the same); past it
+    /// CONNACK "server unavailable". 0 turns it off (the default: carrier NAT puts many phones
+    /// behind one address).
+    pub connect_rate_per_address: u32,
 }
 
 impl Default for GatewayConfig {
@@ -81,6 +89,9 @@ impl Default for GatewayConfig {
             violation_limit: 50,
             publish_rate: 200,
             publish_burst: 500,
+            max_subscriptions: 100,
+            max_connections_per_user: 32,
+            connect_rate_per_address: 0,
         }
     }
 }

@@ -58,6 +58,21 @@ pub static ACCEPTS_OUT_OF_FILES: Metric = Metric::new(
     "counter",
     "Accepts that failed because the process ran out of file descriptors (retried after a pause).",
 );
+pub static CONNECTS_OVER_USER_LIMIT: Metric = Metric::new(
+    "callbus_mqtt_connects_over_user_limit_total",
+    "counter",
+    "CONNECTs refused because the user already had max_connections_per_user live connections.",
+);
+pub static CONNECTS_OVER_RATE: Metric = Metric::new(
+    "callbus_mqtt_connects_over_rate_total",
+    "counter",
+    "CONNECTs refused because their source address passed connect_rate_per_address.",
+);
+pub static SUBSCRIPTIONS_OVER_LIMIT: Metric = Metric::new(
+    "callbus_mqtt_subscriptions_over_limit_total",
+    "counter",
+    "SUBSCRIBE filters refused because the connection held max_subscriptions.",
+);
 pub static PUBLISHES_RELAYED: Metric = Metric::new(
     "callbus_mqtt_publishes_relayed_total",
     "counter",
@@ -136,11 +151,14 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 20] = [
+const ALL: [&Metric; 23] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
     &ACCEPTS_OUT_OF_FILES,
+    &CONNECTS_OVER_USER_LIMIT,
+    &CONNECTS_OVER_RATE,
+    &SUBSCRIPTIONS_OVER_LIMIT,
     &PUBLISHES_RELAYED,
     &MESSAGES_SENT,
     &PUBLISHES_REFUSED,

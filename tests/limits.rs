@@ -130,3 +130,100 @@ async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
         "everything was delivered: nothing was dropped"
     );
 }
+
+#[tokio::test]
+async fn a_connection_holds_at_most_max_subscriptions() {
+    let config =
+        callbus::config::DEFAULT_CONFIG.replace("max_subscriptions = 100", "max_subscriptions = 2");
+    let s = TestServer::start_with(&config).await;
+    s.set_members("c1", &["alice"]).await;
+    s.set_members("c2", &["alice"]).await;
+    let mut alice = s.connect(Via::Tcp, "alice").await;
+    let codes = alice
+        .subscribe(&["users/alice/notifications", "chat/c1", "chat/c2"])
+        .await;
+    assert!(granted(&codes[0]) && granted(&codes[1]), "{codes:?}");
+    assert!(!granted(&codes[2]), "the third filter was granted");
+    // Subscribing again to a held filter takes no room.
+    assert!(granted(&alice.subscribe(&["chat/c1"]).await[0]));
+    assert_eq!(
+        s.metric("callbus_mqtt_subscriptions_over_limit_total")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_user_has_at_most_max_connections() {
+    let config = callbus::config::DEFAULT_CONFIG.replace(
+        "max_connections_per_user = 32",
+        "max_connections_per_user = 2",
+    );
+    let s = TestServer::start_with(&config).await;
+    let _phone = s
+        .connect_with(Via::Tcp, "alice", "phone", |_| {})
+        .await
+        .unwrap();
+    let _web = s
+        .connect_with(Via::Ws, "alice", "web", |_| {})
+        .await
+        .unwrap();
+    let third = s.connect_with(Via::Tcp, "alice", "laptop", |_| {}).await;
+    match third {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::ServiceUnavailable)
+        }
+        other => panic!(
+            "a third connection was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // Taking over one of the user's own client ids needs no room; others are not affected.
+    assert!(s
+        .connect_with(Via::Tcp, "alice", "web", |_| {})
+        .await
+        .is_ok());
+    assert!(s
+        .connect_with(Via::Tcp, "bob", "phone", |_| {})
+        .await
+        .is_ok());
+    assert_eq!(
+        s.metric("callbus_mqtt_connects_over_user_limit_total")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn new_connections_per_address_are_rate_limited_when_configured() {
+    let config = callbus::config::DEFAULT_CONFIG.replace(
+        "connect_rate_per_address = 0",
+        "connect_rate_per_address = 3",
+    );
+    let s = TestServer::start_with(&config).await;
+    let mut refused = 0;
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        match s
+            .connect_with(Via::Tcp, &format!("u{i}"), "dev", |_| {})
+            .await
+        {
+            Ok(client) => clients.push(client),
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                assert_eq!(code, rumqttc::ConnectReturnCode::ServiceUnavailable);
+                refused += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    // A burst of 3, then about 3 a second: most of 8 back-to-back connects are refused.
+    assert!(
+        clients.len() >= 3 && refused >= 3,
+        "{} accepted",
+        clients.len()
+    );
+    assert_eq!(
+        s.metric("callbus_mqtt_connects_over_rate_total").await,
+        refused
+    );
+}

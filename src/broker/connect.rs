@@ -31,6 +31,14 @@ pub(super) struct Admitted {
     pub inbuf: BytesMut,
 }
 
+/// Whether there is room for one more connection.
+pub(super) struct Room {
+    /// Under `max_connections`.
+    pub slot: bool,
+    /// Under `connect_rate_per_address` for its source address.
+    pub within_rate: bool,
+}
+
 /// Why a connection was not admitted.
 enum Refusal {
     /// Answer with this CONNACK, then close.
@@ -45,11 +53,11 @@ enum Refusal {
 pub(super) async fn admit<T: Transport>(
     gateway: &Gateway,
     transport: &mut T,
-    has_slot: bool,
+    room: Room,
 ) -> Option<Admitted> {
     let mut inbuf = BytesMut::with_capacity(1024);
     let decided = match read_connect(gateway, transport, &mut inbuf).await {
-        Ok(connect) => decide(gateway, &connect, has_slot).map(|(identity, client_id)| {
+        Ok(connect) => decide(gateway, &connect, room).map(|(identity, client_id)| {
             let max = gateway.limits().max_keepalive_secs;
             let keepalive = match connect.keep_alive {
                 0 => max,
@@ -87,16 +95,22 @@ pub(super) async fn admit<T: Transport>(
     }
 }
 
-/// Decides a CONNECT: a free connection slot, a valid token, a valid client id (an empty one
-/// gets a generated id). Returns who connects and the client id.
+/// Decides a CONNECT: room for it, a valid token, a valid client id (an empty one gets a
+/// generated id), and room among the user's connections. Returns who connects and the id.
 fn decide(
     gateway: &Gateway,
     connect: &rumqttc::mqttbytes::v4::Connect,
-    has_slot: bool,
+    room: Room,
 ) -> Result<(Identity, String), Refusal> {
-    if !has_slot {
+    let unavailable = Err(Refusal::Code(ConnectReturnCode::ServiceUnavailable));
+    if !room.slot {
         tracing::warn!("connection limit reached, refusing");
-        return Err(Refusal::Code(ConnectReturnCode::ServiceUnavailable));
+        return unavailable;
+    }
+    if !room.within_rate {
+        info!("too many new connections from this address, refusing");
+        metrics::CONNECTS_OVER_RATE.inc();
+        return unavailable;
     }
     let login = connect.login.as_ref();
     let identity = gateway
@@ -125,6 +139,15 @@ fn decide(
         info!(client_id = %connect.client_id.escape_debug(), "bad client id");
         return Err(Refusal::Code(ConnectReturnCode::BadClientId));
     };
+    // A connection that takes over one of the user's client ids replaces it: no new room.
+    let hub = &gateway.inner.hub;
+    let max = gateway.limits().max_connections_per_user;
+    let broker_id = namespaced_client_id(&identity.user_id, &client_id);
+    if hub.live_devices(&identity.user_id) >= max && !hub.is_live(&broker_id) {
+        info!(user = %identity.user_id, max, "too many connections for this user, refusing");
+        metrics::CONNECTS_OVER_USER_LIMIT.inc();
+        return unavailable;
+    }
     Ok((identity, client_id))
 }
 

@@ -10,6 +10,7 @@
 mod codec;
 mod connect;
 pub(crate) mod hub;
+mod rate;
 mod session;
 pub mod tcp;
 mod throttle;
@@ -18,6 +19,7 @@ pub mod ws;
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +58,7 @@ struct GatewayInner {
     bridge: Bridge,
     limits: GatewayConfig,
     permits: Arc<Semaphore>,
+    connect_rate: rate::ConnectRate,
     shutdown: CancellationToken,
 }
 
@@ -68,6 +71,7 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let connect_rate = rate::ConnectRate::new(limits.connect_rate_per_address);
         // At shutdown every session is told through its mailbox.
         let on_shutdown = (hub.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -81,6 +85,7 @@ impl Gateway {
                 bridge,
                 limits,
                 permits,
+                connect_rate,
                 shutdown,
             }),
         }
@@ -99,14 +104,18 @@ impl Gateway {
         &self.inner.shutdown
     }
 
-    /// Runs one client connection to its end. `peer` names it in logs.
-    pub async fn serve<T: Transport>(&self, transport: T, peer: String) {
-        let span = tracing::info_span!("mqtt", %peer, client = tracing::field::Empty);
+    /// Runs one client connection from `peer` to its end; `kind` (`tcp`, `tls`, `ws`) names
+    /// the transport in logs.
+    pub async fn serve<T: Transport>(&self, transport: T, kind: &str, peer: SocketAddr) {
+        let span = tracing::info_span!("mqtt", %kind, %peer, client = tracing::field::Empty);
         let permit = self.inner.permits.clone().try_acquire_owned().ok();
+        let room = connect::Room {
+            slot: permit.is_some(),
+            within_rate: self.inner.connect_rate.admit(peer.ip()),
+        };
         async move {
             let mut transport = transport;
-            let Some(admitted) = connect::admit(self, &mut transport, permit.is_some()).await
-            else {
+            let Some(admitted) = connect::admit(self, &mut transport, room).await else {
                 transport.close().await;
                 return;
             };

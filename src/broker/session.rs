@@ -374,8 +374,13 @@ impl Session<'_> {
     async fn on_subscribe(&mut self, subscribe: rumqttc::mqttbytes::v4::Subscribe) {
         let inner = &self.gateway.inner;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let max = self.gateway.limits().max_subscriptions;
         for filter in subscribe.filters {
-            if inner.bridge.may_subscribe(&self.identity, &filter.path) {
+            if !inner.hub.has_room(self.registration.id, &filter.path, max) {
+                info!(filter = %filter.path, max, "subscription limit reached");
+                metrics::SUBSCRIPTIONS_OVER_LIMIT.inc();
+                codes.push(SubscribeReasonCode::Failure);
+            } else if inner.bridge.may_subscribe(&self.identity, &filter.path) {
                 // callbus delivers at most QoS 1.
                 let qos = match filter.qos {
                     QoS::AtMostOnce => QoS::AtMostOnce,

@@ -40,11 +40,11 @@ pub async fn serve(
     accept_loop(listener, tls, shutdown, tracker, move |stream, peer| {
         let gateway = gateway.clone();
         async move {
-            let peer = match &stream {
-                Either::Left(_) => format!("tcp:{peer}"),
-                Either::Right(_) => format!("tls:{peer}"),
+            let kind = match &stream {
+                Either::Left(_) => "tcp",
+                Either::Right(_) => "tls",
             };
-            gateway.serve(TcpTransport(stream), peer).await
+            gateway.serve(TcpTransport(stream), kind, peer).await
         }
     })
     .await

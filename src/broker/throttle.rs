@@ -22,6 +22,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has refilled completely (so forgetting it changes nothing).
+    pub(super) fn is_full(&self) -> bool {
+        let elapsed = Instant::now().duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes a token, or says how long until one is back.
     pub(super) fn take(&mut self) -> Result<(), Duration> {
         let now = Instant::now();

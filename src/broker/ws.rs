@@ -61,9 +61,7 @@ pub async fn upgrade(
         .write_buffer_size(0)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            gateway
-                .serve(WsTransport(socket), format!("ws:{peer}"))
-                .await
-        })
+        .on_upgrade(
+            move |socket| async move { gateway.serve(WsTransport(socket), "ws", peer).await },
+        )
 }

@@ -503,6 +503,21 @@ impl Hub {
             .count()
     }
 
+    /// Whether a live connection holds this broker-side client id.
+    pub(crate) fn is_live(&self, client_id: &str) -> bool {
+        let state = lock(&self.state);
+        let sid = state.by_client.get(client_id);
+        sid.and_then(|sid| state.sessions.get(sid))
+            .is_some_and(|e| matches!(e.link, Link::Live { .. }))
+    }
+
+    /// Whether a session may hold `filter` with at most `max` filters (subscribing again to
+    /// one it holds takes no room).
+    pub(crate) fn has_room(&self, sid: u64, filter: &str, max: usize) -> bool {
+        let held = lock(&self.state).routes.filters_of(sid);
+        held.len() < max || held.iter().any(|(f, _)| f == filter)
+    }
+
     /// Tells every session the server is shutting down.
     pub(crate) fn shutdown(&self) {
         self.close_all(|| Event::Shutdown);
