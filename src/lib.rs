@@ -21,6 +21,8 @@ pub mod bus;
 pub mod calls;
 pub mod config;
 pub mod conversations;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod metrics;
 pub mod model;

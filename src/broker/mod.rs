@@ -40,6 +40,28 @@ pub trait Transport: Send + 'static {
     fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
+/// Decodes `bytes` fed in reads of `cut` bytes as a session does, re-encoding each packet (for
+/// the fuzz targets: see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub fn fuzz_codec(bytes: &[u8], cut: usize, max: usize) {
+    let mut buf = BytesMut::new();
+    let mut out = BytesMut::new();
+    for read in bytes.chunks(cut) {
+        buf.extend_from_slice(read);
+        let _ = codec::connect_protocol_level(&buf);
+        let _ = codec::packet_len(&buf);
+        loop {
+            match codec::decode(&mut buf, max) {
+                Ok(Some(packet)) => codec::encode(packet, &mut out),
+                Ok(None) => break,
+                // A session closes the connection here.
+                Err(_) => return,
+            }
+        }
+        out.clear();
+    }
+}
+
 /// Broker-side client ids are `<user id>.<client id>`: user and client ids never contain `.`,
 /// so no user can name (and so take over) another user's session.
 pub fn namespaced_client_id(user_id: &str, client_id: &str) -> String {
