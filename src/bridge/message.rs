@@ -81,7 +81,6 @@ pub enum ErrorCode {
     WrongState,
     BadPayload,
     Forbidden,
-    RateLimited,
     /// A persistent session's queue passed its bound while the client was away.
     QueueOverflow,
     /// A feature callbus does not offer (retained messages).
@@ -98,7 +97,6 @@ impl ErrorCode {
             ErrorCode::WrongState => "wrong_state",
             ErrorCode::BadPayload => "bad_payload",
             ErrorCode::Forbidden => "forbidden",
-            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::QueueOverflow => "queue_overflow",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::AnsweredElsewhere => "answered_elsewhere",
