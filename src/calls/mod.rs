@@ -2,6 +2,7 @@
 //! lock (so the busy check and the write are atomic), made durable by a group commit, and only
 //! then announced, through an outbox that publishes events in the order the changes were made.
 
+mod announce;
 pub mod events;
 mod live;
 mod reaper;
@@ -15,9 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::auth::Identity;
-use crate::bus::{Message, Publisher};
+use crate::bus::Publisher;
 use crate::model::call::{now_ms, Action, Call, CallType, Party, Status, TransitionError};
-use crate::model::topic::notifications_topic;
 use crate::push;
 use crate::store::{Store, StoreError};
 use crate::sync::lock;
@@ -357,81 +357,6 @@ impl Calls {
         let event = events::notification_created(payload);
         self.announce_now(user_id, &event).await?;
         Ok(event)
-    }
-
-    /// Writes an event to the durable event log (the caller flushes), if the user has a
-    /// persistent session to replay it to after a restart.
-    fn log(&self, user_id: &str, event: &Value) -> Result<Logged, StoreError> {
-        let payload = event.to_string();
-        let seq = if self.inner.presence.keeps_sessions(user_id) {
-            let sessions = &self.inner.store.sessions;
-            Some(sessions.log_event(user_id, &payload, now_ms())?)
-        } else {
-            None
-        };
-        Ok(Logged {
-            user_id: user_id.to_owned(),
-            payload,
-            seq,
-        })
-    }
-
-    /// Logs an event that no call change carries, makes it durable, and publishes it.
-    async fn announce_now(&self, user_id: &str, event: &Value) -> Result<(), StoreError> {
-        let logged = self.log(user_id, event)?;
-        if logged.seq.is_some() {
-            self.inner.store.flush().await?;
-        }
-        self.publish(&logged).await;
-        Ok(())
-    }
-
-    /// Logs the events of a change (inside its critical section) and queues them for
-    /// [`Calls::commit_and_announce`].
-    fn enqueue(&self, events: Vec<(String, Value)>) -> Result<u64, StoreError> {
-        let logged = events
-            .iter()
-            .map(|(uid, event)| self.log(uid, event))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut outbox = lock(&self.inner.outbox);
-        outbox.next_seq += 1;
-        let seq = outbox.next_seq;
-        outbox.pending.push_back((seq, logged));
-        Ok(seq)
-    }
-
-    /// Waits for the change numbered `seq` to be durable, then publishes every pending event up
-    /// to it, in order.
-    async fn commit_and_announce(&self, seq: u64) -> Result<(), StoreError> {
-        self.inner.store.flush().await?;
-        if let Some(push) = &self.inner.push {
-            push.notify_one();
-        }
-        let _turn = self.inner.announcing.lock().await;
-        loop {
-            let batch = {
-                let mut outbox = lock(&self.inner.outbox);
-                if outbox.pending.front().is_none_or(|(s, _)| *s > seq) {
-                    break;
-                }
-                outbox.pending.pop_front()
-            };
-            for event in batch.map(|(_, events)| events).unwrap_or_default() {
-                self.publish(&event).await;
-            }
-        }
-        Ok(())
-    }
-
-    async fn publish(&self, event: &Logged) {
-        let topic = notifications_topic(&event.user_id);
-        let message = match event.seq {
-            Some(seq) => Message::logged(topic, event.payload.clone(), seq),
-            None => Message::new(topic, event.payload.clone()),
-        };
-        if let Err(e) = self.inner.publisher.publish(message).await {
-            warn!(user = %event.user_id, error = %e, "could not publish an event");
-        }
     }
 
     fn arm_ring_timer(&self, id: u64, after_ms: u64) {

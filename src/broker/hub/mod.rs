@@ -13,7 +13,9 @@
 //! filter, which made idle connections cost 49 KiB each and the first notification to 10k users
 //! take 8.6 s (BENCHMARKS.md). Here routing is a hash lookup.
 
+mod lifecycle;
 mod mailbox;
+mod persist;
 mod routes;
 mod stored;
 
@@ -21,7 +23,7 @@ pub(crate) use mailbox::{Event, Mailbox, MAILBOX_MESSAGES};
 pub(crate) use stored::{Parting, Queued, Resumed};
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -34,7 +36,7 @@ use crate::bus::{Deliver, Message};
 use crate::config::SessionsConfig;
 use crate::metrics;
 use crate::model::topic::chat_topic;
-use crate::store::{SessionRecord, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::sync::lock;
 use mailbox::Sender;
 use routes::Routes;
@@ -150,307 +152,10 @@ impl Hub {
         Ok(hub)
     }
 
-    fn restore(&self) -> Result<(), StoreError> {
-        let records = self.store.sessions.all()?;
-        let mut state = lock(&self.state);
-        for (client_id, record) in records {
-            let identity = Arc::new(Identity {
-                user_id: record.user_id.clone(),
-                username: record.user_id.clone(),
-                first_name: String::new(),
-                last_name: String::new(),
-                role: if record.admin {
-                    Role::Admin
-                } else {
-                    Role::User
-                },
-            });
-            let mut stored = Stored::new(0, Instant::now() + self.sessions.expiry());
-            stored.from_log = Some(record.delivered_through);
-            let link = Link::Away(Box::new(stored));
-            let sid = self.add(&mut state, identity, client_id, true, link);
-            if let Some(entry) = state.sessions.get_mut(&sid) {
-                entry.delivered_through = record.delivered_through;
-            }
-            for (filter, qos) in &record.filters {
-                let qos = if *qos == 0 {
-                    QoS::AtMostOnce
-                } else {
-                    QoS::AtLeastOnce
-                };
-                state.routes.subscribe(sid, filter, qos);
-            }
-        }
-        if !state.sessions.is_empty() {
-            info!(
-                sessions = state.sessions.len(),
-                "persistent sessions restored"
-            );
-        }
-        Ok(())
-    }
-
-    /// Writes a persistent session's record (its filters and progress in the event log).
-    fn save(&self, state: &State, sid: u64) {
-        let Some(entry) = state.sessions.get(&sid).filter(|e| e.persistent) else {
-            return;
-        };
-        let record = SessionRecord {
-            user_id: entry.identity.user_id.clone(),
-            admin: entry.identity.role == Role::Admin,
-            filters: state
-                .routes
-                .filters_of(sid)
-                .into_iter()
-                .map(|(f, q)| (f, q as u8))
-                .collect(),
-            delivered_through: entry.delivered_through,
-        };
-        if let Err(e) = self.store.sessions.put(&entry.client_id, &record) {
-            warn!(error = %e, "cannot store a persistent session");
-        }
-    }
-
-    fn forget(&self, entry: &Entry) {
-        if entry.persistent {
-            if let Err(e) = self.store.sessions.remove(&entry.client_id) {
-                warn!(error = %e, "cannot remove a stored session");
-            }
-        }
-    }
-
-    /// Makes every session record written so far durable (before a persistent SUBACK).
-    pub(crate) async fn persist(&self) -> Result<(), StoreError> {
-        self.store.flush().await
-    }
-
-    /// The durable events a restored session missed, for its notifications subscription.
-    fn logged_since(&self, state: &State, sid: u64, user_id: &str, through: u64) -> Vec<Queued> {
-        let topic = crate::model::topic::notifications_topic(user_id);
-        let subscribed = state
-            .routes
-            .filters_of(sid)
-            .iter()
-            .any(|(f, _)| crate::model::topic::filter_matches(f, &topic));
-        if !subscribed {
-            return Vec::new();
-        }
-        match self.store.sessions.events_after(user_id, through) {
-            Ok(events) => events
-                .into_iter()
-                .map(|(seq, payload)| Queued {
-                    topic: bytes::Bytes::from(topic.clone()),
-                    payload: bytes::Bytes::from(payload),
-                    pkid: None,
-                    event: Some(seq),
-                })
-                .collect(),
-            Err(e) => {
-                warn!(error = %e, "cannot read the event log");
-                Vec::new()
-            }
-        }
-    }
-
     fn may_receive(&self, who: &Identity, topic: &str) -> bool {
         acl::may_receive(who, topic, |cid| {
             self.store.conversations.is_member(cid, &who.user_id)
         })
-    }
-
-    /// Attaches a connection of `identity` under its broker-side `client_id`. An older live
-    /// connection with the same client id is told it was replaced and stops receiving at once.
-    /// With `clean` false an existing session is resumed (what was queued for it is returned,
-    /// checked against the ACL again) or a persistent one is made; with `clean` true any stored
-    /// session is discarded. A persistent session still live on an older connection is handed
-    /// over: with `handover` the caller is told to wait for the older connection to part, so
-    /// nothing it had in flight is reordered; without, it is taken at once.
-    pub(crate) fn register(
-        self: &Arc<Self>,
-        identity: Arc<Identity>,
-        client_id: &str,
-        clean: bool,
-        handover: bool,
-    ) -> Registered {
-        let (sender, mailbox) = mailbox::mailbox();
-        let conn = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut state = lock(&self.state);
-        if handover && !clean {
-            if let Some(wait) = self.hand_over(&mut state, client_id) {
-                return Registered::Handover(wait);
-            }
-        }
-        if let Some(closed) = state.closed {
-            sender.send(closed());
-        }
-        let resumable = match state.by_client.get(client_id).copied() {
-            Some(old) if !clean && state.sessions.get(&old).is_some_and(Entry::resumable) => {
-                Some(old)
-            }
-            Some(old) => {
-                if let Some(entry) = state.remove(old) {
-                    self.forget(&entry);
-                    if let Link::Live { sender: old, .. } = entry.link {
-                        old.send(Event::Replaced);
-                    }
-                }
-                None
-            }
-            None => None,
-        };
-        // A session restored after a restart resumes with the durable events it missed.
-        let logged = resumable
-            .and_then(|sid| match state.sessions.get(&sid) {
-                Some(Entry {
-                    link: Link::Away(stored),
-                    identity,
-                    ..
-                }) => stored
-                    .from_log
-                    .map(|through| self.logged_since(&state, sid, &identity.user_id, through)),
-                _ => None,
-            })
-            .unwrap_or_default();
-        let resumed_entry =
-            resumable.and_then(|sid| state.sessions.get_mut(&sid).map(|e| (sid, e)));
-        let (sid, mut resumed) = match resumed_entry {
-            Some((sid, entry)) => {
-                let previous = std::mem::replace(&mut entry.link, Link::Live { sender, conn });
-                entry.identity = identity.clone();
-                let resumed = match previous {
-                    Link::Live { sender: old, .. } => {
-                        old.send(Event::Replaced);
-                        Resumed::default()
-                    }
-                    Link::Away(stored) => stored.resume(logged),
-                };
-                (sid, Some(resumed))
-            }
-            None => {
-                let link = Link::Live { sender, conn };
-                let client_id = client_id.to_owned();
-                let sid = self.add(&mut state, identity.clone(), client_id, !clean, link);
-                self.save(&state, sid);
-                (sid, None)
-            }
-        };
-        drop(state);
-        if let Some(resumed) = &mut resumed {
-            // The ACL and membership are checked again on replay.
-            resumed.inflight.retain(|m| self.replayable(&identity, m));
-            resumed.queue.retain(|m| self.replayable(&identity, m));
-        }
-        let registration = Registration {
-            hub: self.clone(),
-            id: sid,
-            conn,
-            closed: false,
-        };
-        Registered::Attached(Attached {
-            registration,
-            mailbox,
-            resumed,
-        })
-    }
-
-    /// Tells the live connection of a persistent session to go and keeps the session for it
-    /// to part into; returns what resolves once it has.
-    fn hand_over(
-        &self,
-        state: &mut State,
-        client_id: &str,
-    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        let sid = state.by_client.get(client_id)?;
-        let entry = state.sessions.get_mut(sid)?;
-        let (done, wait) = tokio::sync::oneshot::channel();
-        match &mut entry.link {
-            Link::Live { sender, conn } if entry.persistent => {
-                sender.send(Event::Replaced);
-                let mut stored = Stored::new(*conn, Instant::now() + self.sessions.expiry());
-                stored.waiting.push(done);
-                entry.link = Link::Away(Box::new(stored));
-            }
-            // Another connection is already waiting for the same parting.
-            Link::Away(stored) if !stored.waiting.is_empty() => stored.waiting.push(done),
-            _ => return None,
-        }
-        Some(wait)
-    }
-
-    fn add(
-        &self,
-        state: &mut State,
-        identity: Arc<Identity>,
-        client_id: String,
-        persistent: bool,
-        link: Link,
-    ) -> u64 {
-        let sid = self.next_id.fetch_add(1, Ordering::Relaxed);
-        state.by_client.insert(client_id.clone(), sid);
-        state
-            .by_user
-            .entry(identity.user_id.clone())
-            .or_default()
-            .push(sid);
-        let entry = Entry {
-            identity,
-            client_id,
-            persistent,
-            link,
-            delivered_through: 0,
-        };
-        state.sessions.insert(sid, entry);
-        sid
-    }
-
-    fn replayable(&self, who: &Identity, message: &Queued) -> bool {
-        std::str::from_utf8(&message.topic).is_ok_and(|t| self.may_receive(who, t))
-    }
-
-    /// A connection ended. A clean session goes; a persistent one is kept with what the
-    /// connection had not finished. A connection already taken over hands its leftovers to
-    /// the newer one.
-    fn leave(&self, sid: u64, conn: u64, parting: Option<(Mailbox, Parting)>) {
-        let mut state = lock(&self.state);
-        let Some(entry) = state.sessions.get_mut(&sid) else {
-            return;
-        };
-        let (unsent, parting) = match parting {
-            Some((mut mailbox, parting)) => (mailbox.drain(), Some(parting)),
-            None => (Vec::new(), None),
-        };
-        match &mut entry.link {
-            Link::Live { conn: c, .. } if *c == conn => {
-                if !entry.persistent {
-                    state.remove(sid);
-                    return;
-                }
-                let mut stored = Stored::new(conn, Instant::now() + self.sessions.expiry());
-                if let Some(parting) = parting {
-                    entry.delivered_through = entry.delivered_through.max(parting.acked_event);
-                    stored.part(parting, unsent, &self.sessions);
-                }
-                entry.link = Link::Away(Box::new(stored));
-                self.save(&state, sid);
-            }
-            Link::Live { sender, .. } => {
-                let inflight = parting.map(|p| p.inflight).unwrap_or_default();
-                for m in inflight.into_iter().chain(unsent) {
-                    sender.deliver(Event::Deliver {
-                        topic: m.topic,
-                        payload: m.payload,
-                        qos: QoS::AtLeastOnce,
-                        event: m.event,
-                    });
-                }
-            }
-            Link::Away(stored) if stored.conn == conn => {
-                if let Some(parting) = parting {
-                    stored.part(parting, unsent, &self.sessions);
-                }
-            }
-            Link::Away(_) => {}
-        }
     }
 
     /// Routes `filter` to the session: effective for every message the bus delivers after this

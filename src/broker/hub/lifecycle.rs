@@ -1,0 +1,211 @@
+//! A connection's life in the hub: attaching (a new session, a resumed one, or a takeover,
+//! which waits for the older connection to hand the session back) and leaving (a clean session
+//! goes; a persistent one is kept with what the connection had not finished).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+use super::mailbox::{self, Event, Mailbox};
+use super::stored::{Parting, Queued, Resumed, Stored};
+use super::{Attached, Entry, Hub, Link, Registered, Registration, State};
+use crate::auth::Identity;
+use crate::broker::codec::QoS;
+use crate::sync::lock;
+
+impl Hub {
+    /// Attaches a connection of `identity` under its broker-side `client_id`. An older live
+    /// connection with the same client id is told it was replaced and stops receiving at once.
+    /// With `clean` false an existing session is resumed (what was queued for it is returned,
+    /// checked against the ACL again) or a persistent one is made; with `clean` true any stored
+    /// session is discarded. A persistent session still live on an older connection is handed
+    /// over: with `handover` the caller is told to wait for the older connection to part, so
+    /// nothing it had in flight is reordered; without, it is taken at once.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        identity: Arc<Identity>,
+        client_id: &str,
+        clean: bool,
+        handover: bool,
+    ) -> Registered {
+        let (sender, mailbox) = mailbox::mailbox();
+        let conn = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut state = lock(&self.state);
+        if handover && !clean {
+            if let Some(wait) = self.hand_over(&mut state, client_id) {
+                return Registered::Handover(wait);
+            }
+        }
+        if let Some(closed) = state.closed {
+            sender.send(closed());
+        }
+        let resumable = match state.by_client.get(client_id).copied() {
+            Some(old) if !clean && state.sessions.get(&old).is_some_and(Entry::resumable) => {
+                Some(old)
+            }
+            Some(old) => {
+                if let Some(entry) = state.remove(old) {
+                    self.forget(&entry);
+                    if let Link::Live { sender: old, .. } = entry.link {
+                        old.send(Event::Replaced);
+                    }
+                }
+                None
+            }
+            None => None,
+        };
+        // A session restored after a restart resumes with the durable events it missed.
+        let logged = resumable
+            .and_then(|sid| match state.sessions.get(&sid) {
+                Some(Entry {
+                    link: Link::Away(stored),
+                    identity,
+                    ..
+                }) => stored
+                    .from_log
+                    .map(|through| self.logged_since(&state, sid, &identity.user_id, through)),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let resumed_entry =
+            resumable.and_then(|sid| state.sessions.get_mut(&sid).map(|e| (sid, e)));
+        let (sid, mut resumed) = match resumed_entry {
+            Some((sid, entry)) => {
+                let previous = std::mem::replace(&mut entry.link, Link::Live { sender, conn });
+                entry.identity = identity.clone();
+                let resumed = match previous {
+                    Link::Live { sender: old, .. } => {
+                        old.send(Event::Replaced);
+                        Resumed::default()
+                    }
+                    Link::Away(stored) => stored.resume(logged),
+                };
+                (sid, Some(resumed))
+            }
+            None => {
+                let link = Link::Live { sender, conn };
+                let client_id = client_id.to_owned();
+                let sid = self.add(&mut state, identity.clone(), client_id, !clean, link);
+                self.save(&state, sid);
+                (sid, None)
+            }
+        };
+        drop(state);
+        if let Some(resumed) = &mut resumed {
+            // The ACL and membership are checked again on replay.
+            resumed.inflight.retain(|m| self.replayable(&identity, m));
+            resumed.queue.retain(|m| self.replayable(&identity, m));
+        }
+        let registration = Registration {
+            hub: self.clone(),
+            id: sid,
+            conn,
+            closed: false,
+        };
+        Registered::Attached(Attached {
+            registration,
+            mailbox,
+            resumed,
+        })
+    }
+
+    /// Tells the live connection of a persistent session to go and keeps the session for it
+    /// to part into; returns what resolves once it has.
+    pub(super) fn hand_over(
+        &self,
+        state: &mut State,
+        client_id: &str,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let sid = state.by_client.get(client_id)?;
+        let entry = state.sessions.get_mut(sid)?;
+        let (done, wait) = tokio::sync::oneshot::channel();
+        match &mut entry.link {
+            Link::Live { sender, conn } if entry.persistent => {
+                sender.send(Event::Replaced);
+                let mut stored = Stored::new(*conn, Instant::now() + self.sessions.expiry());
+                stored.waiting.push(done);
+                entry.link = Link::Away(Box::new(stored));
+            }
+            // Another connection is already waiting for the same parting.
+            Link::Away(stored) if !stored.waiting.is_empty() => stored.waiting.push(done),
+            _ => return None,
+        }
+        Some(wait)
+    }
+
+    pub(super) fn add(
+        &self,
+        state: &mut State,
+        identity: Arc<Identity>,
+        client_id: String,
+        persistent: bool,
+        link: Link,
+    ) -> u64 {
+        let sid = self.next_id.fetch_add(1, Ordering::Relaxed);
+        state.by_client.insert(client_id.clone(), sid);
+        state
+            .by_user
+            .entry(identity.user_id.clone())
+            .or_default()
+            .push(sid);
+        let entry = Entry {
+            identity,
+            client_id,
+            persistent,
+            link,
+            delivered_through: 0,
+        };
+        state.sessions.insert(sid, entry);
+        sid
+    }
+
+    pub(super) fn replayable(&self, who: &Identity, message: &Queued) -> bool {
+        std::str::from_utf8(&message.topic).is_ok_and(|t| self.may_receive(who, t))
+    }
+
+    /// A connection ended. A clean session goes; a persistent one is kept with what the
+    /// connection had not finished. A connection already taken over hands its leftovers to
+    /// the newer one.
+    pub(super) fn leave(&self, sid: u64, conn: u64, parting: Option<(Mailbox, Parting)>) {
+        let mut state = lock(&self.state);
+        let Some(entry) = state.sessions.get_mut(&sid) else {
+            return;
+        };
+        let (unsent, parting) = match parting {
+            Some((mut mailbox, parting)) => (mailbox.drain(), Some(parting)),
+            None => (Vec::new(), None),
+        };
+        match &mut entry.link {
+            Link::Live { conn: c, .. } if *c == conn => {
+                if !entry.persistent {
+                    state.remove(sid);
+                    return;
+                }
+                let mut stored = Stored::new(conn, Instant::now() + self.sessions.expiry());
+                if let Some(parting) = parting {
+                    entry.delivered_through = entry.delivered_through.max(parting.acked_event);
+                    stored.part(parting, unsent, &self.sessions);
+                }
+                entry.link = Link::Away(Box::new(stored));
+                self.save(&state, sid);
+            }
+            Link::Live { sender, .. } => {
+                let inflight = parting.map(|p| p.inflight).unwrap_or_default();
+                for m in inflight.into_iter().chain(unsent) {
+                    sender.deliver(Event::Deliver {
+                        topic: m.topic,
+                        payload: m.payload,
+                        qos: QoS::AtLeastOnce,
+                        event: m.event,
+                    });
+                }
+            }
+            Link::Away(stored) if stored.conn == conn => {
+                if let Some(parting) = parting {
+                    stored.part(parting, unsent, &self.sessions);
+                }
+            }
+            Link::Away(_) => {}
+        }
+    }
+}

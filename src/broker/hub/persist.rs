@@ -1,0 +1,125 @@
+//! What of the hub survives a restart: persistent sessions' records (their filters and
+//! progress in the durable event log) in sled, restored as away sessions at startup, and the
+//! logged events a restored session missed.
+
+use std::sync::Arc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::stored::{Queued, Stored};
+use super::{Entry, Hub, Link, State};
+use crate::auth::{Identity, Role};
+use crate::broker::codec::QoS;
+use crate::model::topic::{filter_matches, notifications_topic};
+use crate::store::{SessionRecord, StoreError};
+use crate::sync::lock;
+
+impl Hub {
+    pub(super) fn restore(&self) -> Result<(), StoreError> {
+        let records = self.store.sessions.all()?;
+        let mut state = lock(&self.state);
+        for (client_id, record) in records {
+            let identity = Arc::new(Identity {
+                user_id: record.user_id.clone(),
+                username: record.user_id.clone(),
+                first_name: String::new(),
+                last_name: String::new(),
+                role: if record.admin {
+                    Role::Admin
+                } else {
+                    Role::User
+                },
+            });
+            let mut stored = Stored::new(0, Instant::now() + self.sessions.expiry());
+            stored.from_log = Some(record.delivered_through);
+            let link = Link::Away(Box::new(stored));
+            let sid = self.add(&mut state, identity, client_id, true, link);
+            if let Some(entry) = state.sessions.get_mut(&sid) {
+                entry.delivered_through = record.delivered_through;
+            }
+            for (filter, qos) in &record.filters {
+                let qos = if *qos == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                state.routes.subscribe(sid, filter, qos);
+            }
+        }
+        if !state.sessions.is_empty() {
+            info!(
+                sessions = state.sessions.len(),
+                "persistent sessions restored"
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes a persistent session's record (its filters and progress in the event log).
+    pub(super) fn save(&self, state: &State, sid: u64) {
+        let Some(entry) = state.sessions.get(&sid).filter(|e| e.persistent) else {
+            return;
+        };
+        let record = SessionRecord {
+            user_id: entry.identity.user_id.clone(),
+            admin: entry.identity.role == Role::Admin,
+            filters: state
+                .routes
+                .filters_of(sid)
+                .into_iter()
+                .map(|(f, q)| (f, q as u8))
+                .collect(),
+            delivered_through: entry.delivered_through,
+        };
+        if let Err(e) = self.store.sessions.put(&entry.client_id, &record) {
+            warn!(error = %e, "cannot store a persistent session");
+        }
+    }
+
+    pub(super) fn forget(&self, entry: &Entry) {
+        if entry.persistent {
+            if let Err(e) = self.store.sessions.remove(&entry.client_id) {
+                warn!(error = %e, "cannot remove a stored session");
+            }
+        }
+    }
+
+    /// Makes every session record written so far durable (before a persistent SUBACK).
+    pub(crate) async fn persist(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+
+    /// The durable events a restored session missed, for its notifications subscription.
+    pub(super) fn logged_since(
+        &self,
+        state: &State,
+        sid: u64,
+        user_id: &str,
+        through: u64,
+    ) -> Vec<Queued> {
+        let topic = notifications_topic(user_id);
+        let subscribed = state
+            .routes
+            .filters_of(sid)
+            .iter()
+            .any(|(f, _)| filter_matches(f, &topic));
+        if !subscribed {
+            return Vec::new();
+        }
+        match self.store.sessions.events_after(user_id, through) {
+            Ok(events) => events
+                .into_iter()
+                .map(|(seq, payload)| Queued {
+                    topic: bytes::Bytes::from(topic.clone()),
+                    payload: bytes::Bytes::from(payload),
+                    pkid: None,
+                    event: Some(seq),
+                })
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the event log");
+                Vec::new()
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! What a session does with a client's PUBLISH and SUBSCRIBE, and its Last Will: the bridge's
+//! checks, then the bus (publishes) or the hub (subscriptions).
+
+use tracing::{debug, info, warn};
+
+use super::{End, Session};
+use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
+use crate::bridge::PublishOutcome;
+use crate::broker::codec::{Packet, Publish, QoS, SubAck, SubscribeReasonCode};
+use crate::bus::Message;
+use crate::metrics;
+use crate::model::topic::notifications_topic;
+
+impl Session<'_> {
+    pub(super) async fn on_publish(&mut self, publish: Publish) -> Result<(), End> {
+        let inner = &self.gateway.inner;
+        let outcome = if publish.retain {
+            PublishOutcome::Refuse {
+                code: ErrorCode::Unsupported,
+                detail: "retained messages are not supported".into(),
+                about: crate::bridge::message::describe(&publish.payload, &publish.topic),
+            }
+        } else {
+            let device = &self.device;
+            inner
+                .bridge
+                .on_publish(&self.identity, device, &publish.topic, &publish.payload)
+        };
+        match outcome {
+            PublishOutcome::Deliver(messages) => {
+                metrics::PUBLISHES_RELAYED.inc();
+                for message in messages {
+                    inner
+                        .publisher
+                        .publish(message)
+                        .await
+                        .map_err(|_| End::Bus)?;
+                }
+            }
+            PublishOutcome::Refuse {
+                code,
+                detail,
+                about,
+            } => {
+                debug!(topic = %publish.topic, code = code.as_str(), %detail, "publish refused");
+                metrics::PUBLISHES_REFUSED.inc();
+                self.report(code, &detail, &about).await;
+                self.violations += 1;
+                if self.violations >= self.gateway.limits().violation_limit {
+                    return Err(End::Violations);
+                }
+            }
+        }
+        // v3.1.1 has no negative acknowledgement: every publish is acknowledged, and a refusal
+        // is reported as an `error` event on the sender's own notifications topic.
+        self.acknowledge(publish.qos, publish.pkid);
+        Ok(())
+    }
+
+    /// Publishes the Last Will, checked and stamped like any publish.
+    pub(super) async fn publish_will(&self, topic: &str, payload: &[u8]) {
+        let inner = &self.gateway.inner;
+        match inner
+            .bridge
+            .on_publish(&self.identity, &self.device, topic, payload)
+        {
+            PublishOutcome::Deliver(messages) => {
+                for message in messages {
+                    if let Err(e) = inner.publisher.publish(message).await {
+                        warn!(error = %e, "could not publish the Last Will");
+                    }
+                }
+            }
+            PublishOutcome::Refuse { detail, .. } => {
+                info!(%detail, "Last Will no longer allowed; not published");
+            }
+        }
+    }
+
+    /// Sends an `error` event to this client's own notifications topic.
+    async fn report(&self, code: ErrorCode, detail: &str, about: &ErrorRef) {
+        let topic = notifications_topic(&self.identity.user_id);
+        let event = Message::new(topic, error_event(code, detail, about));
+        if let Err(e) = self.gateway.inner.publisher.publish(event).await {
+            warn!(error = %e, "could not publish an error event");
+        }
+    }
+
+    /// A persistent session's SUBACK is sent once its subscriptions are on disk, so they
+    /// survive a restart.
+    pub(super) async fn on_subscribe(&mut self, subscribe: rumqttc::mqttbytes::v4::Subscribe) {
+        let inner = &self.gateway.inner;
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let max = self.gateway.limits().max_subscriptions;
+        for filter in subscribe.filters {
+            if !inner.hub.has_room(self.registration.id, &filter.path, max) {
+                info!(filter = %filter.path, max, "subscription limit reached");
+                metrics::SUBSCRIPTIONS_OVER_LIMIT.inc();
+                codes.push(SubscribeReasonCode::Failure);
+            } else if inner.bridge.may_subscribe(&self.identity, &filter.path) {
+                // callbus delivers at most QoS 1.
+                let qos = match filter.qos {
+                    QoS::AtMostOnce => QoS::AtMostOnce,
+                    _ => QoS::AtLeastOnce,
+                };
+                // Routed from now on: anything the bus delivers after this SUBACK arrives.
+                inner.hub.subscribe(self.registration.id, &filter.path, qos);
+                codes.push(SubscribeReasonCode::Success(qos));
+            } else {
+                debug!(filter = %filter.path, "subscription refused");
+                metrics::SUBSCRIPTIONS_REFUSED.inc();
+                codes.push(SubscribeReasonCode::Failure);
+            }
+        }
+        if self.persistent {
+            if let Err(e) = inner.hub.persist().await {
+                warn!(error = %e, "subscriptions not made durable");
+            }
+        }
+        self.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
+    }
+}

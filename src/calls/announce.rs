@@ -1,0 +1,95 @@
+//! How the call service announces: every event of a change is written to the durable event
+//! log (for users with a persistent session) inside the change's critical section, queued in
+//! the outbox, and published through the bus only once the change is on disk, in change order.
+
+use serde_json::Value;
+
+use super::live::Logged;
+use super::Calls;
+use crate::bus::Message;
+use crate::model::call::now_ms;
+use crate::model::topic::notifications_topic;
+use crate::store::StoreError;
+use crate::sync::lock;
+use tracing::warn;
+
+impl Calls {
+    /// Writes an event to the durable event log (the caller flushes), if the user has a
+    /// persistent session to replay it to after a restart.
+    pub(super) fn log(&self, user_id: &str, event: &Value) -> Result<Logged, StoreError> {
+        let payload = event.to_string();
+        let seq = if self.inner.presence.keeps_sessions(user_id) {
+            let sessions = &self.inner.store.sessions;
+            Some(sessions.log_event(user_id, &payload, now_ms())?)
+        } else {
+            None
+        };
+        Ok(Logged {
+            user_id: user_id.to_owned(),
+            payload,
+            seq,
+        })
+    }
+
+    /// Logs an event that no call change carries, makes it durable, and publishes it.
+    pub(super) async fn announce_now(
+        &self,
+        user_id: &str,
+        event: &Value,
+    ) -> Result<(), StoreError> {
+        let logged = self.log(user_id, event)?;
+        if logged.seq.is_some() {
+            self.inner.store.flush().await?;
+        }
+        self.publish(&logged).await;
+        Ok(())
+    }
+
+    /// Logs the events of a change (inside its critical section) and queues them for
+    /// [`Calls::commit_and_announce`].
+    pub(super) fn enqueue(&self, events: Vec<(String, Value)>) -> Result<u64, StoreError> {
+        let logged = events
+            .iter()
+            .map(|(uid, event)| self.log(uid, event))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut outbox = lock(&self.inner.outbox);
+        outbox.next_seq += 1;
+        let seq = outbox.next_seq;
+        outbox.pending.push_back((seq, logged));
+        Ok(seq)
+    }
+
+    /// Waits for the change numbered `seq` to be durable, then publishes every pending event up
+    /// to it, in order.
+    pub(super) async fn commit_and_announce(&self, seq: u64) -> Result<(), StoreError> {
+        self.inner.store.flush().await?;
+        if let Some(push) = &self.inner.push {
+            push.notify_one();
+        }
+        let _turn = self.inner.announcing.lock().await;
+        loop {
+            let batch = {
+                let mut outbox = lock(&self.inner.outbox);
+                if outbox.pending.front().is_none_or(|(s, _)| *s > seq) {
+                    break;
+                }
+                outbox.pending.pop_front()
+            };
+            for event in batch.map(|(_, events)| events).unwrap_or_default() {
+                self.publish(&event).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn publish(&self, event: &Logged) {
+        let topic = notifications_topic(&event.user_id);
+        let message = match event.seq {
+            Some(seq) => Message::logged(topic, event.payload.clone(), seq),
+            None => Message::new(topic, event.payload.clone()),
+        };
+        if let Err(e) = self.inner.publisher.publish(message).await {
+            warn!(user = %event.user_id, error = %e, "could not publish an event");
+        }
+    }
+}
