@@ -55,6 +55,14 @@ impl Live {
         }
     }
 
+    /// Every ringing or active call, ascending.
+    pub(super) fn ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.by_user.values().flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     pub(super) fn calls_of(&self, uid: &str) -> &[u64] {
         self.by_user.get(uid).map(Vec::as_slice).unwrap_or(&[])
     }

@@ -184,14 +184,7 @@ impl Calls {
 
     /// How many calls are ringing and how many active.
     pub fn live_counts(&self) -> (usize, usize) {
-        let mut ids: Vec<u64> = lock(&self.inner.live)
-            .by_user
-            .values()
-            .flatten()
-            .copied()
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = lock(&self.inner.live).ids();
         let statuses = ids.into_iter().filter_map(|id| self.get(id).ok().flatten());
         statuses.fold((0, 0), |(r, a), call| match call.status {
             Status::Ringing => (r + 1, a),

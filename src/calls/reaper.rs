@@ -38,14 +38,7 @@ fn overdue(calls: &Calls, last_seen: &mut HashMap<u64, u64>, now: u64) -> Vec<(u
     let limits = calls.inner.limits;
     let grace = limits.lost_grace.as_millis() as u64;
     let max = limits.max_duration.as_millis() as u64;
-    let mut ids: Vec<u64> = lock(&calls.inner.live)
-        .by_user
-        .values()
-        .flatten()
-        .copied()
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
+    let ids = lock(&calls.inner.live).ids();
     last_seen.retain(|id, _| ids.binary_search(id).is_ok());
     let mut out = Vec::new();
     for id in ids {
