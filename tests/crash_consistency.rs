@@ -6,9 +6,9 @@
 mod common;
 
 use callbus::auth::Role;
-use common::process::{spawn_with, token, Proc};
+use common::process::{spawn_with, Proc};
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::sync::{Arc, Mutex};
 
 /// How far a call got with a 2xx: 1 initiated, 2 accepted, 3 ended.
