@@ -58,8 +58,10 @@ for (const [name, page] of [["alice", alice], ["bob", bob]]) {
   await page.waitForFunction(() => window.demo.call === null && window.demo.lastEnd && window.demo.lastEnd.reason === "rejected", null, { timeout: TIMEOUT });
   check(true, `${name} sees the call rejected`);
 }
-check((await alice.evaluate(() => window.demo.errors.length)) === 0, "alice's page logged no errors");
-check((await bob.evaluate(() => window.demo.errors.length)) === 0, "bob's page logged no errors");
+for (const [name, page] of [["alice", alice], ["bob", bob]]) {
+  const errors = await page.evaluate(() => window.demo.errors);
+  check(errors.length === 0, `${name}'s page logged no errors ${JSON.stringify(errors)}`);
+}
 
 await browser.close();
 console.log("e2e: all checks passed");

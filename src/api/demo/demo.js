@@ -108,7 +108,14 @@ function onEvent(msg) {
         teardown(msg.reason);
       }
       break;
-    case "error": log(`error ${msg.code}: ${msg.detail}`, true); break;
+    case "error": {
+      // Candidates still in flight when the other side ended the call are refused as
+      // wrong_state: expected, not a fault of this page.
+      const late = msg.code === "wrong_state" && msg.ref_type === "call.candidate"
+        && (!state.call || String(state.call.id) !== msg.call_id);
+      log(`error ${msg.code}: ${msg.detail}`, !late);
+      break;
+    }
   }
 }
 
