@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{granted, raw_session, TestServer, Via, WAIT};
+use common::{granted, raw_session, raw_subscribe, TestServer, Via, WAIT};
 use serde_json::json;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,11 +78,7 @@ async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
     let s = TestServer::start().await;
     // Mallory subscribes and then never reads her socket.
     let mut stalled = raw_session(&s, 600, "mallory").await;
-    let topic = b"users/mallory/notifications";
-    let mut subscribe = vec![0x82, (2 + 2 + topic.len() + 1) as u8, 0, 1];
-    subscribe.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    subscribe.extend_from_slice(topic);
-    subscribe.push(1);
+    let subscribe = raw_subscribe("users/mallory/notifications");
     stalled.write_all(&subscribe).await.unwrap();
     let mut suback = [0u8; 5];
     stalled.read_exact(&mut suback).await.unwrap();

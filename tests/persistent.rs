@@ -6,7 +6,7 @@
 mod common;
 
 use callbus::auth::Role;
-use common::{granted, raw_connect_with, TestServer, Via, BOTH};
+use common::{granted, raw_connect_with, raw_subscribe, TestServer, Via, BOTH};
 use serde_json::json;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,25 +87,23 @@ async fn read_packet(stream: &mut TcpStream) -> Vec<u8> {
     packet
 }
 
+/// mia's phone over a raw socket with a persistent session: the socket and its CONNACK.
+async fn phone(s: &TestServer) -> (TcpStream, Vec<u8>) {
+    let mut raw = TcpStream::connect(s.mqtt).await.unwrap();
+    let connect = raw_connect_with(4, 30, &s.token("mia"), "phone", false);
+    raw.write_all(&connect).await.unwrap();
+    let connack = read_packet(&mut raw).await;
+    (raw, connack)
+}
+
 #[tokio::test]
 async fn unacknowledged_messages_are_sent_again_with_dup_and_their_packet_id() {
     let s = TestServer::start().await;
-    let token = s.token("mia");
-    let mut raw = TcpStream::connect(s.mqtt).await.unwrap();
-    raw.write_all(&raw_connect_with(4, 30, &token, "phone", false))
+    let (mut raw, connack) = phone(&s).await;
+    assert_eq!(connack, [0x20, 0, 0], "CONNACK, no session");
+    raw.write_all(&raw_subscribe("users/mia/notifications"))
         .await
         .unwrap();
-    assert_eq!(
-        read_packet(&mut raw).await,
-        [0x20, 0, 0],
-        "CONNACK, no session"
-    );
-    let topic = b"users/mia/notifications";
-    let mut subscribe = vec![0x82, (2 + 2 + topic.len() + 1) as u8, 0, 1];
-    subscribe.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    subscribe.extend_from_slice(topic);
-    subscribe.push(1);
-    raw.write_all(&subscribe).await.unwrap();
     assert_eq!(read_packet(&mut raw).await, [0x90, 0, 1, 1]);
     notify(&s, "mia", 7).await;
     let first = read_packet(&mut raw).await;
@@ -115,15 +113,8 @@ async fn unacknowledged_messages_are_sent_again_with_dup_and_their_packet_id() {
     let mut rest = Vec::new();
     raw.read_to_end(&mut rest).await.expect("closed");
 
-    let mut raw = TcpStream::connect(s.mqtt).await.unwrap();
-    raw.write_all(&raw_connect_with(4, 30, &token, "phone", false))
-        .await
-        .unwrap();
-    assert_eq!(
-        read_packet(&mut raw).await,
-        [0x20, 1, 0],
-        "CONNACK, session present"
-    );
+    let (mut raw, connack) = phone(&s).await;
+    assert_eq!(connack, [0x20, 1, 0], "CONNACK, session present");
     let again = read_packet(&mut raw).await;
     assert_eq!(again[0], 0x3a, "QoS 1 PUBLISH with DUP");
     assert_eq!(again[1..], first[1..], "same topic, packet id and payload");

@@ -280,6 +280,16 @@ pub fn raw_connect_with(
     out
 }
 
+/// Encodes a SUBSCRIBE (packet id 1) to one filter at QoS 1 by hand.
+pub fn raw_subscribe(filter: &str) -> Vec<u8> {
+    let filter = filter.as_bytes();
+    let mut subscribe = vec![0x82, (2 + 2 + filter.len() + 1) as u8, 0, 1];
+    subscribe.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(filter);
+    subscribe.push(1);
+    subscribe
+}
+
 /// A raw TCP connection that has sent a good CONNECT and read its CONNACK.
 pub async fn raw_session(s: &TestServer, keep_alive: u16, user: &str) -> TcpStream {
     let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
