@@ -1,12 +1,13 @@
 //! The conversations service: the one place membership changes, behind both REST paths that
 //! change it (the main app's `PUT /api/conversations/{cid}/` and the demo's dev sign-in). A
 //! change is durable before it returns, and members it removes have already stopped receiving
-//! `chat/{cid}`, existing subscriptions included.
+//! `chat/{cid}`, existing subscriptions included (in cluster mode, on every node).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::broker::Hub;
+use crate::cluster::Cluster;
 use crate::ids::now_rfc3339;
 use crate::store::{Conversation, Store, StoreError};
 
@@ -14,11 +15,17 @@ use crate::store::{Conversation, Store, StoreError};
 pub struct ConversationService {
     store: Store,
     hub: Arc<Hub>,
+    /// Cluster mode: conversations live in PostgreSQL and changes reach every node.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl ConversationService {
-    pub fn new(store: Store, hub: Arc<Hub>) -> Self {
-        Self { store, hub }
+    pub fn new(store: Store, hub: Arc<Hub>, cluster: Option<Arc<Cluster>>) -> Self {
+        Self {
+            store,
+            hub,
+            cluster,
+        }
     }
 
     pub fn get(&self, cid: &str) -> Option<Arc<Conversation>> {
@@ -35,10 +42,15 @@ impl ConversationService {
         cid: &str,
         members: BTreeSet<String>,
     ) -> Result<(Conversation, bool), StoreError> {
+        if let Some(cluster) = &self.cluster {
+            let replaced = (cluster.replace_conversation(cid, &members, &now_rfc3339())).await?;
+            return Ok((replaced.conversation, replaced.previous.is_some()));
+        }
         let conv = Conversation {
             id: cid.to_owned(),
             members,
             updated_at: now_rfc3339(),
+            version: 0,
         };
         let previous = self.store.conversations.put(conv.clone())?;
         self.store.flush().await?;

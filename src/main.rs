@@ -89,6 +89,22 @@ struct ServeArgs {
     /// loopback addresses only.
     #[arg(long, env = "CALLBUS_DEV")]
     dev: bool,
+    /// Cluster mode: NATS servers (comma separated nats:// URLs) to use as the bus between
+    /// callbus nodes (with --database).
+    #[arg(
+        long,
+        env = "CALLBUS_CLUSTER",
+        value_delimiter = ',',
+        requires = "database"
+    )]
+    cluster: Vec<String>,
+    /// Cluster mode: the PostgreSQL database nodes share, postgres://user@host:port/db
+    /// (with --cluster).
+    #[arg(long, env = "CALLBUS_DATABASE", requires = "cluster")]
+    database: Option<String>,
+    /// Cluster mode: this node's name (default: random).
+    #[arg(long, env = "CALLBUS_NODE_ID", requires = "cluster")]
+    node_id: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -162,6 +178,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if let Some(database) = &args.database {
+        let node_id = match &args.node_id {
+            Some(id) if callbus::ids::is_valid_id(id) => id.clone(),
+            Some(_) => bail!("--node-id must be 1-64 characters of [A-Za-z0-9_-]"),
+            None => format!("node-{}", &callbus::ids::new_message_id()[..8]),
+        };
+        if args.cluster.iter().any(|url| url.trim().is_empty()) {
+            bail!("--cluster takes nats:// URLs separated by commas");
+        }
+        settings.cluster = Some(callbus::cluster::ClusterOptions {
+            nats: args.cluster.clone(),
+            database: database.clone(),
+            node_id,
+        });
+    }
     let http = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding HTTP on {}", args.http))?;

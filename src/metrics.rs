@@ -128,6 +128,21 @@ pub static BUS_LOST: Metric = Metric::new(
     "counter",
     "Messages the bus accepted but never delivered back (should stay 0).",
 );
+pub static BUS_PUBLISHED: Metric = Metric::new(
+    "callbus_cluster_published_total",
+    "counter",
+    "Messages this node published on the cluster bus (NATS).",
+);
+pub static BUS_RECEIVED: Metric = Metric::new(
+    "callbus_cluster_received_total",
+    "counter",
+    "Messages this node received from the cluster bus, one per subscribed filter (interest).",
+);
+pub static BUS_INTEREST: Metric = Metric::new(
+    "callbus_cluster_interest",
+    "gauge",
+    "Filters this node subscribes to on the cluster bus.",
+);
 pub static PUSHES_DELIVERED: Metric = Metric::new(
     "callbus_pushes_delivered_total",
     "counter",
@@ -151,7 +166,7 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 23] = [
+const ALL: [&Metric; 26] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -170,6 +185,9 @@ const ALL: [&Metric; 23] = [
     &SESSION_QUEUE_DROPPED,
     &BUS_PUBLISHER_WAITS,
     &BUS_LOST,
+    &BUS_PUBLISHED,
+    &BUS_RECEIVED,
+    &BUS_INTEREST,
     &PUSHES_DELIVERED,
     &PUSH_RETRIES,
     &PUSHES_DROPPED,

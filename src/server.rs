@@ -17,11 +17,14 @@ use crate::auth::Authenticator;
 use crate::bridge::Bridge;
 use crate::broker::{self, Gateway, Hub};
 use crate::bus::embedded::EmbeddedBus;
+use crate::bus::nats::NatsBus;
 use crate::bus::Publisher;
 use crate::calls::{CallLimits, Calls};
+use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::FileConfig;
 use crate::conversations::ConversationService;
 use crate::net;
+use crate::store::pg::Pg;
 use crate::store::Store;
 
 /// Everything `serve` needs besides its listeners.
@@ -45,6 +48,8 @@ pub struct Settings {
     pub push: Option<crate::push::Webhook>,
     /// How often `$SYS/#` is published.
     pub sys_interval: Duration,
+    /// Cluster mode: NATS and PostgreSQL instead of the embedded router and sled alone.
+    pub cluster: Option<ClusterOptions>,
 }
 
 impl Settings {
@@ -63,6 +68,7 @@ impl Settings {
             tls: None,
             push: None,
             sys_interval: Duration::from_secs(5),
+            cluster: None,
         }
     }
 }
@@ -101,6 +107,34 @@ async fn serve_http(
     net::accept_loop(listener, tls, shutdown, tracker, handle).await
 }
 
+/// Connects to NATS and PostgreSQL, puts the hub on the NATS bus, and joins the cluster.
+async fn join_cluster(
+    options: &ClusterOptions,
+    store: &Store,
+    hub: &std::sync::Arc<Hub>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Publisher, std::sync::Arc<Cluster>)> {
+    let nats = crate::cluster::connect_nats(options)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", options.nats.join(",")))?;
+    let pg = Pg::open(&options.database)
+        .await
+        .context("opening the database (--database)")?;
+    let bus = NatsBus::start(nats.client.clone(), hub.clone(), shutdown.clone());
+    hub.set_interest(bus.clone());
+    let cluster = Cluster::start(
+        options,
+        nats,
+        pg,
+        store.conversations.clone(),
+        hub.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .context("joining the cluster")?;
+    Ok((Publisher::new(bus), cluster))
+}
+
 /// A started server.
 pub struct Server {
     pub http_addr: SocketAddr,
@@ -134,11 +168,19 @@ impl Server {
         // The hub owns the sessions; the bus hands it every message, in bus order.
         let hub = Hub::new(store.clone(), settings.config.sessions.clone())
             .context("restoring persistent sessions")?;
-        let bus = EmbeddedBus::start(settings.config.router.clone(), hub.clone())
-            .await
-            .context("starting the embedded bus (rumqttd router)")?;
-        let publisher = Publisher::new(std::sync::Arc::new(bus));
         let shutdown = CancellationToken::new();
+        let (publisher, cluster) = match &settings.cluster {
+            None => {
+                let bus = EmbeddedBus::start(settings.config.router.clone(), hub.clone())
+                    .await
+                    .context("starting the embedded bus (rumqttd router)")?;
+                (Publisher::new(std::sync::Arc::new(bus)), None)
+            }
+            Some(options) => {
+                let (publisher, cluster) = join_cluster(options, &store, &hub, &shutdown).await?;
+                (publisher, Some(cluster))
+            }
+        };
         let limits = CallLimits {
             ring_timeout: settings.ring_timeout,
             lost_grace: settings.call_lost_grace,
@@ -164,7 +206,7 @@ impl Server {
             shutdown.clone(),
         ));
         let bridge = Bridge::new(auth.clone(), store.clone(), calls.clone());
-        let conversations = ConversationService::new(store, hub.clone());
+        let conversations = ConversationService::new(store, hub.clone(), cluster.clone());
         let gateway = Gateway::new(
             hub,
             publisher,
@@ -187,6 +229,7 @@ impl Server {
             turn: settings.turn,
             dev: settings.dev,
             cors_origins,
+            cluster,
         };
         let app = api::router(state);
         let token = shutdown.clone();

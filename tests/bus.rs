@@ -25,6 +25,10 @@ impl Deliver for Gated {
         let _ = self.out.send(message);
     }
 
+    fn deliver_via(&self, _filter: &str, _message: Message) {
+        unreachable!("the embedded bus delivers every message once, by topic");
+    }
+
     fn closed(&self) {}
 }
 

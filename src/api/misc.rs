@@ -78,3 +78,14 @@ pub async fn dev_token(
         json!({ "token": token, "user_id": user_id, "username": username }),
     ))
 }
+
+/// 200 once everything this node needs answers (in cluster mode: NATS and PostgreSQL).
+pub async fn healthz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    match &state.cluster {
+        Some(cluster) if !cluster.ready().await => Err(ApiError::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: NATS or the database is unreachable".into(),
+        )),
+        _ => Ok("ok"),
+    }
+}

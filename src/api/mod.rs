@@ -35,6 +35,8 @@ pub struct AppState {
     pub dev: bool,
     /// Origins allowed to call the REST API from browsers.
     pub cors_origins: Vec<HeaderValue>,
+    /// Cluster mode: this node's view of the others.
+    pub cluster: Option<std::sync::Arc<crate::cluster::Cluster>>,
 }
 
 impl FromRef<AppState> for Gateway {
@@ -58,7 +60,7 @@ fn both<S: Clone + Send + Sync + 'static>(
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let r = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(misc::healthz))
         .route(
             "/metrics",
             get(|| async {

@@ -8,6 +8,8 @@
 
 pub mod embedded;
 mod envelope;
+pub mod nats;
+mod subject;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -101,9 +103,22 @@ pub enum BusError {
 
 /// Where a bus hands its deliveries, in bus order.
 pub trait Deliver: Send + Sync + 'static {
+    /// Routes `message` to every local subscription it matches.
     fn deliver(&self, message: Message);
+    /// Routes `message` to the local subscriptions made with exactly `filter` (a bus that
+    /// routes by interest receives one copy per filter it was asked for).
+    fn deliver_via(&self, filter: &str, message: Message);
     /// The bus is gone: nothing will be delivered any more.
     fn closed(&self);
+}
+
+/// Which filters the local sessions hold, for a bus that carries only what a node's sessions
+/// subscribe to. The hub calls it under its lock, in order; it must not block.
+pub trait Interest: Send + Sync + 'static {
+    /// The first local subscription with `filter` was made.
+    fn add(&self, filter: &str);
+    /// The last local subscription with `filter` is gone.
+    fn remove(&self, filter: &str);
 }
 
 /// Carries publishes in one order to every [`Deliver`]er.
@@ -111,6 +126,13 @@ pub trait Bus: Send + Sync + 'static {
     /// Hands `message` to the bus after everything published before it. Waits while the bus is
     /// full (backpressure); an error means the bus is gone.
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>>;
+
+    /// Resolves once every interest change made so far is in effect, so that a subscription
+    /// acknowledged after it receives whatever is published next. Immediate for a bus that
+    /// carries everything to everyone.
+    fn settled(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A cloneable handle for publishing: what sessions and services hold.
@@ -124,5 +146,10 @@ impl Publisher {
 
     pub async fn publish(&self, message: Message) -> Result<(), BusError> {
         self.0.publish(message).await
+    }
+
+    /// See [`Bus::settled`].
+    pub async fn settled(&self) {
+        self.0.settled().await
     }
 }

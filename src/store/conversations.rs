@@ -16,6 +16,9 @@ pub struct Conversation {
     pub id: String,
     pub members: BTreeSet<String>,
     pub updated_at: String,
+    /// How many times it was written (cluster mode: a node keeps the newest it has seen).
+    #[serde(skip)]
+    pub version: u64,
 }
 
 #[derive(Clone)]
@@ -46,6 +49,27 @@ impl Conversations {
         let mut cache = write(&self.cache);
         self.tree.insert(conv.id.as_bytes(), value)?;
         Ok(cache.insert(conv.id.clone(), Arc::new(conv)))
+    }
+
+    /// Replaces the in-memory copy with `convs` (cluster mode: the database's).
+    pub fn load(&self, convs: Vec<Conversation>) {
+        let fresh = convs.into_iter().map(|c| (c.id.clone(), Arc::new(c)));
+        *write(&self.cache) = fresh.collect();
+    }
+
+    /// Takes `conv` into the in-memory copy if it is newer than what is there (cluster mode:
+    /// the database holds conversations and nodes hear of changes in any order). Returns
+    /// whether it was taken.
+    pub fn apply(&self, conv: Conversation) -> bool {
+        let mut cache = write(&self.cache);
+        if cache
+            .get(&conv.id)
+            .is_some_and(|c| c.version >= conv.version)
+        {
+            return false;
+        }
+        cache.insert(conv.id.clone(), Arc::new(conv));
+        true
     }
 
     /// The conversation, if known.

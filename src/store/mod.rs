@@ -4,6 +4,7 @@
 mod calls;
 mod commit;
 mod conversations;
+pub mod pg;
 mod push;
 mod sessions;
 
@@ -24,6 +25,11 @@ pub enum StoreError {
     Flush(String),
     #[error("corrupt record under {0}")]
     Corrupt(String),
+    /// The shared database (cluster mode) cannot be reached: try again later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A key `<user id>/<id as 8 big-endian bytes>`: a user's entries sort together, by id.

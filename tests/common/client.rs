@@ -60,11 +60,24 @@ impl Client {
         password: &str,
         configure: impl FnOnce(&mut MqttOptions),
     ) -> Result<Client, ConnectionError> {
+        let ports = (server.http.port(), server.mqtt.port());
+        Self::connect_to(ports, via, client_id, username, password, configure).await
+    }
+
+    /// Connects to the server listening on `(http, mqtt)` ports of 127.0.0.1.
+    pub async fn connect_to(
+        (http, mqtt): (u16, u16),
+        via: Via,
+        client_id: &str,
+        username: &str,
+        password: &str,
+        configure: impl FnOnce(&mut MqttOptions),
+    ) -> Result<Client, ConnectionError> {
         let mut options = match via {
-            Via::Tcp => MqttOptions::new(client_id, "127.0.0.1", server.mqtt.port()),
+            Via::Tcp => MqttOptions::new(client_id, "127.0.0.1", mqtt),
             Via::Ws => {
-                let url = format!("ws://127.0.0.1:{}/mqtt", server.http.port());
-                let mut o = MqttOptions::new(client_id, url, server.http.port());
+                let url = format!("ws://127.0.0.1:{http}/mqtt");
+                let mut o = MqttOptions::new(client_id, url, http);
                 o.set_transport(Transport::Ws);
                 o
             }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 mod client;
+pub mod cluster;
 pub mod node;
 pub mod process;
 pub use client::*;

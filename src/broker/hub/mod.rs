@@ -296,12 +296,32 @@ async fn expire_sessions(hub: Weak<Hub>) {
 
 impl Deliver for Hub {
     fn deliver(&self, message: Message) {
+        self.route(message, |routes, topic| routes.matches(topic));
+    }
+
+    fn deliver_via(&self, filter: &str, message: Message) {
+        self.route(message, |routes, _| routes.holders(filter));
+    }
+
+    fn closed(&self) {
+        self.close_all(|| Event::BusClosed);
+    }
+}
+
+impl Hub {
+    /// Tells `interest` which filters the sessions hold, now and after every change.
+    pub fn set_interest(&self, interest: Arc<dyn crate::bus::Interest>) {
+        lock(&self.state).routes.set_interest(interest);
+    }
+
+    /// Hands `message` to the sessions `targets` picks, after the audience and the ACL.
+    fn route(&self, message: Message, targets: impl FnOnce(&Routes, &str) -> Vec<(u64, QoS)>) {
         let Some(topic) = message.topic_str() else {
             return;
         };
         let mut state = lock(&self.state);
         let mut too_slow = Vec::new();
-        for (sid, qos) in state.routes.matches(topic) {
+        for (sid, qos) in targets(&state.routes, topic) {
             let Some(entry) = state.sessions.get_mut(&sid) else {
                 continue;
             };
@@ -344,12 +364,6 @@ impl Deliver for Hub {
         }
     }
 
-    fn closed(&self) {
-        self.close_all(|| Event::BusClosed);
-    }
-}
-
-impl Hub {
     /// Ends a live connection that stopped reading. A persistent session is kept (what its
     /// connection had not written comes back with its parting); a clean one goes.
     fn drop_slow(&self, state: &mut State, sid: u64) {

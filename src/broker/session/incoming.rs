@@ -87,7 +87,7 @@ impl Session<'_> {
     }
 
     /// A persistent session's SUBACK is sent once its subscriptions are on disk, so they
-    /// survive a restart.
+    /// survive a restart, and once the bus carries them.
     pub(super) async fn on_subscribe(&mut self, subscribe: rumqttc::mqttbytes::v4::Subscribe) {
         let inner = &self.gateway.inner;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
@@ -117,6 +117,8 @@ impl Session<'_> {
                 warn!(error = %e, "subscriptions not made durable");
             }
         }
+        // A bus that routes by interest (cluster mode) has the new filters in effect first.
+        inner.publisher.settled().await;
         self.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
     }
 }

@@ -1,0 +1,168 @@
+//! The cluster bus: NATS between callbus nodes. A publish goes to the subject of its topic
+//! ([`subject`](super::subject)); a node subscribes only to the filters its own sessions hold
+//! (interest, not broadcast), one NATS subscription per filter, and hands each message to the
+//! hub for the sessions holding that filter. Order is NATS's: per publishing node and subject.
+//!
+//! The hub reports interest changes under its lock ([`Interest`]); they are applied in order by
+//! one task, and [`Bus::settled`] waits until the local NATS server has processed them (a
+//! PING/PONG round trip), which is what a SUBACK waits for.
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::subject::{filter_subjects, subject_topic, topic_subject};
+use super::{envelope, Bus, BusError, Deliver, Interest, Message};
+use crate::metrics;
+
+/// Subjects of client topics live under this prefix; control traffic under others.
+pub const TOPIC_PREFIX: &str = "callbus.t";
+
+enum Command {
+    Add(String),
+    Remove(String),
+    Settle(oneshot::Sender<()>),
+}
+
+/// The NATS bus of one node.
+pub struct NatsBus {
+    client: async_nats::Client,
+    commands: mpsc::UnboundedSender<Command>,
+    seq: AtomicU64,
+}
+
+impl NatsBus {
+    /// A bus on `client`, delivering to `deliver`; stops when `shutdown` is cancelled.
+    pub fn start(
+        client: async_nats::Client,
+        deliver: Arc<dyn Deliver>,
+        shutdown: CancellationToken,
+    ) -> Arc<NatsBus> {
+        let (commands, rx) = mpsc::unbounded_channel();
+        tokio::spawn(apply_interest(client.clone(), deliver, rx, shutdown));
+        Arc::new(NatsBus {
+            client,
+            commands,
+            seq: AtomicU64::new(0),
+        })
+    }
+}
+
+impl Interest for NatsBus {
+    fn add(&self, filter: &str) {
+        let _ = self.commands.send(Command::Add(filter.to_owned()));
+    }
+
+    fn remove(&self, filter: &str) {
+        let _ = self.commands.send(Command::Remove(filter.to_owned()));
+    }
+}
+
+impl Bus for NatsBus {
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            let topic = message.topic_str().ok_or(BusError::Closed)?;
+            let subject = topic_subject(TOPIC_PREFIX, topic);
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let payload = envelope::encode(seq, &message);
+            // Waits while the client's outgoing queue is full (backpressure); while NATS is
+            // unreachable the client keeps it until it reconnects.
+            self.client.publish(subject, payload).await.map_err(|e| {
+                warn!(error = %e, "cannot publish on NATS");
+                BusError::Closed
+            })?;
+            metrics::BUS_PUBLISHED.inc();
+            Ok(())
+        })
+    }
+
+    fn settled(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            if self.commands.send(Command::Settle(tx)).is_ok() {
+                let _ = rx.await;
+            }
+        })
+    }
+}
+
+/// Applies interest changes in order: one reader task per filter.
+async fn apply_interest(
+    client: async_nats::Client,
+    deliver: Arc<dyn Deliver>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    shutdown: CancellationToken,
+) {
+    let mut readers: HashMap<String, CancellationToken> = HashMap::new();
+    loop {
+        let command = tokio::select! {
+            command = commands.recv() => command,
+            _ = shutdown.cancelled() => None,
+        };
+        let Some(command) = command else { break };
+        match command {
+            Command::Add(filter) => {
+                if readers.contains_key(&filter) {
+                    continue;
+                }
+                let mut subscribers = Vec::new();
+                for subject in filter_subjects(TOPIC_PREFIX, &filter) {
+                    match client.subscribe(subject).await {
+                        Ok(subscriber) => subscribers.push(subscriber),
+                        Err(e) => warn!(%filter, error = %e, "cannot subscribe on NATS"),
+                    }
+                }
+                let stop = shutdown.child_token();
+                readers.insert(filter.clone(), stop.clone());
+                metrics::BUS_INTEREST.inc();
+                tokio::spawn(read(filter, subscribers, deliver.clone(), stop));
+            }
+            Command::Remove(filter) => {
+                if let Some(stop) = readers.remove(&filter) {
+                    stop.cancel();
+                    metrics::BUS_INTEREST.dec();
+                }
+            }
+            Command::Settle(done) => {
+                if let Err(e) = client.flush().await {
+                    warn!(error = %e, "NATS flush failed");
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+    deliver.closed();
+}
+
+/// Hands what `filter`'s subscriptions receive to the hub until stopped (dropping the
+/// subscribers unsubscribes).
+async fn read(
+    filter: String,
+    subscribers: Vec<async_nats::Subscriber>,
+    deliver: Arc<dyn Deliver>,
+    stop: CancellationToken,
+) {
+    let mut messages = futures_util::stream::select_all(subscribers);
+    loop {
+        let message = tokio::select! {
+            message = messages.next() => message,
+            _ = stop.cancelled() => None,
+        };
+        let Some(message) = message else { break };
+        let Some(topic) = subject_topic(TOPIC_PREFIX, message.subject.as_str()) else {
+            continue;
+        };
+        metrics::BUS_RECEIVED.inc();
+        match envelope::decode(Bytes::from(topic), message.payload) {
+            Some(decoded) => deliver.deliver_via(&filter, decoded.message),
+            None => warn!(subject = %message.subject, "a message without a callbus envelope"),
+        }
+    }
+    debug!(%filter, "stopped reading");
+}

@@ -1,0 +1,343 @@
+//! Cluster mode (DESIGN "Cluster mode"): nodes share a NATS cluster (the bus, and this control
+//! plane) and a PostgreSQL database. This module is what one node knows of the others: which
+//! nodes are alive (a heartbeat each second), and conversation changes, which every node applies
+//! to its in-memory membership before the node that made the change answers its PUT, so a member
+//! removed on one node has stopped receiving on all of them.
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::broker::Hub;
+use crate::store::pg::{Pg, Replaced};
+use crate::store::{Conversation, Conversations, StoreError};
+use crate::sync::lock;
+
+const NODES: &str = "callbus.ctl.node";
+const CONVERSATIONS: &str = "callbus.ctl.conversation";
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node not heard from for this long is taken as gone.
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a change waits for the other nodes to confirm it.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What `--cluster`, `--database` and `--node-id` say.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub nats: Vec<String>,
+    pub database: String,
+    pub node_id: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ConversationChange {
+    node: String,
+    id: String,
+    members: BTreeSet<String>,
+    updated_at: String,
+    version: u64,
+    removed: Vec<String>,
+}
+
+/// One node's view of the cluster.
+pub struct Cluster {
+    node_id: String,
+    client: async_nats::Client,
+    pub pg: Arc<Pg>,
+    conversations: Conversations,
+    hub: Arc<Hub>,
+    peers: Mutex<HashMap<String, Instant>>,
+}
+
+/// A NATS connection and a signal each time it is made (the first signal only causes a
+/// catch-up that finds nothing new).
+pub struct Nats {
+    pub client: async_nats::Client,
+    reconnected: Arc<tokio::sync::Notify>,
+}
+
+/// Connects to the NATS cluster (any of `urls`), naming the connection after the node. Fails if
+/// no server answers; after that the client reconnects by itself, forever.
+pub async fn connect_nats(options: &ClusterOptions) -> anyhow::Result<Nats> {
+    let reconnected = Arc::new(tokio::sync::Notify::new());
+    let signal = reconnected.clone();
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("callbus-{}", options.node_id))
+        .connection_timeout(Duration::from_secs(3))
+        .event_callback(move |event| {
+            let signal = signal.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        info!("NATS connected");
+                        signal.notify_one();
+                    }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        crate::metrics::BUS_LOST.inc();
+                        warn!(
+                            subscription = sid,
+                            "NATS dropped messages for a slow subscription"
+                        );
+                    }
+                    other => warn!(event = %other, "NATS"),
+                }
+            }
+        })
+        .connect(options.nats.as_slice())
+        .await?;
+    Ok(Nats {
+        client,
+        reconnected,
+    })
+}
+
+impl Cluster {
+    /// Joins the control plane, then loads conversations from the database (in that order, so
+    /// no change between the two is missed), and starts the heartbeat.
+    pub async fn start(
+        options: &ClusterOptions,
+        nats: Nats,
+        pg: Arc<Pg>,
+        conversations: Conversations,
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let cluster = Arc::new(Cluster {
+            node_id: options.node_id.clone(),
+            client: nats.client,
+            pg,
+            conversations,
+            hub,
+            peers: Mutex::default(),
+        });
+        let nodes = cluster.client.subscribe(NODES).await?;
+        let changes = cluster.client.subscribe(CONVERSATIONS).await?;
+        cluster.client.flush().await?;
+        cluster
+            .conversations
+            .load(cluster.pg.conversations().await?);
+        tokio::spawn(cluster.clone().hear_nodes(nodes, shutdown.clone()));
+        tokio::spawn(cluster.clone().hear_changes(changes, shutdown.clone()));
+        tokio::spawn(cluster.clone().resync(nats.reconnected, shutdown.clone()));
+        tokio::spawn(cluster.clone().heartbeat(shutdown));
+        // The others hear this node's first heartbeat at once; this node hears each of theirs
+        // within a period. Serving before that, a change made here could skip waiting for
+        // a node it has not heard of yet.
+        tokio::time::sleep(HEARTBEAT + HEARTBEAT / 4).await;
+        info!(node = %cluster.node_id, peers = cluster.live_peers().len(), "joined the cluster");
+        Ok(cluster)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Whether this node can serve: NATS connected and the database answering.
+    pub async fn ready(&self) -> bool {
+        let nats = self.client.connection_state() == async_nats::connection::State::Connected;
+        nats && self.pg.ping().await
+    }
+
+    /// Live nodes besides this one.
+    fn live_peers(&self) -> HashSet<String> {
+        let now = Instant::now();
+        let peers = lock(&self.peers);
+        let live = peers.iter().filter(|(_, seen)| now - **seen < PEER_TIMEOUT);
+        live.map(|(node, _)| node.clone()).collect()
+    }
+
+    /// After each NATS reconnection, catches up with the conversation changes made while this
+    /// node could not hear them (retrying while the database is away).
+    async fn resync(
+        self: Arc<Self>,
+        reconnected: Arc<tokio::sync::Notify>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = reconnected.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+            loop {
+                match self.pg.conversations().await {
+                    Ok(convs) => {
+                        for conv in convs {
+                            self.catch_up(conv);
+                        }
+                        info!("conversations caught up after a NATS reconnection");
+                        break;
+                    }
+                    Err(e) => warn!(error = %e, "cannot catch up with conversations yet"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(HEARTBEAT) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    /// Takes the database's `conv`, cutting off whoever it no longer lists.
+    fn catch_up(&self, conv: Conversation) {
+        let before = self.conversations.get(&conv.id);
+        let removed = before
+            .iter()
+            .flat_map(|b| b.members.difference(&conv.members));
+        let change = ConversationChange {
+            node: self.node_id.clone(),
+            removed: removed.cloned().collect(),
+            id: conv.id,
+            members: conv.members,
+            updated_at: conv.updated_at,
+            version: conv.version,
+        };
+        self.apply(change);
+    }
+
+    async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let id = self.node_id.clone().into();
+            if let Err(e) = self.client.publish(NODES, id).await {
+                warn!(error = %e, "cannot send the heartbeat");
+            }
+        }
+    }
+
+    async fn hear_nodes(
+        self: Arc<Self>,
+        mut nodes: async_nats::Subscriber,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let heard = tokio::select! {
+                heard = nodes.next() => heard,
+                _ = stop.cancelled() => return,
+            };
+            let Some(heard) = heard else { return };
+            let Ok(node) = std::str::from_utf8(&heard.payload) else {
+                continue;
+            };
+            if node != self.node_id {
+                let new = lock(&self.peers).insert(node.to_owned(), Instant::now());
+                if new.is_none_or(|seen| seen.elapsed() >= PEER_TIMEOUT) {
+                    info!(%node, "node joined");
+                }
+            }
+        }
+    }
+
+    async fn hear_changes(
+        self: Arc<Self>,
+        mut changes: async_nats::Subscriber,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let heard = tokio::select! {
+                heard = changes.next() => heard,
+                _ = stop.cancelled() => return,
+            };
+            let Some(heard) = heard else { return };
+            let change: ConversationChange = match serde_json::from_slice(&heard.payload) {
+                Ok(change) => change,
+                Err(e) => {
+                    warn!(error = %e, "a conversation change that does not parse");
+                    continue;
+                }
+            };
+            if change.node != self.node_id {
+                self.apply(change);
+            }
+            if let Some(reply) = heard.reply {
+                let id = self.node_id.clone().into();
+                if let Err(e) = self.client.publish(reply, id).await {
+                    warn!(error = %e, "cannot confirm a conversation change");
+                }
+            }
+        }
+    }
+
+    /// Takes a change into this node's membership and cuts off the members it removed.
+    fn apply(&self, change: ConversationChange) {
+        let conversation = Conversation {
+            id: change.id,
+            members: change.members,
+            updated_at: change.updated_at,
+            version: change.version,
+        };
+        let cid = conversation.id.clone();
+        if self.conversations.apply(conversation) {
+            for uid in &change.removed {
+                self.hub.revoke_chat(uid, &cid);
+            }
+        }
+    }
+
+    /// Creates or replaces a conversation in the database, then has every live node (this one
+    /// first) apply it; returns once they all confirmed, or after [`ACK_TIMEOUT`] for those
+    /// that did not (a node that cannot hear the bus cannot deliver from it either).
+    pub async fn replace_conversation(
+        &self,
+        id: &str,
+        members: &BTreeSet<String>,
+        updated_at: &str,
+    ) -> Result<Replaced, StoreError> {
+        let replaced = self
+            .pg
+            .replace_conversation(id, members, updated_at)
+            .await?;
+        let conv = &replaced.conversation;
+        let removed = replaced.previous.iter().flatten();
+        let change = ConversationChange {
+            node: self.node_id.clone(),
+            id: conv.id.clone(),
+            members: conv.members.clone(),
+            updated_at: conv.updated_at.clone(),
+            version: conv.version,
+            removed: removed
+                .filter(|m| !conv.members.contains(*m))
+                .cloned()
+                .collect(),
+        };
+        let payload =
+            serde_json::to_vec(&change).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.apply(change);
+        if let Err(e) = self.confirm_everywhere(payload).await {
+            warn!(conversation = %id, error = %e, "could not tell the other nodes");
+        }
+        Ok(replaced)
+    }
+
+    async fn confirm_everywhere(&self, payload: Vec<u8>) -> anyhow::Result<()> {
+        let mut waiting = self.live_peers();
+        let inbox = self.client.new_inbox();
+        let mut acks = self.client.subscribe(inbox.clone()).await?;
+        self.client
+            .publish_with_reply(CONVERSATIONS, inbox, payload.into())
+            .await?;
+        self.client.flush().await?;
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, acks.next()).await {
+                Ok(Some(ack)) => {
+                    waiting.remove(String::from_utf8_lossy(&ack.payload).as_ref());
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(nodes = ?waiting, "nodes did not confirm a conversation change in time");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}

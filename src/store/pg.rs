@@ -1,0 +1,244 @@
+//! PostgreSQL, for what cluster nodes share. A few connections are kept and replaced when they
+//! break, so the database going away makes requests fail fast with
+//! [`StoreError::Unavailable`] (503) and coming back heals by itself. The schema is versioned:
+//! [`MIGRATIONS`] run in order at startup, once per database, under an advisory lock so nodes
+//! starting together do not race.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+use tracing::{info, warn};
+
+use super::{Conversation, StoreError};
+use crate::sync::lock;
+
+/// The schema, one step per version. Never edit a step that has shipped: add one.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE conversations (
+        id text PRIMARY KEY,
+        members text[] NOT NULL,
+        updated_at text NOT NULL,
+        version bigint NOT NULL
+    )",
+)];
+
+/// Any fixed number: the advisory lock migrations run under.
+const MIGRATION_LOCK: i64 = 0x6361_6c6c_6275_7301;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const IDLE_CONNECTIONS: usize = 8;
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// The database behind a cluster.
+pub struct Pg {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Client>>,
+}
+
+/// A connection, back to the pool when dropped unless it broke.
+struct Conn<'a> {
+    pg: &'a Pg,
+    client: Option<Client>,
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            let mut idle = lock(&self.pg.idle);
+            if !client.is_closed() && idle.len() < IDLE_CONNECTIONS {
+                idle.push(client);
+            }
+        }
+    }
+}
+
+impl Conn<'_> {
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        self.client
+            .as_mut()
+            .ok_or_else(|| unavailable("no connection"))
+    }
+}
+
+/// A conversation as written, with what it replaced.
+pub struct Replaced {
+    pub conversation: Conversation,
+    pub previous: Option<BTreeSet<String>>,
+}
+
+impl Pg {
+    /// Connects to `url` and brings the schema up to date.
+    pub async fn open(url: &str) -> Result<Arc<Pg>, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("bad --database URL: {e}")))?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("callbus");
+        let pg = Arc::new(Pg {
+            config,
+            idle: Mutex::default(),
+        });
+        pg.migrate().await?;
+        Ok(pg)
+    }
+
+    async fn conn(&self) -> Result<Conn<'_>, StoreError> {
+        let reused = {
+            let mut idle = lock(&self.idle);
+            std::iter::from_fn(|| idle.pop()).find(|c| !c.is_closed())
+        };
+        let client = match reused {
+            Some(client) => client,
+            None => {
+                let connecting = self.config.connect(NoTls);
+                let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                    .await
+                    .map_err(|_| unavailable("timed out connecting to PostgreSQL"))?
+                    .map_err(unavailable)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        warn!(error = %e, "PostgreSQL connection ended");
+                    }
+                });
+                client
+            }
+        };
+        Ok(Conn {
+            pg: self,
+            client: Some(client),
+        })
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.client()?.transaction().await.map_err(unavailable)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(unavailable)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .map_err(unavailable)?;
+        let row = tx
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let current: i32 = row.try_get(0).map_err(unavailable)?;
+        if let Some((newest, _)) = MIGRATIONS.last() {
+            if current > *newest {
+                return Err(StoreError::Config(format!(
+                    "the database schema is version {current}, newer than this build's {newest}"
+                )));
+            }
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            tx.batch_execute(sql).await.map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(unavailable)?;
+            info!(version, "database schema migrated");
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        let Ok(mut conn) = self.conn().await else {
+            return false;
+        };
+        let Ok(client) = conn.client() else {
+            return false;
+        };
+        let query = client.simple_query("SELECT 1");
+        matches!(
+            tokio::time::timeout(CONNECT_TIMEOUT, query).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Every conversation with its version.
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows = conn
+            .client()?
+            .query(
+                "SELECT id, members, updated_at, version FROM conversations",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let read = |row: &tokio_postgres::Row| -> Result<Conversation, tokio_postgres::Error> {
+            Ok(Conversation {
+                id: row.try_get(0)?,
+                members: row.try_get::<_, Vec<String>>(1)?.into_iter().collect(),
+                updated_at: row.try_get(2)?,
+                version: row.try_get::<_, i64>(3)? as u64,
+            })
+        };
+        rows.iter()
+            .map(|row| read(row).map_err(|e| StoreError::Corrupt(format!("conversations: {e}"))))
+            .collect()
+    }
+
+    /// Creates or replaces a conversation's members (committed when this returns).
+    pub async fn replace_conversation(
+        &self,
+        id: &str,
+        members: &BTreeSet<String>,
+        updated_at: &str,
+    ) -> Result<Replaced, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.client()?.transaction().await.map_err(unavailable)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('conversation:' || $1))",
+            &[&id],
+        )
+        .await
+        .map_err(unavailable)?;
+        let previous = tx
+            .query_opt("SELECT members FROM conversations WHERE id = $1", &[&id])
+            .await
+            .map_err(unavailable)?
+            .map(|row| row.try_get::<_, Vec<String>>(0))
+            .transpose()
+            .map_err(unavailable)?
+            .map(|members| members.into_iter().collect());
+        let list: Vec<&String> = members.iter().collect();
+        let row = tx
+            .query_one(
+                "INSERT INTO conversations (id, members, updated_at, version)
+                 VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (id) DO UPDATE
+                 SET members = $2, updated_at = $3, version = conversations.version + 1
+                 RETURNING version",
+                &[&id, &list, &updated_at],
+            )
+            .await
+            .map_err(unavailable)?;
+        let version: i64 = row.try_get(0).map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Replaced {
+            conversation: Conversation {
+                id: id.to_owned(),
+                members: members.clone(),
+                updated_at: updated_at.to_owned(),
+                version: version as u64,
+            },
+            previous,
+        })
+    }
+}

@@ -1,0 +1,196 @@
+//! Cluster mode with the real engines: three `nats-server`s clustered on loopback ports, a
+//! throw-away PostgreSQL, and callbus nodes on them, driven by real MQTT and HTTP clients.
+
+mod common;
+
+use callbus::auth::Role;
+use common::cluster::Cluster;
+use common::process::Proc;
+use common::{granted, Client, Via};
+use reqwest::{Method, StatusCode};
+use rumqttc::SubscribeReasonCode;
+use serde_json::json;
+use std::time::Duration;
+
+async fn notify(node: &Proc, user: &str, n: u64) -> StatusCode {
+    let body = json!({"user_id": user, "payload": {"n": n}});
+    let app = ("app", Role::Service);
+    let (status, _) = node
+        .call(Method::POST, "/api/notifications/", app, Some(body))
+        .await;
+    status
+}
+
+async fn put_members(node: &Proc, cid: &str, members: &[&str]) -> (StatusCode, serde_json::Value) {
+    let path = format!("/api/conversations/{cid}/");
+    let body = json!({ "members": members });
+    let app = ("app", Role::Service);
+    node.call(Method::PUT, &path, app, Some(body)).await
+}
+
+async fn health(node: &Proc) -> StatusCode {
+    let url = format!("http://127.0.0.1:{}/healthz", node.http);
+    reqwest::get(url).await.expect("healthz").status()
+}
+
+/// Waits (bounded) until `node`'s `/healthz` answers `want`.
+async fn until_health(node: &Proc, want: StatusCode) {
+    for _ in 0..200 {
+        if health(node).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("healthz never became {want}");
+}
+
+#[test]
+fn cluster_and_database_go_together() {
+    let exe = env!("CARGO_BIN_EXE_callbus");
+    for args in [
+        &["--cluster", "nats://127.0.0.1:4222"][..],
+        &["--database", "postgres://callbus@127.0.0.1/db"][..],
+    ] {
+        let out = std::process::Command::new(exe)
+            .arg("serve")
+            .args(args)
+            .args(["--http", "127.0.0.1:0", "--mqtt", "127.0.0.1:0", "--dev"])
+            .output()
+            .expect("run callbus");
+        assert!(!out.status.success(), "{args:?} alone must not start");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--cluster") && err.contains("--database"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// alice on node 1 over WebSocket, bob on node 2 over TCP, carol on node 1; REST on node 3.
+#[tokio::test]
+async fn any_node_serves_any_client_and_membership_holds_everywhere() {
+    let cluster = Cluster::start(3).await;
+    let (n1, n2, n3) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let (status, _) = put_members(n3, "c1", &["alice", "bob", "carol"]).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let mut alice = n1.connect(Via::Ws, "alice").await;
+    let codes = alice
+        .subscribe(&["users/alice/notifications", "chat/c1", "chat/c2"])
+        .await;
+    assert!(granted(&codes[0]) && granted(&codes[1]));
+    assert_eq!(codes[2], SubscribeReasonCode::Failure, "not a member of c2");
+    let mut bob = n2.connect(Via::Tcp, "bob").await;
+    let codes = bob
+        .subscribe(&[
+            "users/bob/notifications",
+            "users/alice/notifications",
+            "chat/c1",
+        ])
+        .await;
+    assert!(granted(&codes[0]) && granted(&codes[2]));
+    assert_eq!(codes[1], SubscribeReasonCode::Failure, "someone else's");
+    let mut carol = n1.connect(Via::Tcp, "carol").await;
+    assert!(granted(&carol.subscribe(&["chat/c1"]).await[0]));
+
+    // A notification made on node 3 reaches alice on node 1.
+    assert_eq!(notify(n3, "alice", 1).await, StatusCode::ACCEPTED);
+    let got = alice.recv().await;
+    assert_eq!(got.topic, "users/alice/notifications");
+    assert_eq!(got.json()["type"], "notification.created");
+    assert_eq!(got.json()["payload"]["n"], 1);
+
+    // Chat from node 2 to node 1, stamped with the sender on node 2.
+    let hello = json!({"type": "message", "text": "hello", "sender_id": "alice"});
+    bob.publish_json("chat/c1", hello).await;
+    for who in [&mut alice, &mut carol] {
+        let got = who.recv().await;
+        assert_eq!(got.topic, "chat/c1");
+        assert_eq!(got.json()["text"], "hello");
+        assert_eq!(got.json()["sender_id"], "bob", "stamped, not forged");
+    }
+    assert_eq!(bob.recv().await.json()["text"], "hello", "own echo");
+
+    // Interest, not broadcast: node 3 has no sessions and received nothing from the bus.
+    assert_eq!(n3.metric("callbus_cluster_received_total").await, 0);
+    assert_eq!(n3.metric("callbus_cluster_interest").await, 0);
+    assert_eq!(n1.metric("callbus_cluster_interest").await, 2);
+
+    // Node 3 removes alice: by the time the PUT answers, node 1 has cut her off.
+    let (status, conv) = put_members(n3, "c1", &["bob", "carol"]).await;
+    assert_eq!(status, StatusCode::OK, "{conv}");
+    bob.publish_json("chat/c1", json!({"type": "message", "text": "after"}))
+        .await;
+    assert_eq!(carol.recv().await.json()["text"], "after");
+    // carol got it on node 1 in the same routing step as alice would have; what alice gets
+    // next is the notification sent after, not the chat message.
+    assert_eq!(notify(n3, "alice", 2).await, StatusCode::ACCEPTED);
+    let next = alice.recv().await;
+    assert_eq!(next.topic, "users/alice/notifications");
+    assert_eq!(next.json()["payload"]["n"], 2);
+    // And node 1 refuses her writes to c1 now.
+    alice
+        .publish_json("chat/c1", json!({"type": "message", "text": "let me in"}))
+        .await;
+    let refused = alice.recv_type("error").await;
+    assert_eq!(refused["code"], "forbidden");
+    // The conversation reads the same from every node.
+    for node in [n1, n2, n3] {
+        let (status, conv) = node
+            .call(
+                Method::GET,
+                "/api/conversations/c1/",
+                ("app", Role::Service),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(conv["members"], json!(["bob", "carol"]));
+    }
+}
+
+/// Sends notifications to `user` through `node` until `client` receives one (bounded: a
+/// message published while a node is between NATS servers may be lost).
+async fn until_notified(node: &Proc, user: &str, client: &mut Client) {
+    for n in 100..200 {
+        assert_eq!(notify(node, user, n).await, StatusCode::ACCEPTED);
+        let wait = tokio::time::timeout(Duration::from_millis(200), client.recv());
+        if let Ok(got) = wait.await {
+            assert_eq!(got.json()["type"], "notification.created");
+            return;
+        }
+    }
+    panic!("no notification reached {user}");
+}
+
+#[tokio::test]
+async fn losing_a_nats_server_or_the_database_for_a_while_is_survived() {
+    let mut cluster = Cluster::start(2).await;
+    let mut alice = cluster.node(0).connect(Via::Tcp, "alice").await;
+    assert!(granted(
+        &alice.subscribe(&["users/alice/notifications"]).await[0]
+    ));
+
+    // Node 1's NATS server dies: node 1 moves to another and alice keeps getting messages.
+    cluster.nats.kill(0);
+    until_notified(cluster.node(1), "alice", &mut alice).await;
+    until_health(cluster.node(0), StatusCode::OK).await;
+
+    // PostgreSQL stops: changes that need it answer 503 with a clear error, health says not
+    // ready, and what does not need it (relaying) goes on.
+    cluster.pg.stop();
+    let (status, body) = put_members(cluster.node(1), "c9", &["alice"]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("database")));
+    until_health(cluster.node(1), StatusCode::SERVICE_UNAVAILABLE).await;
+    until_notified(cluster.node(1), "alice", &mut alice).await;
+
+    // It comes back (after its crash recovery): so does everything, by itself.
+    cluster.pg.resume().await;
+    until_health(cluster.node(1), StatusCode::OK).await;
+    let (status, body) = put_members(cluster.node(1), "c9", &["alice"]).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(granted(&alice.subscribe(&["chat/c9"]).await[0]));
+}
