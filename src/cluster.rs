@@ -1,8 +1,9 @@
 //! Cluster mode (DESIGN "Cluster mode"): nodes share a NATS cluster (the bus, and this control
 //! plane) and a PostgreSQL database. This module is what one node knows of the others: which
-//! nodes are alive (a heartbeat each second), and conversation changes, which every node applies
-//! to its in-memory membership before the node that made the change answers its PUT, so a member
-//! removed on one node has stopped receiving on all of them.
+//! nodes are alive (a heartbeat each second), and changes every node must hold in memory before
+//! the node that made one answers or announces it: conversations (so a member removed on one
+//! node has stopped receiving on all of them when the PUT answers) and calls (so signaling that
+//! follows a call event is checked against the state the event announced, on any node).
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -14,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::Hub;
-use crate::store::pg::{Pg, Replaced};
-use crate::store::{Conversation, Conversations, StoreError};
+use crate::store::pg::{Pg, Replaced, Versioned};
+use crate::store::{CallReplica, Conversation, Conversations, StoreError};
 use crate::sync::lock;
 
 const NODES: &str = "callbus.ctl.node";
-const CONVERSATIONS: &str = "callbus.ctl.conversation";
+const CHANGES: &str = "callbus.ctl.change";
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node not heard from for this long is taken as gone.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -36,12 +37,25 @@ pub struct ClusterOptions {
 
 #[derive(Serialize, Deserialize)]
 struct ConversationChange {
-    node: String,
     id: String,
     members: BTreeSet<String>,
     updated_at: String,
     version: u64,
     removed: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Change {
+    Conversation(ConversationChange),
+    Call(Box<Versioned>),
+}
+
+/// A change as it travels: who made it, and what.
+#[derive(Serialize, Deserialize)]
+struct Notice {
+    node: String,
+    change: Change,
 }
 
 /// One node's view of the cluster.
@@ -50,8 +64,15 @@ pub struct Cluster {
     client: async_nats::Client,
     pub pg: Arc<Pg>,
     conversations: Conversations,
+    calls: CallReplica,
     hub: Arc<Hub>,
     peers: Mutex<HashMap<String, Instant>>,
+}
+
+/// What a node shares with the others, in memory.
+pub struct Replicas {
+    pub conversations: Conversations,
+    pub calls: CallReplica,
 }
 
 /// A NATS connection and a signal each time it is made (the first signal only causes a
@@ -97,13 +118,13 @@ pub async fn connect_nats(options: &ClusterOptions) -> anyhow::Result<Nats> {
 }
 
 impl Cluster {
-    /// Joins the control plane, then loads conversations from the database (in that order, so
-    /// no change between the two is missed), and starts the heartbeat.
+    /// Joins the control plane, then loads conversations and live calls from the database (in
+    /// that order, so no change between the two is missed), and starts the heartbeat.
     pub async fn start(
         options: &ClusterOptions,
         nats: Nats,
         pg: Arc<Pg>,
-        conversations: Conversations,
+        replicas: Replicas,
         hub: Arc<Hub>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Cluster>> {
@@ -111,16 +132,19 @@ impl Cluster {
             node_id: options.node_id.clone(),
             client: nats.client,
             pg,
-            conversations,
+            conversations: replicas.conversations,
+            calls: replicas.calls,
             hub,
             peers: Mutex::default(),
         });
         let nodes = cluster.client.subscribe(NODES).await?;
-        let changes = cluster.client.subscribe(CONVERSATIONS).await?;
+        let changes = cluster.client.subscribe(CHANGES).await?;
         cluster.client.flush().await?;
-        cluster
-            .conversations
-            .load(cluster.pg.conversations().await?);
+        let conversations = cluster.pg.conversations().await?;
+        cluster.conversations.load(conversations);
+        for call in cluster.pg.live_calls().await? {
+            cluster.calls.apply(call);
+        }
         tokio::spawn(cluster.clone().hear_nodes(nodes, shutdown.clone()));
         tokio::spawn(cluster.clone().hear_changes(changes, shutdown.clone()));
         tokio::spawn(cluster.clone().resync(nats.reconnected, shutdown.clone()));
@@ -135,6 +159,11 @@ impl Cluster {
 
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The calls every node holds in memory.
+    pub fn calls(&self) -> &CallReplica {
+        &self.calls
     }
 
     /// Whether this node can serve: NATS connected and the database answering.
@@ -164,15 +193,12 @@ impl Cluster {
                 _ = stop.cancelled() => return,
             }
             loop {
-                match self.pg.conversations().await {
-                    Ok(convs) => {
-                        for conv in convs {
-                            self.catch_up(conv);
-                        }
-                        info!("conversations caught up after a NATS reconnection");
+                match self.catch_up().await {
+                    Ok(()) => {
+                        info!("caught up after a NATS reconnection");
                         break;
                     }
-                    Err(e) => warn!(error = %e, "cannot catch up with conversations yet"),
+                    Err(e) => warn!(error = %e, "cannot catch up yet"),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(HEARTBEAT) => {}
@@ -182,21 +208,36 @@ impl Cluster {
         }
     }
 
-    /// Takes the database's `conv`, cutting off whoever it no longer lists.
-    fn catch_up(&self, conv: Conversation) {
-        let before = self.conversations.get(&conv.id);
-        let removed = before
-            .iter()
-            .flat_map(|b| b.members.difference(&conv.members));
-        let change = ConversationChange {
-            node: self.node_id.clone(),
-            removed: removed.cloned().collect(),
-            id: conv.id,
-            members: conv.members,
-            updated_at: conv.updated_at,
-            version: conv.version,
-        };
-        self.apply(change);
+    /// Takes what the database holds: conversations (cutting off whoever they no longer
+    /// list), live calls, and the calls held as live that ended meanwhile.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        for conv in self.pg.conversations().await? {
+            let before = self.conversations.get(&conv.id);
+            let removed = before
+                .iter()
+                .flat_map(|b| b.members.difference(&conv.members));
+            let change = ConversationChange {
+                removed: removed.cloned().collect(),
+                id: conv.id,
+                members: conv.members,
+                updated_at: conv.updated_at,
+                version: conv.version,
+            };
+            self.apply(Change::Conversation(change));
+        }
+        let live = self.pg.live_calls().await?;
+        let still: HashSet<u64> = live.iter().map(|v| v.call.id).collect();
+        for call in live {
+            self.calls.apply(call);
+        }
+        for held in self.calls.live() {
+            if !still.contains(&held.id) {
+                if let Some(now) = self.pg.call(held.id).await? {
+                    self.calls.apply(now);
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
@@ -247,27 +288,34 @@ impl Cluster {
                 _ = stop.cancelled() => return,
             };
             let Some(heard) = heard else { return };
-            let change: ConversationChange = match serde_json::from_slice(&heard.payload) {
-                Ok(change) => change,
+            let notice: Notice = match serde_json::from_slice(&heard.payload) {
+                Ok(notice) => notice,
                 Err(e) => {
-                    warn!(error = %e, "a conversation change that does not parse");
+                    warn!(error = %e, "a change that does not parse");
                     continue;
                 }
             };
-            if change.node != self.node_id {
-                self.apply(change);
+            if notice.node != self.node_id {
+                self.apply(notice.change);
             }
             if let Some(reply) = heard.reply {
                 let id = self.node_id.clone().into();
                 if let Err(e) = self.client.publish(reply, id).await {
-                    warn!(error = %e, "cannot confirm a conversation change");
+                    warn!(error = %e, "cannot confirm a change");
                 }
             }
         }
     }
 
-    /// Takes a change into this node's membership and cuts off the members it removed.
-    fn apply(&self, change: ConversationChange) {
+    /// Takes a change into this node's memory; a conversation's removed members are cut off.
+    fn apply(&self, change: Change) {
+        let change = match change {
+            Change::Call(call) => {
+                self.calls.apply(*call);
+                return;
+            }
+            Change::Conversation(change) => change,
+        };
         let conversation = Conversation {
             id: change.id,
             members: change.members,
@@ -280,6 +328,26 @@ impl Cluster {
                 self.hub.revoke_chat(uid, &cid);
             }
         }
+    }
+
+    /// Has every live node (this one first) take a call's new state; returns once they all
+    /// confirmed or after [`ACK_TIMEOUT`].
+    pub async fn call_changed(&self, call: Versioned) {
+        let id = call.call.id;
+        if let Err(e) = self.share(Change::Call(Box::new(call))).await {
+            warn!(call = id, error = %e, "could not tell the other nodes");
+        }
+    }
+
+    /// Applies `change` here, then everywhere, and waits for the confirmations.
+    async fn share(&self, change: Change) -> anyhow::Result<()> {
+        let notice = Notice {
+            node: self.node_id.clone(),
+            change,
+        };
+        let payload = serde_json::to_vec(&notice)?;
+        self.apply(notice.change);
+        self.confirm_everywhere(payload).await
     }
 
     /// Creates or replaces a conversation in the database, then has every live node (this one
@@ -298,20 +366,15 @@ impl Cluster {
         let conv = &replaced.conversation;
         let removed = replaced.previous.iter().flatten();
         let change = ConversationChange {
-            node: self.node_id.clone(),
             id: conv.id.clone(),
             members: conv.members.clone(),
             updated_at: conv.updated_at.clone(),
             version: conv.version,
-            removed: removed
-                .filter(|m| !conv.members.contains(*m))
+            removed: (removed.filter(|m| !conv.members.contains(*m)))
                 .cloned()
                 .collect(),
         };
-        let payload =
-            serde_json::to_vec(&change).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.apply(change);
-        if let Err(e) = self.confirm_everywhere(payload).await {
+        if let Err(e) = self.share(Change::Conversation(change)).await {
             warn!(conversation = %id, error = %e, "could not tell the other nodes");
         }
         Ok(replaced)
@@ -322,7 +385,7 @@ impl Cluster {
         let inbox = self.client.new_inbox();
         let mut acks = self.client.subscribe(inbox.clone()).await?;
         self.client
-            .publish_with_reply(CONVERSATIONS, inbox, payload.into())
+            .publish_with_reply(CHANGES, inbox, payload.into())
             .await?;
         self.client.flush().await?;
         let deadline = Instant::now() + ACK_TIMEOUT;
@@ -333,7 +396,7 @@ impl Cluster {
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    warn!(nodes = ?waiting, "nodes did not confirm a conversation change in time");
+                    warn!(nodes = ?waiting, "nodes did not confirm a change in time");
                     break;
                 }
             }

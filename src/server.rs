@@ -126,7 +126,10 @@ async fn join_cluster(
         options,
         nats,
         pg,
-        store.conversations.clone(),
+        crate::cluster::Replicas {
+            conversations: store.conversations.clone(),
+            calls: crate::store::CallReplica::default(),
+        },
         hub.clone(),
         shutdown.clone(),
     )
@@ -194,6 +197,7 @@ impl Server {
             hub.clone(),
             limits,
             push,
+            cluster.clone(),
             shutdown.clone(),
         )
         .await

@@ -194,3 +194,157 @@ async fn losing_a_nats_server_or_the_database_for_a_while_is_survived() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert!(granted(&alice.subscribe(&["chat/c9"]).await[0]));
 }
+
+async fn act(node: &Proc, id: u64, verb: &str, who: &str) -> (StatusCode, serde_json::Value) {
+    let path = format!("/api/calls/{id}/{verb}/");
+    let body = Some(json!({}));
+    node.call(Method::POST, &path, (who, Role::User), body)
+        .await
+}
+
+async fn initiate(node: &Proc, caller: &str, receiver: &str) -> (StatusCode, serde_json::Value) {
+    let body = json!({"receiver_id": receiver, "call_type": "voice", "conversation_id": "c1"});
+    let who = (caller, Role::User);
+    let path = "/api/calls/initiate/";
+    node.call(Method::POST, path, who, Some(body)).await
+}
+
+/// The next message of JSON type `kind` on `topic`.
+async fn next_on(client: &mut Client, topic: &str, kind: &str) -> serde_json::Value {
+    loop {
+        let m = client.recv().await;
+        if m.topic == topic && m.json()["type"] == kind {
+            return m.json();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_whole_call_with_each_party_and_the_rest_api_on_a_different_node() {
+    let cluster = Cluster::start(3).await;
+    let (n1, n2, n3) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    put_members(n3, "c1", &["alice", "bob"]).await;
+    let (alice_n, bob_n) = ("users/alice/notifications", "users/bob/notifications");
+    let mut alice = n1.connect(Via::Ws, "alice").await;
+    assert!(granted(&alice.subscribe(&[alice_n]).await[0]));
+    let mut bob = n2.connect(Via::Tcp, "bob").await;
+    assert!(bob.subscribe(&[bob_n, "chat/c1"]).await.iter().all(granted));
+
+    let (status, call) = initiate(n3, "alice", "bob").await;
+    assert_eq!(status, StatusCode::CREATED, "{call}");
+    let id = call["id"].as_u64().expect("call id");
+    let ring = next_on(&mut bob, bob_n, "notification.created").await;
+    assert_eq!(ring["payload"]["verb"], "incoming_voice_call");
+
+    // The offer from node 1 is checked there against the call node 3 created.
+    let offer = json!({"type": "call.offer", "call_id": id.to_string(),
+                       "offer": {"type": "offer", "sdp": "v=0 offer"}});
+    alice.publish_json("chat/c1", offer).await;
+    let o = next_on(&mut bob, bob_n, "call.offer").await;
+    assert_eq!(o["caller_id"], "alice");
+    assert_eq!(o["offer"]["sdp"], "v=0 offer");
+
+    // Accepted on node 2; the answer right after is checked on node 2 against the new state.
+    let (status, accepted) = act(n2, id, "accept", "bob").await;
+    assert_eq!(status, StatusCode::OK, "{accepted}");
+    assert_eq!(accepted["status"], "active");
+    next_on(&mut alice, alice_n, "call.accepted").await;
+    let answer = json!({"type": "call.answer", "call_id": id,
+                        "answer": {"type": "answer", "sdp": "v=0 answer"}});
+    bob.publish_json("chat/c1", answer).await;
+    let a = next_on(&mut alice, alice_n, "call.answer").await;
+    assert_eq!(a["receiver_id"], "bob");
+    assert_eq!(a["answer"]["sdp"], "v=0 answer");
+
+    // Trickle ICE both ways.
+    let candidate = |n: u64| {
+        json!({"type": "call.candidate", "call_id": id.to_string(),
+               "candidate": {"candidate": format!("candidate:{n} 1 udp 1 127.0.0.1 4000{n} typ host"),
+                             "sdpMid": "0", "sdpMLineIndex": 0}})
+    };
+    alice.publish_json("chat/c1", candidate(1)).await;
+    bob.publish_json("chat/c1", candidate(2)).await;
+    assert_eq!(
+        next_on(&mut bob, bob_n, "call.candidate").await["sender_id"],
+        "alice"
+    );
+    assert_eq!(
+        next_on(&mut alice, alice_n, "call.candidate").await["sender_id"],
+        "bob"
+    );
+
+    // Ended on node 1: bob hears it, every node reads it, node 2 refuses late signaling.
+    let (status, ended) = act(n1, id, "end", "alice").await;
+    assert_eq!(status, StatusCode::OK, "{ended}");
+    let end = next_on(&mut bob, bob_n, "call.end").await;
+    assert_eq!(end["reason"], "ended");
+    let path = format!("/api/calls/{id}/");
+    let (status, got) = n3.call(Method::GET, &path, ("bob", Role::User), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got["status"], "ended");
+    let (_, history) = n2
+        .call(Method::GET, "/api/calls/", ("bob", Role::User), None)
+        .await;
+    assert_eq!(history["results"][0]["id"], id);
+    bob.publish_json("chat/c1", candidate(3)).await;
+    let err = next_on(&mut bob, bob_n, "error").await;
+    assert_eq!(err["code"], "wrong_state");
+}
+
+#[tokio::test]
+async fn busy_glare_and_the_ring_timeout_hold_across_nodes() {
+    let cluster = Cluster::start_with(3, &["--ring-timeout", "1"]).await;
+    let (n1, n2, n3) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let everyone = ["alice", "bob", "carol", "dave", "erin", "frank", "gina"];
+    put_members(n3, "c1", &everyone).await;
+
+    // Glare: alice and bob call each other at once on two nodes; exactly one call exists.
+    for round in 0..5 {
+        let (a, b) = tokio::join!(initiate(n1, "alice", "bob"), initiate(n2, "bob", "alice"));
+        let created: Vec<_> = [&a, &b]
+            .into_iter()
+            .filter(|(s, _)| *s == StatusCode::CREATED)
+            .collect();
+        assert_eq!(created.len(), 1, "round {round}: {a:?} {b:?}");
+        let loser = if a.0 == StatusCode::CREATED { &b } else { &a };
+        assert_eq!(loser.0, StatusCode::CONFLICT, "round {round}: {loser:?}");
+        let call = &created[0].1;
+        let id = call["id"].as_u64().expect("id");
+        let caller = call["caller"]["id"].as_str().expect("caller").to_owned();
+        assert_eq!(act(n3, id, "end", &caller).await.0, StatusCode::OK);
+    }
+
+    // Busy: carol and erin call dave at once on two nodes; one rings, one is told busy.
+    let (c, e) = tokio::join!(initiate(n3, "carol", "dave"), initiate(n1, "erin", "dave"));
+    let statuses = [c.0, e.0];
+    assert!(
+        statuses.contains(&StatusCode::CREATED) && statuses.contains(&StatusCode::CONFLICT),
+        "{c:?} {e:?}"
+    );
+
+    // The ring timeout fires once, wherever the call was made.
+    let gina_n = "users/gina/notifications";
+    let mut gina = n2.connect(Via::Tcp, "gina").await;
+    assert!(granted(&gina.subscribe(&[gina_n]).await[0]));
+    let (status, call) = initiate(n1, "frank", "gina").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = call["id"].as_u64().expect("id");
+    let end = next_on(&mut gina, gina_n, "call.end").await;
+    assert_eq!(end["reason"], "missed");
+    // After the marker sent now, nothing about the call may come twice.
+    assert_eq!(notify(n3, "gina", 7).await, StatusCode::ACCEPTED);
+    let mut ends = 1;
+    loop {
+        let m = gina.recv().await.json();
+        if m["payload"]["n"] == 7 {
+            break;
+        }
+        ends += usize::from(m["type"] == "call.end");
+    }
+    assert_eq!(ends, 1, "one call.end for the missed call");
+    let path = format!("/api/calls/{id}/");
+    let (_, got) = n3
+        .call(Method::GET, &path, ("gina", Role::User), None)
+        .await;
+    assert_eq!(got["status"], "missed");
+}

@@ -183,7 +183,8 @@ pub async fn get(
     let id = call_id(&id)?;
     let call = state
         .calls
-        .get(id)?
+        .fetch(id)
+        .await?
         .ok_or_else(|| ApiError::NotFound("call not found".into()))?;
     if !call.is_party(&caller.user_id) {
         return Err(ApiError::Forbidden(
@@ -220,7 +221,7 @@ pub async fn history(
                 .map_err(|_| ApiError::BadRequest("before must be a call id".into()))?,
         ),
     };
-    let calls = state.calls.history(&caller.user_id, before, limit)?;
+    let calls = state.calls.history(&caller.user_id, before, limit).await?;
     let results: Vec<Value> = calls.iter().map(|c| c.to_json()).collect();
     let next_before = if results.len() == limit {
         calls.last().map(|c| c.id)

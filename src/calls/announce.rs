@@ -18,7 +18,8 @@ impl Calls {
     /// persistent session to replay it to after a restart.
     pub(super) fn log(&self, user_id: &str, event: &Value) -> Result<Logged, StoreError> {
         let payload = event.to_string();
-        let seq = if self.inner.presence.keeps_sessions(user_id) {
+        // Cluster mode keeps no per-node event log (a user's sessions may be on any node).
+        let seq = if self.inner.cluster.is_none() && self.inner.presence.keeps_sessions(user_id) {
             let sessions = &self.inner.store.sessions;
             Some(sessions.log_event(user_id, &payload, now_ms())?)
         } else {

@@ -6,6 +6,7 @@ mod announce;
 pub mod events;
 mod live;
 mod reaper;
+mod shared;
 
 use live::{Live, Logged, Outbox};
 
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::auth::Identity;
 use crate::bus::Publisher;
+use crate::cluster::Cluster;
 use crate::model::call::{now_ms, Action, Call, CallType, Party, Status, TransitionError};
 use crate::push;
 use crate::store::{Store, StoreError};
@@ -80,6 +82,24 @@ pub trait Presence: Send + Sync + 'static {
     fn keeps_sessions(&self, user_id: &str) -> bool;
 }
 
+/// What a transition to `next` announces, to whom.
+fn transition_events(next: &Call) -> Vec<(String, Value)> {
+    let both = |event: Value| {
+        vec![
+            (next.caller.id.clone(), event.clone()),
+            (next.receiver.id.clone(), event),
+        ]
+    };
+    let mut out = match next.status {
+        Status::Active => both(events::accepted(next)),
+        _ => both(events::ended(next)),
+    };
+    if next.status == Status::Missed {
+        out.push((next.receiver.id.clone(), events::missed_call(next)));
+    }
+    out
+}
+
 /// A new call's request, already validated for shape.
 pub struct NewCall {
     pub receiver_id: String,
@@ -99,6 +119,8 @@ struct Inner {
     /// Held while publishing from the outbox, so events leave in change order even though
     /// publishing may wait for the bus.
     announcing: tokio::sync::Mutex<()>,
+    /// Cluster mode: calls live in PostgreSQL ([`shared`]); `live` and `outbox` stay empty.
+    cluster: Option<Arc<Cluster>>,
     shutdown: CancellationToken,
 }
 
@@ -117,6 +139,7 @@ impl Calls {
         presence: Arc<dyn Presence>,
         limits: CallLimits,
         push: Option<Arc<tokio::sync::Notify>>,
+        cluster: Option<Arc<Cluster>>,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let calls = Calls {
@@ -129,9 +152,15 @@ impl Calls {
                 live: Mutex::default(),
                 outbox: Mutex::default(),
                 announcing: tokio::sync::Mutex::new(()),
+                cluster,
                 shutdown,
             }),
         };
+        if let Some(cluster) = &calls.inner.cluster {
+            tokio::spawn(shared::sweep_ringing(calls.clone(), cluster.clone()));
+            tokio::spawn(reaper::run(calls.clone()));
+            return Ok(calls);
+        }
         let live = calls.inner.store.calls.live()?;
         let now = now_ms();
         let mut missed = Vec::new();
@@ -178,14 +207,37 @@ impl Calls {
         });
     }
 
+    /// A call as this node knows it without waiting (in cluster mode: the in-memory copy of
+    /// live and recently ended calls, which every change reaches before it is announced).
     pub fn get(&self, id: u64) -> Result<Option<Call>, StoreError> {
-        self.inner.store.calls.get(id)
+        match &self.inner.cluster {
+            Some(cluster) => Ok(cluster.calls().get(id)),
+            None => self.inner.store.calls.get(id),
+        }
+    }
+
+    /// A call, ended long ago or not.
+    pub async fn fetch(&self, id: u64) -> Result<Option<Call>, StoreError> {
+        match &self.inner.cluster {
+            Some(cluster) => Ok(cluster.pg.call(id).await?.map(|v| v.call)),
+            None => self.inner.store.calls.get(id),
+        }
+    }
+
+    /// Every ringing or active call.
+    fn live_calls(&self) -> Vec<Call> {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.calls().live();
+        }
+        let ids = lock(&self.inner.live).ids();
+        ids.into_iter()
+            .filter_map(|id| self.get(id).ok().flatten())
+            .collect()
     }
 
     /// How many calls are ringing and how many active.
     pub fn live_counts(&self) -> (usize, usize) {
-        let ids = lock(&self.inner.live).ids();
-        let statuses = ids.into_iter().filter_map(|id| self.get(id).ok().flatten());
+        let statuses = self.live_calls().into_iter();
         statuses.fold((0, 0), |(r, a), call| match call.status {
             Status::Ringing => (r + 1, a),
             Status::Active => (r, a + 1),
@@ -203,25 +255,36 @@ impl Calls {
         lock(&self.inner.live).last_offer_by.get(&id).cloned()
     }
 
-    /// Records that `by` sent an offer for `call`, if the call is still live.
+    /// Records that `by` sent an offer for `call`, if the call is still live. (In cluster mode
+    /// only the node that relayed the offer knows; the others apply the state-based rule.)
     pub fn record_offer(&self, call: &Call, by: &str) {
         let mut live = lock(&self.inner.live);
-        if live.calls_of(&call.caller.id).contains(&call.id) {
+        let is_live = match &self.inner.cluster {
+            Some(_) => !call.status.is_terminal(),
+            None => live.calls_of(&call.caller.id).contains(&call.id),
+        };
+        if is_live {
             live.last_offer_by.insert(call.id, by.to_owned());
         }
     }
 
-    pub fn history(
+    pub async fn history(
         &self,
         uid: &str,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Call>, StoreError> {
-        self.inner.store.calls.history(uid, before, limit)
+        match &self.inner.cluster {
+            Some(cluster) => cluster.pg.call_history(uid, before, limit).await,
+            None => self.inner.store.calls.history(uid, before, limit),
+        }
     }
 
     /// Starts a call from `caller`. Membership is checked by the caller of this function.
     pub async fn initiate(&self, caller: &Identity, req: NewCall) -> Result<Call, CallError> {
+        if let Some(cluster) = &self.inner.cluster {
+            return self.initiate_shared(cluster, caller, req).await;
+        }
         let (seq, call) = match self.create(caller, req) {
             Err(CallError::Busy {
                 receiver_id,
@@ -309,6 +372,9 @@ impl Calls {
 
     /// Applies an action to a call; the new record once durable.
     pub async fn transition(&self, id: u64, action: Action) -> Result<Call, CallError> {
+        if let Some(cluster) = &self.inner.cluster {
+            return self.transition_shared(cluster, id, action).await;
+        }
         let (seq, call) = {
             let mut live = lock(&self.inner.live);
             let current = self.inner.store.calls.get(id)?.ok_or(CallError::NotFound)?;
@@ -324,20 +390,7 @@ impl Calls {
             if next.status.is_terminal() {
                 live.remove(&next);
             }
-            let both = |event: Value| {
-                vec![
-                    (next.caller.id.clone(), event.clone()),
-                    (next.receiver.id.clone(), event),
-                ]
-            };
-            let mut out = match next.status {
-                Status::Active => both(events::accepted(&next)),
-                _ => both(events::ended(&next)),
-            };
-            if next.status == Status::Missed {
-                out.push((next.receiver.id.clone(), events::missed_call(&next)));
-            }
-            (self.enqueue(out)?, next)
+            (self.enqueue(transition_events(&next))?, next)
         };
         self.commit_and_announce(seq).await?;
         crate::metrics::CALL_TRANSITIONS.inc();

@@ -38,19 +38,25 @@ fn overdue(calls: &Calls, last_seen: &mut HashMap<u64, u64>, now: u64) -> Vec<(u
     let limits = calls.inner.limits;
     let grace = limits.lost_grace.as_millis() as u64;
     let max = limits.max_duration.as_millis() as u64;
-    let ids = lock(&calls.inner.live).ids();
-    last_seen.retain(|id, _| ids.binary_search(id).is_ok());
+    let live = calls.live_calls();
+    last_seen.retain(|id, _| live.binary_search_by_key(id, |c| c.id).is_ok());
+    // Presence is per node: in cluster mode a party may be connected to another node, so
+    // only the maximum duration applies there (for now).
+    let cluster = calls.inner.cluster.is_some();
+    if cluster {
+        let mut state = lock(&calls.inner.live);
+        let offers = &mut state.last_offer_by;
+        offers.retain(|id, _| live.binary_search_by_key(id, |c| c.id).is_ok());
+    }
     let mut out = Vec::new();
-    for id in ids {
-        let Ok(Some(call)) = calls.get(id) else {
-            continue;
-        };
+    for call in live {
+        let id = call.id;
         if call.status != Status::Active {
             continue;
         }
         let presence = &calls.inner.presence;
         let seen = last_seen.entry(id).or_insert(now);
-        if presence.online(&call.caller.id) || presence.online(&call.receiver.id) {
+        if cluster || presence.online(&call.caller.id) || presence.online(&call.receiver.id) {
             *seen = now;
         }
         if now.saturating_sub(*seen) >= grace {

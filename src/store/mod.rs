@@ -6,11 +6,13 @@ mod commit;
 mod conversations;
 pub mod pg;
 mod push;
+mod replica;
 mod sessions;
 
 pub use calls::CallTrees;
 pub use conversations::{Conversation, Conversations};
 pub use push::{PushJob, PushTree};
+pub use replica::CallReplica;
 pub use sessions::{SessionRecord, SessionTrees};
 
 use commit::Committer;

@@ -214,6 +214,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(nodes: usize) -> Cluster {
+        Self::start_with(nodes, &[]).await
+    }
+
+    /// Nodes started with `extra` arguments besides the cluster's.
+    pub async fn start_with(nodes: usize, extra: &[&str]) -> Cluster {
         let nats = Nats::start(3).await;
         let pg = Postgres::start().await;
         let mut cluster = Cluster {
@@ -227,14 +232,9 @@ impl Cluster {
             let nats = cluster.nats.urls_from(i % 3);
             let database = cluster.pg.url();
             let node_id = format!("n{}", i + 1);
-            let args = [
-                "--cluster",
-                &nats,
-                "--database",
-                &database,
-                "--node-id",
-                &node_id,
-            ];
+            let mut args = vec!["--cluster", &nats, "--database", &database];
+            args.extend(["--node-id", &node_id]);
+            args.extend(extra);
             cluster.nodes.push(spawn_with(dir.path(), &args).await);
             cluster.dirs.push(dir);
         }

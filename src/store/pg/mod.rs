@@ -10,21 +10,45 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 
+mod calls;
+
+pub use calls::{Created, Locked, Versioned};
+
 use super::{Conversation, StoreError};
 use crate::sync::lock;
 
 /// The schema, one step per version. Never edit a step that has shipped: add one.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE conversations (
-        id text PRIMARY KEY,
-        members text[] NOT NULL,
-        updated_at text NOT NULL,
-        version bigint NOT NULL
-    )",
-)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE conversations (
+            id text PRIMARY KEY,
+            members text[] NOT NULL,
+            updated_at text NOT NULL,
+            version bigint NOT NULL
+        )",
+    ),
+    (
+        2,
+        "CREATE TABLE calls (
+            id bigserial PRIMARY KEY,
+            caller_id text NOT NULL,
+            receiver_id text NOT NULL,
+            live boolean NOT NULL,
+            status text NOT NULL,
+            ring_deadline_ms bigint NOT NULL,
+            version bigint NOT NULL,
+            record text NOT NULL
+        );
+        CREATE INDEX calls_by_caller ON calls (caller_id, id);
+        CREATE INDEX calls_by_receiver ON calls (receiver_id, id);
+        CREATE INDEX calls_live ON calls (id) WHERE live;",
+    ),
+];
 
-/// Any fixed number: the advisory lock migrations run under.
+/// Advisory locks: calls take their id (the one-bigint form), users `(1, hash)` and
+/// conversations `(2, hash)` (the two-int form, which never meets the other), and migrations
+/// this fixed number, far past any call id.
 const MIGRATION_LOCK: i64 = 0x6361_6c6c_6275_7301;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IDLE_CONNECTIONS: usize = 8;
@@ -203,12 +227,9 @@ impl Pg {
     ) -> Result<Replaced, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn.client()?.transaction().await.map_err(unavailable)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('conversation:' || $1))",
-            &[&id],
-        )
-        .await
-        .map_err(unavailable)?;
+        tx.execute("SELECT pg_advisory_xact_lock(2, hashtext($1))", &[&id])
+            .await
+            .map_err(unavailable)?;
         let previous = tx
             .query_opt("SELECT members FROM conversations WHERE id = $1", &[&id])
             .await

@@ -1,0 +1,183 @@
+//! The call service in cluster mode: calls live in PostgreSQL, and every change is made under
+//! the call's lock ([`Locked`]), then taken by every node's in-memory copy, then announced, and
+//! only then is the lock released. So each call's events leave in change order, once, from
+//! whichever node made the change, and signaling that follows an event is checked (on any
+//! node) against the state the event announced. Busy and glare are decided in the database
+//! under both parties' locks; the ring timeout is armed by the node that created the call and
+//! swept by every node (whichever gets there first applies it; the others find it missed).
+
+use std::time::Duration;
+use tracing::{info, warn};
+
+use super::live::Logged;
+use super::{events, CallError, Calls, NewCall};
+use crate::auth::Identity;
+use crate::cluster::Cluster;
+use crate::model::call::{now_ms, Action, Call, Party, Status, TransitionError};
+use crate::push;
+use crate::store::pg::{Created, Locked, Versioned};
+use crate::store::StoreError;
+
+/// How often each node looks for ringing calls whose deadline passed unanswered (their
+/// creating node may be gone).
+const SWEEP: Duration = Duration::from_millis(500);
+
+impl Calls {
+    pub(super) async fn initiate_shared(
+        &self,
+        cluster: &Cluster,
+        caller: &Identity,
+        req: NewCall,
+    ) -> Result<Call, CallError> {
+        let now = now_ms();
+        let ring = self.inner.limits.ring_timeout.as_millis() as u64;
+        let make = |id| Call {
+            id,
+            caller: Party {
+                id: caller.user_id.clone(),
+                username: caller.username.clone(),
+                first_name: caller.first_name.clone(),
+                last_name: caller.last_name.clone(),
+            },
+            receiver: Party {
+                id: req.receiver_id.clone(),
+                username: req.receiver_id.clone(),
+                first_name: String::new(),
+                last_name: String::new(),
+            },
+            call_type: req.call_type,
+            conversation_id: req.conversation_id.clone(),
+            status: Status::Ringing,
+            created_ms: now,
+            ring_deadline_ms: now + ring,
+            accepted_ms: None,
+            ended_ms: None,
+            end_reason: None,
+            hangup_reason: None,
+            accepted_device: None,
+        };
+        let created = cluster
+            .pg
+            .create_call(&caller.user_id, &req.receiver_id, make)
+            .await?;
+        let (locked, call) = match created {
+            Created::New(locked, call) => (locked, call),
+            Created::Busy => {
+                let event = events::busy(&req.receiver_id, &req.conversation_id);
+                self.announce_now(&caller.user_id, &event).await?;
+                return Err(CallError::Busy {
+                    receiver_id: req.receiver_id,
+                    conversation_id: req.conversation_id,
+                });
+            }
+            Created::Glare(existing) => {
+                let name = existing.caller.username.clone();
+                return Err(CallError::Glare(name, Box::new(existing)));
+            }
+        };
+        if self.inner.push.is_some() {
+            let devices = self.inner.presence.live_devices(&call.call.receiver.id);
+            self.queue_push(push::ringing(&call.call, devices)).await?;
+        }
+        let incoming = events::incoming_call(&call.call, caller);
+        let out = vec![(call.call.receiver.id.clone(), incoming)];
+        let call = self.announce_shared(cluster, locked, call, out).await;
+        crate::metrics::CALLS_INITIATED.inc();
+        self.arm_ring_timer(call.id, ring);
+        Ok(call)
+    }
+
+    pub(super) async fn transition_shared(
+        &self,
+        cluster: &Cluster,
+        id: u64,
+        action: Action,
+    ) -> Result<Call, CallError> {
+        let (mut locked, current) = cluster.pg.lock_call(id).await?.ok_or(CallError::NotFound)?;
+        let next = match current.call.apply(&action, now_ms()) {
+            Ok(next) => Versioned {
+                call: next,
+                version: current.version + 1,
+            },
+            Err(e) => {
+                locked.release().await;
+                return Err(e.into());
+            }
+        };
+        locked.update(&next).await?;
+        if current.call.status == Status::Ringing && self.inner.push.is_some() {
+            let devices = self.inner.presence.live_devices(&next.call.receiver.id);
+            self.queue_push(push::stopped(&next.call, devices)).await?;
+        }
+        if next.call.status.is_terminal() {
+            crate::sync::lock(&self.inner.live)
+                .last_offer_by
+                .remove(&id);
+        }
+        let out = super::transition_events(&next.call);
+        let call = self.announce_shared(cluster, locked, next, out).await;
+        crate::metrics::CALL_TRANSITIONS.inc();
+        Ok(call)
+    }
+
+    /// Every node takes the new state, then its events are published, then the lock goes.
+    async fn announce_shared(
+        &self,
+        cluster: &Cluster,
+        locked: Locked<'_>,
+        call: Versioned,
+        events: Vec<(String, serde_json::Value)>,
+    ) -> Call {
+        cluster.call_changed(call.clone()).await;
+        for (user_id, event) in events {
+            let logged = Logged {
+                user_id,
+                payload: event.to_string(),
+                seq: None,
+            };
+            self.publish(&logged).await;
+        }
+        locked.release().await;
+        call.call
+    }
+
+    /// A push job, kept on this node's disk until its worker delivers it.
+    async fn queue_push(&self, job: crate::store::PushJob) -> Result<(), StoreError> {
+        self.inner.store.push.enqueue(&job)?;
+        self.inner.store.flush().await?;
+        if let Some(push) = &self.inner.push {
+            push.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Times out ringing calls past their deadline, whichever node created them, until shutdown.
+pub(super) async fn sweep_ringing(calls: Calls, cluster: std::sync::Arc<Cluster>) {
+    let mut tick = tokio::time::interval(SWEEP);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = calls.inner.shutdown.cancelled() => return,
+        }
+        // A little after the deadline: the creating node's own timer usually got there first.
+        let due = match cluster
+            .pg
+            .overdue_ringing(now_ms().saturating_sub(250))
+            .await
+        {
+            Ok(due) => due,
+            Err(e) => {
+                warn!(error = %e, "cannot look for overdue calls");
+                continue;
+            }
+        };
+        for id in due {
+            match calls.transition(id, Action::Timeout).await {
+                Ok(_) => info!(call = id, "missed (swept)"),
+                Err(CallError::Transition(TransitionError::WrongState(_))) => {}
+                Err(e) => warn!(call = id, error = %e, "ring timeout failed"),
+            }
+        }
+    }
+}
