@@ -49,6 +49,8 @@ struct ConversationChange {
 enum Change {
     Conversation(ConversationChange),
     Call(Box<Versioned>),
+    /// A client connected to the sending node under this broker-side client id.
+    Claim(String),
 }
 
 /// A change as it travels: who made it, and what.
@@ -314,6 +316,10 @@ impl Cluster {
                 self.calls.apply(*call);
                 return;
             }
+            Change::Claim(client_id) => {
+                self.hub.release_client(&client_id);
+                return;
+            }
             Change::Conversation(change) => change,
         };
         let conversation = Conversation {
@@ -346,7 +352,10 @@ impl Cluster {
             change,
         };
         let payload = serde_json::to_vec(&notice)?;
-        self.apply(notice.change);
+        // A claim is for the others: here the hub hands the session over by itself.
+        if !matches!(notice.change, Change::Claim(_)) {
+            self.apply(notice.change);
+        }
         self.confirm_everywhere(payload).await
     }
 
@@ -396,11 +405,26 @@ impl Cluster {
                 }
                 Ok(None) => break,
                 Err(_) => {
+                    // Taken as gone until heard from again, so the next change does not
+                    // wait for them too.
                     warn!(nodes = ?waiting, "nodes did not confirm a change in time");
+                    let mut peers = lock(&self.peers);
+                    peers.retain(|node, _| !waiting.contains(node));
                     break;
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl crate::broker::Peers for Cluster {
+    fn claim(&self, client_id: &str) -> futures_util::future::BoxFuture<'_, ()> {
+        let change = Change::Claim(client_id.to_owned());
+        Box::pin(async move {
+            if let Err(e) = self.share(change).await {
+                warn!(error = %e, "could not claim a client id from the other nodes");
+            }
+        })
     }
 }

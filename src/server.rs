@@ -135,6 +135,7 @@ async fn join_cluster(
     )
     .await
     .context("joining the cluster")?;
+    hub.set_peers(cluster.clone());
     Ok((Publisher::new(bus), cluster))
 }
 

@@ -348,3 +348,74 @@ async fn busy_glare_and_the_ring_timeout_hold_across_nodes() {
         .await;
     assert_eq!(got["status"], "missed");
 }
+
+#[tokio::test]
+async fn a_client_id_moves_between_nodes_and_a_call_survives_its_node() {
+    let mut cluster = Cluster::start(3).await;
+    put_members(cluster.node(2), "c1", &["alice", "bob"]).await;
+    let (alice_n, bob_n) = ("users/alice/notifications", "users/bob/notifications");
+
+    // alice's phone moves from node 1 to node 2 under the same client id: node 1 lets go.
+    let mut old = cluster.node(0).connect(Via::Tcp, "alice").await;
+    assert!(granted(&old.subscribe(&[alice_n]).await[0]));
+    let mut alice = cluster.node(1).connect(Via::Ws, "alice").await;
+    assert!(old.closed().await, "the older connection is replaced");
+    assert!(granted(&alice.subscribe(&[alice_n]).await[0]));
+    assert_eq!(
+        notify(cluster.node(2), "alice", 1).await,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        next_on(&mut alice, alice_n, "notification.created").await["payload"]["n"],
+        1
+    );
+
+    // bob is on node 1 when the call starts; node 1 dies mid-call.
+    let mut bob = cluster.node(0).connect(Via::Tcp, "bob").await;
+    assert!(granted(&bob.subscribe(&[bob_n]).await[0]));
+    let (status, call) = initiate(cluster.node(2), "alice", "bob").await;
+    assert_eq!(status, StatusCode::CREATED, "{call}");
+    let id = call["id"].as_u64().expect("id");
+    next_on(&mut bob, bob_n, "notification.created").await;
+    assert_eq!(
+        act(cluster.node(0), id, "accept", "bob").await.0,
+        StatusCode::OK
+    );
+    next_on(&mut alice, alice_n, "call.accepted").await;
+    cluster.nodes[0].child.kill().expect("SIGKILL node 1");
+    // (bob's own call.accepted may come first.)
+    let mut gone = false;
+    for _ in 0..3 {
+        gone = bob.closed().await;
+        if gone {
+            break;
+        }
+    }
+    assert!(gone, "bob's node is gone");
+
+    // bob comes back through node 3: the call is still active and goes on.
+    let mut bob = cluster.node(2).connect(Via::Tcp, "bob").await;
+    assert!(granted(&bob.subscribe(&[bob_n]).await[0]));
+    let path = format!("/api/calls/{id}/");
+    let (_, got) = cluster
+        .node(2)
+        .call(Method::GET, &path, ("bob", Role::User), None)
+        .await;
+    assert_eq!(got["status"], "active");
+    let candidate = json!({"type": "call.candidate", "call_id": id.to_string(),
+        "candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 40001 typ host",
+                      "sdpMid": "0", "sdpMLineIndex": 0}});
+    alice.publish_json("chat/c1", candidate).await;
+    assert_eq!(
+        next_on(&mut bob, bob_n, "call.candidate").await["sender_id"],
+        "alice"
+    );
+    assert_eq!(
+        act(cluster.node(2), id, "end", "bob").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        next_on(&mut alice, alice_n, "call.end").await["reason"],
+        "ended"
+    );
+}

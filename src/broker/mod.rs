@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::bridge::Bridge;
 use crate::bus::Publisher;
 use crate::config::GatewayConfig;
-pub use hub::Hub;
+pub use hub::{Hub, Peers};
 
 /// A byte stream carrying MQTT packets (a TCP socket, or WebSocket binary frames).
 pub trait Transport: Send + 'static {

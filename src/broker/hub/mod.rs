@@ -94,6 +94,16 @@ pub struct Hub {
     /// session records and the durable event log.
     store: Store,
     sessions: SessionsConfig,
+    /// Cluster mode: the other nodes.
+    peers: std::sync::OnceLock<Arc<dyn Peers>>,
+}
+
+/// The other nodes of a cluster, as the hub needs them.
+pub trait Peers: Send + Sync + 'static {
+    /// Has every other node end its session under broker-side `client_id` (a client that
+    /// connects here takes its id over from wherever it was); resolves once they did, or
+    /// after a bound.
+    fn claim(&self, client_id: &str) -> futures_util::future::BoxFuture<'_, ()>;
 }
 
 /// A connection's place in the hub. [`Registration::close`] ends it; dropping it without
@@ -146,6 +156,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             store,
             sessions,
+            peers: std::sync::OnceLock::new(),
         });
         hub.restore()?;
         tokio::spawn(expire_sessions(Arc::downgrade(&hub)));
@@ -309,6 +320,34 @@ impl Deliver for Hub {
 }
 
 impl Hub {
+    /// Tells the hub about the other nodes of its cluster.
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    /// Takes `client_id` over from any other node (cluster mode; nothing otherwise).
+    pub(crate) async fn claim(&self, client_id: &str) {
+        if let Some(peers) = self.peers.get() {
+            peers.claim(client_id).await;
+        }
+    }
+
+    /// Ends the session under `client_id` here: its client connected to another node. A live
+    /// connection is told it was replaced; a stored session is dropped.
+    pub fn release_client(&self, client_id: &str) {
+        let mut state = lock(&self.state);
+        let Some(sid) = state.by_client.get(client_id).copied() else {
+            return;
+        };
+        if let Some(entry) = state.remove(sid) {
+            info!(client = %client_id, "taken over on another node");
+            self.forget(&entry);
+            if let Link::Live { sender, .. } = entry.link {
+                sender.send(Event::Replaced);
+            }
+        }
+    }
+
     /// Tells `interest` which filters the sessions hold, now and after every change.
     pub fn set_interest(&self, interest: Arc<dyn crate::bus::Interest>) {
         lock(&self.state).routes.set_interest(interest);

@@ -42,6 +42,7 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
     let hub = &gateway.inner.hub;
     let will = admitted.will;
     let (identity, client_id) = (&admitted.identity, &admitted.client_id);
+    hub.claim(client_id).await;
     let attached = match hub.register(identity.clone(), client_id, admitted.clean, true) {
         Registered::Attached(attached) => attached,
         Registered::Handover(parted) => {
