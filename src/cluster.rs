@@ -21,6 +21,9 @@ use crate::sync::lock;
 
 const NODES: &str = "callbus.ctl.node";
 const CHANGES: &str = "callbus.ctl.change";
+const PRESENCE: &str = "callbus.ctl.presence";
+/// How long a presence question waits for the other nodes.
+const PRESENCE_TIMEOUT: Duration = Duration::from_millis(500);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node not heard from for this long is taken as gone.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -51,6 +54,13 @@ enum Change {
     Call(Box<Versioned>),
     /// A client connected to the sending node under this broker-side client id.
     Claim(String),
+}
+
+/// How many live connections each of `users` has on the answering node.
+#[derive(Serialize, Deserialize)]
+struct PresenceReply {
+    node: String,
+    devices: Vec<usize>,
 }
 
 /// A change as it travels: who made it, and what.
@@ -141,6 +151,7 @@ impl Cluster {
         });
         let nodes = cluster.client.subscribe(NODES).await?;
         let changes = cluster.client.subscribe(CHANGES).await?;
+        let presence = cluster.client.subscribe(PRESENCE).await?;
         cluster.client.flush().await?;
         let conversations = cluster.pg.conversations().await?;
         cluster.conversations.load(conversations);
@@ -149,6 +160,7 @@ impl Cluster {
         }
         tokio::spawn(cluster.clone().hear_nodes(nodes, shutdown.clone()));
         tokio::spawn(cluster.clone().hear_changes(changes, shutdown.clone()));
+        tokio::spawn(cluster.clone().answer_presence(presence, shutdown.clone()));
         tokio::spawn(cluster.clone().resync(nats.reconnected, shutdown.clone()));
         tokio::spawn(cluster.clone().heartbeat(shutdown));
         // The others hear this node's first heartbeat at once; this node hears each of theirs
@@ -307,6 +319,74 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    async fn answer_presence(
+        self: Arc<Self>,
+        mut questions: async_nats::Subscriber,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let asked = tokio::select! {
+                asked = questions.next() => asked,
+                _ = stop.cancelled() => return,
+            };
+            let Some(asked) = asked else { return };
+            let (Some(reply), Ok(users)) = (
+                asked.reply,
+                serde_json::from_slice::<Vec<String>>(&asked.payload),
+            ) else {
+                continue;
+            };
+            let answer = PresenceReply {
+                node: self.node_id.clone(),
+                devices: users.iter().map(|u| self.hub.live_devices(u)).collect(),
+            };
+            let Ok(payload) = serde_json::to_vec(&answer) else {
+                continue;
+            };
+            if let Err(e) = self.client.publish(reply, payload.into()).await {
+                warn!(error = %e, "cannot answer a presence question");
+            }
+        }
+    }
+
+    /// How many live connections each of `users` has on the other nodes (those that answer
+    /// within [`PRESENCE_TIMEOUT`]).
+    pub async fn remote_devices(&self, users: &[String]) -> Vec<usize> {
+        let mut devices = vec![0; users.len()];
+        if let Err(e) = self.ask_presence(users, &mut devices).await {
+            warn!(error = %e, "cannot ask the other nodes who is connected");
+        }
+        devices
+    }
+
+    async fn ask_presence(&self, users: &[String], devices: &mut [usize]) -> anyhow::Result<()> {
+        let mut waiting = self.live_peers();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let inbox = self.client.new_inbox();
+        let mut replies = self.client.subscribe(inbox.clone()).await?;
+        let question = serde_json::to_vec(users)?;
+        (self.client)
+            .publish_with_reply(PRESENCE, inbox, question.into())
+            .await?;
+        let deadline = Instant::now() + PRESENCE_TIMEOUT;
+        while !waiting.is_empty() {
+            let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await else {
+                break;
+            };
+            let Ok(reply) = serde_json::from_slice::<PresenceReply>(&reply.payload) else {
+                continue;
+            };
+            if waiting.remove(&reply.node) {
+                for (total, n) in devices.iter_mut().zip(reply.devices) {
+                    *total += n;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Takes a change into this node's memory; a conversation's removed members are cut off.

@@ -419,3 +419,79 @@ async fn a_client_id_moves_between_nodes_and_a_call_survives_its_node() {
         "ended"
     );
 }
+
+/// A node that dies after a change is committed but before its events are published leaves
+/// them in the outbox (what the dead node left is written here as it would be): another node
+/// announces them, once.
+#[tokio::test]
+async fn events_a_dead_node_left_in_the_outbox_are_announced_once() {
+    let cluster = Cluster::start(2).await;
+    put_members(cluster.node(0), "c1", &["alice", "bob"]).await;
+    let bob_n = "users/bob/notifications";
+    let mut bob = cluster.node(1).connect(Via::Tcp, "bob").await;
+    assert!(granted(&bob.subscribe(&[bob_n]).await[0]));
+    let (status, call) = initiate(cluster.node(0), "alice", "bob").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = call["id"].as_u64().expect("id");
+    next_on(&mut bob, bob_n, "notification.created").await;
+    assert_eq!(cluster.pg.sql("SELECT count(*) FROM call_events"), "0");
+
+    let left = r#"{"type":"call.test","id":"left-behind"}"#;
+    cluster.pg.sql(&format!(
+        "INSERT INTO call_events (call_id, user_id, payload, created_at)
+         VALUES ({id}, 'bob', '{left}', now() - interval '1 minute')"
+    ));
+    assert_eq!(
+        next_on(&mut bob, bob_n, "call.test").await["id"],
+        "left-behind"
+    );
+    // Published, then deleted under the call's lock: nobody can publish it again.
+    for _ in 0..100 {
+        if cluster.pg.sql("SELECT count(*) FROM call_events") == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cluster.pg.sql("SELECT count(*) FROM call_events"), "0");
+    assert_eq!(
+        notify(cluster.node(0), "bob", 9).await,
+        StatusCode::ACCEPTED
+    );
+    let next = bob.recv().await.json();
+    assert_eq!(next["payload"]["n"], 9, "once: {next}");
+}
+
+/// Who is connected is asked of every node: the receiver's devices in the 201, and whether an
+/// active call has lost both parties.
+#[tokio::test]
+async fn presence_counts_every_node() {
+    let cluster = Cluster::start_with(3, &["--call-lost-grace", "1"]).await;
+    let (n1, n2, n3) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    put_members(n3, "c1", &["alice", "bob"]).await;
+    let alice = n1.connect(Via::Ws, "alice").await;
+    let bob = n2.connect(Via::Tcp, "bob").await;
+    let (status, call) = initiate(n3, "alice", "bob").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(call["receiver_devices"], 1, "bob is on node 2: {call}");
+    let id = call["id"].as_u64().expect("id");
+    assert_eq!(act(n3, id, "accept", "bob").await.0, StatusCode::OK);
+
+    // No node holds both parties, and node 3 neither: three grace periods later the call is
+    // still on, since each node asks the others.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let path = format!("/api/calls/{id}/");
+    let (_, got) = n3.call(Method::GET, &path, ("bob", Role::User), None).await;
+    assert_eq!(got["status"], "active", "{got}");
+
+    // Both leave: the call ends by itself.
+    drop((alice, bob));
+    for _ in 0..200 {
+        let (_, got) = n3.call(Method::GET, &path, ("bob", Role::User), None).await;
+        if got["status"] != "active" {
+            assert_eq!(got["end_reason"], "connection_lost", "{got}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the call outlived both parties");
+}

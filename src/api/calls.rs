@@ -87,7 +87,7 @@ pub async fn initiate(
     // devices, and whether a push to wake sleeping ones was queued.
     let mut body = call.to_json();
     if let Value::Object(map) = &mut body {
-        let devices = state.gateway.live_devices(&call.receiver.id);
+        let devices = state.calls.live_devices(&call.receiver.id).await;
         map.insert("receiver_devices".into(), devices.into());
         map.insert("push_queued".into(), state.calls.pushes().into());
     }

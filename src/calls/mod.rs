@@ -157,7 +157,7 @@ impl Calls {
             }),
         };
         if let Some(cluster) = &calls.inner.cluster {
-            tokio::spawn(shared::sweep_ringing(calls.clone(), cluster.clone()));
+            tokio::spawn(shared::sweep(calls.clone(), cluster.clone()));
             tokio::spawn(reaper::run(calls.clone()));
             return Ok(calls);
         }
@@ -243,6 +243,15 @@ impl Calls {
             Status::Active => (r, a + 1),
             _ => (r, a),
         })
+    }
+
+    /// How many live connections (devices) `user_id` has, on every node.
+    pub async fn live_devices(&self, user_id: &str) -> usize {
+        let here = self.inner.presence.live_devices(user_id);
+        match &self.inner.cluster {
+            Some(cluster) => here + cluster.remote_devices(&[user_id.to_owned()]).await[0],
+            None => here,
+        }
     }
 
     /// Whether calls are handed to a push webhook.

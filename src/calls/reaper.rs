@@ -1,14 +1,14 @@
 //! No call outlives its devices: an active call ends by itself (`connection_lost`) once neither
-//! party has had a live connection for the grace period, and no call stays active past the
+//! party has had a live connection (on any node, in cluster mode) for the grace period, and no call stays active past the
 //! maximum duration (`max_duration`). The clock for a call starts when this task first sees it
 //! without either party, so after a restart the parties get the whole grace to come back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tracing::{info, warn};
 
 use super::{CallError, Calls};
-use crate::model::call::{now_ms, Action, Status, TransitionError};
+use crate::model::call::{now_ms, Action, Call, Status, TransitionError};
 use crate::sync::lock;
 
 /// Checks live calls periodically until shutdown.
@@ -23,7 +23,9 @@ pub(super) async fn run(calls: Calls) {
             _ = tick.tick() => {}
             _ = calls.inner.shutdown.cancelled() => return,
         }
-        for (id, reason) in overdue(&calls, &mut last_seen, now_ms()) {
+        let live = calls.live_calls();
+        let elsewhere = online_elsewhere(&calls, &live).await;
+        for (id, reason) in overdue(&calls, live, &elsewhere, &mut last_seen, now_ms()) {
             match calls.transition(id, Action::Expire { reason }).await {
                 Ok(_) => info!(call = id, reason, "call ended by callbus"),
                 Err(CallError::Transition(TransitionError::WrongState(_))) => {}
@@ -33,17 +35,39 @@ pub(super) async fn run(calls: Calls) {
     }
 }
 
+/// In cluster mode, the parties of active calls who are not connected here but are on another
+/// node (one question to the other nodes per sweep).
+async fn online_elsewhere(calls: &Calls, live: &[Call]) -> HashSet<String> {
+    let Some(cluster) = &calls.inner.cluster else {
+        return HashSet::new();
+    };
+    let presence = &calls.inner.presence;
+    let active = live.iter().filter(|c| c.status == Status::Active);
+    let parties = active.flat_map(|c| [&c.caller.id, &c.receiver.id]);
+    let away: HashSet<String> = parties.filter(|u| !presence.online(u)).cloned().collect();
+    if away.is_empty() {
+        return away;
+    }
+    let away: Vec<String> = away.into_iter().collect();
+    let devices = cluster.remote_devices(&away).await;
+    let online = away.into_iter().zip(devices).filter(|(_, n)| *n > 0);
+    online.map(|(u, _)| u).collect()
+}
+
 /// The active calls to end now, and why.
-fn overdue(calls: &Calls, last_seen: &mut HashMap<u64, u64>, now: u64) -> Vec<(u64, &'static str)> {
+fn overdue(
+    calls: &Calls,
+    live: Vec<Call>,
+    elsewhere: &HashSet<String>,
+    last_seen: &mut HashMap<u64, u64>,
+    now: u64,
+) -> Vec<(u64, &'static str)> {
     let limits = calls.inner.limits;
     let grace = limits.lost_grace.as_millis() as u64;
     let max = limits.max_duration.as_millis() as u64;
-    let live = calls.live_calls();
     last_seen.retain(|id, _| live.binary_search_by_key(id, |c| c.id).is_ok());
-    // Presence is per node: in cluster mode a party may be connected to another node, so
-    // only the maximum duration applies there (for now).
-    let cluster = calls.inner.cluster.is_some();
-    if cluster {
+    if calls.inner.cluster.is_some() {
+        // Offer records of calls another node ended are forgotten here.
         let mut state = lock(&calls.inner.live);
         let offers = &mut state.last_offer_by;
         offers.retain(|id, _| live.binary_search_by_key(id, |c| c.id).is_ok());
@@ -56,7 +80,8 @@ fn overdue(calls: &Calls, last_seen: &mut HashMap<u64, u64>, now: u64) -> Vec<(u
         }
         let presence = &calls.inner.presence;
         let seen = last_seen.entry(id).or_insert(now);
-        if cluster || presence.online(&call.caller.id) || presence.online(&call.receiver.id) {
+        let online = |u: &String| presence.online(u) || elsewhere.contains(u);
+        if online(&call.caller.id) || online(&call.receiver.id) {
             *seen = now;
         }
         if now.saturating_sub(*seen) >= grace {

@@ -15,12 +15,15 @@ use crate::auth::Identity;
 use crate::cluster::Cluster;
 use crate::model::call::{now_ms, Action, Call, Party, Status, TransitionError};
 use crate::push;
-use crate::store::pg::{Created, Locked, Versioned};
+use crate::store::pg::{Created, Locked, Outgoing, Versioned};
 use crate::store::StoreError;
 
 /// How often each node looks for ringing calls whose deadline passed unanswered (their
 /// creating node may be gone).
 const SWEEP: Duration = Duration::from_millis(500);
+
+/// Events older than this in the outbox were left by a node that died announcing them.
+const STRANDED: Duration = Duration::from_secs(3);
 
 impl Calls {
     pub(super) async fn initiate_shared(
@@ -31,30 +34,35 @@ impl Calls {
     ) -> Result<Call, CallError> {
         let now = now_ms();
         let ring = self.inner.limits.ring_timeout.as_millis() as u64;
-        let make = |id| Call {
-            id,
-            caller: Party {
-                id: caller.user_id.clone(),
-                username: caller.username.clone(),
-                first_name: caller.first_name.clone(),
-                last_name: caller.last_name.clone(),
-            },
-            receiver: Party {
-                id: req.receiver_id.clone(),
-                username: req.receiver_id.clone(),
-                first_name: String::new(),
-                last_name: String::new(),
-            },
-            call_type: req.call_type,
-            conversation_id: req.conversation_id.clone(),
-            status: Status::Ringing,
-            created_ms: now,
-            ring_deadline_ms: now + ring,
-            accepted_ms: None,
-            ended_ms: None,
-            end_reason: None,
-            hangup_reason: None,
-            accepted_device: None,
+        let make = |id| {
+            let call = Call {
+                id,
+                caller: Party {
+                    id: caller.user_id.clone(),
+                    username: caller.username.clone(),
+                    first_name: caller.first_name.clone(),
+                    last_name: caller.last_name.clone(),
+                },
+                receiver: Party {
+                    id: req.receiver_id.clone(),
+                    username: req.receiver_id.clone(),
+                    first_name: String::new(),
+                    last_name: String::new(),
+                },
+                call_type: req.call_type,
+                conversation_id: req.conversation_id.clone(),
+                status: Status::Ringing,
+                created_ms: now,
+                ring_deadline_ms: now + ring,
+                accepted_ms: None,
+                ended_ms: None,
+                end_reason: None,
+                hangup_reason: None,
+                accepted_device: None,
+            };
+            let incoming = events::incoming_call(&call, caller);
+            let out = outgoing(vec![(call.receiver.id.clone(), incoming)]);
+            (call, out)
         };
         let created = cluster
             .pg
@@ -76,12 +84,10 @@ impl Calls {
             }
         };
         if self.inner.push.is_some() {
-            let devices = self.inner.presence.live_devices(&call.call.receiver.id);
+            let devices = self.live_devices(&call.call.receiver.id).await;
             self.queue_push(push::ringing(&call.call, devices)).await?;
         }
-        let incoming = events::incoming_call(&call.call, caller);
-        let out = vec![(call.call.receiver.id.clone(), incoming)];
-        let call = self.announce_shared(cluster, locked, call, out).await;
+        let call = self.announce_shared(cluster, locked, call).await;
         crate::metrics::CALLS_INITIATED.inc();
         self.arm_ring_timer(call.id, ring);
         Ok(call)
@@ -104,9 +110,10 @@ impl Calls {
                 return Err(e.into());
             }
         };
-        locked.update(&next).await?;
+        let out = outgoing(super::transition_events(&next.call));
+        locked.update(&next, &out).await?;
         if current.call.status == Status::Ringing && self.inner.push.is_some() {
-            let devices = self.inner.presence.live_devices(&next.call.receiver.id);
+            let devices = self.live_devices(&next.call.receiver.id).await;
             self.queue_push(push::stopped(&next.call, devices)).await?;
         }
         if next.call.status.is_terminal() {
@@ -114,31 +121,49 @@ impl Calls {
                 .last_offer_by
                 .remove(&id);
         }
-        let out = super::transition_events(&next.call);
-        let call = self.announce_shared(cluster, locked, next, out).await;
+        let call = self.announce_shared(cluster, locked, next).await;
         crate::metrics::CALL_TRANSITIONS.inc();
         Ok(call)
     }
 
-    /// Every node takes the new state, then its events are published, then the lock goes.
+    /// Every node takes the new state, then the call's pending events are published (any
+    /// left by a node that died announcing, then this change's), then the lock goes.
     async fn announce_shared(
         &self,
         cluster: &Cluster,
         locked: Locked<'_>,
         call: Versioned,
-        events: Vec<(String, serde_json::Value)>,
     ) -> Call {
         cluster.call_changed(call.clone()).await;
-        for (user_id, event) in events {
+        for event in locked.pending() {
             let logged = Logged {
-                user_id,
-                payload: event.to_string(),
+                user_id: event.user_id.clone(),
+                payload: event.payload.clone(),
                 seq: None,
             };
             self.publish(&logged).await;
         }
-        locked.release().await;
+        locked.announced().await;
         call.call
+    }
+
+    /// Announces the events of calls whose announcer died (left in the outbox for longer than
+    /// an announcement takes); a call someone holds is left to them.
+    async fn sweep_stranded(&self, cluster: &Cluster) {
+        let stranded = match cluster.pg.stranded_calls(STRANDED.as_secs_f64()).await {
+            Ok(ids) => ids,
+            Err(e) => return warn!(error = %e, "cannot look for stranded events"),
+        };
+        for id in stranded {
+            match cluster.pg.try_lock_call(id).await {
+                Ok(Some((locked, call))) => {
+                    info!(call = id, "announcing events a node left");
+                    self.announce_shared(cluster, locked, call).await;
+                }
+                Ok(None) => {}
+                Err(e) => warn!(call = id, error = %e, "cannot take a stranded call"),
+            }
+        }
     }
 
     /// A push job, kept on this node's disk until its worker delivers it.
@@ -152,14 +177,24 @@ impl Calls {
     }
 }
 
-/// Times out ringing calls past their deadline, whichever node created them, until shutdown.
-pub(super) async fn sweep_ringing(calls: Calls, cluster: std::sync::Arc<Cluster>) {
+fn outgoing(events: Vec<(String, serde_json::Value)>) -> Vec<Outgoing> {
+    let each = events.into_iter().map(|(user_id, event)| Outgoing {
+        user_id,
+        payload: event.to_string(),
+    });
+    each.collect()
+}
+
+/// Until shutdown: announces what nodes that died mid-announcement left in the outbox, and
+/// times out ringing calls past their deadline, whichever node created them.
+pub(super) async fn sweep(calls: Calls, cluster: std::sync::Arc<Cluster>) {
     let mut tick = tokio::time::interval(SWEEP);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = calls.inner.shutdown.cancelled() => return,
         }
+        calls.sweep_stranded(&cluster).await;
         // A little after the deadline: the creating node's own timer usually got there first.
         let due = match cluster
             .pg

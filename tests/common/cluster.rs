@@ -194,6 +194,30 @@ impl Postgres {
     pub fn url(&self) -> String {
         format!("postgres://callbus@127.0.0.1:{}/postgres", self.port)
     }
+
+    /// Runs `sql` through psql; what it printed (unaligned, tuples only).
+    pub fn sql(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.url(),
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql (Debian package postgresql-client)");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
 }
 
 impl Drop for Postgres {

@@ -17,6 +17,14 @@ pub struct Versioned {
     pub version: u64,
 }
 
+/// An event for `user_id`'s notifications, kept in the outbox (in the same transaction as the
+/// change it announces) until it has been published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub user_id: String,
+    pub payload: String,
+}
+
 /// What creating a call found.
 pub enum Created<'a> {
     New(Locked<'a>, Versioned),
@@ -26,35 +34,110 @@ pub enum Created<'a> {
     Glare(Call),
 }
 
-/// A connection holding one call's lock; release it once the change is announced. Dropped
-/// without [`Locked::release`], it closes its connection, which releases the lock too.
+/// A connection holding one call's lock, with the call's events not yet announced: any a node
+/// left when it died mid-announcement, then this change's, in order. Publish them, then
+/// [`Locked::announced`]. Dropped without that, it closes its connection, which releases the
+/// lock and leaves the events for the next holder.
 pub struct Locked<'a> {
     conn: Conn<'a>,
     id: i64,
+    pending: Vec<(i64, Outgoing)>,
     released: bool,
 }
 
-impl Locked<'_> {
-    /// Writes the call's next state (the lock is held: nobody else writes it meanwhile).
-    pub async fn update(&mut self, next: &Versioned) -> Result<(), StoreError> {
-        let record = encode(&next.call)?;
-        let client = self.conn.client()?;
-        client
-            .execute(
-                "UPDATE calls SET live = $2, status = $3, version = $4, record = $5 WHERE id = $1",
-                &[
-                    &self.id,
-                    &!next.call.status.is_terminal(),
-                    &next.call.status.as_str(),
-                    &(next.version as i64),
-                    &record,
-                ],
+impl<'a> Locked<'a> {
+    /// Takes the lock on `conn` (waiting, or only if free) and reads what the outbox holds.
+    async fn take(conn: Conn<'a>, id: i64, wait: bool) -> Result<Option<Self>, StoreError> {
+        let mut locked = Locked {
+            conn,
+            id,
+            pending: Vec::new(),
+            released: true, // nothing to release yet
+        };
+        let sql = if wait {
+            "SELECT pg_advisory_lock($1)::text = ''"
+        } else {
+            "SELECT pg_try_advisory_lock($1)"
+        };
+        let row = (locked.conn.client()?.query_one(sql, &[&id]).await).map_err(unavailable)?;
+        // pg_advisory_lock returns void (as text: ''), so both forms answer true when held.
+        if !row.try_get::<_, bool>(0).map_err(unavailable)? {
+            return Ok(None);
+        }
+        locked.released = false;
+        let rows = (locked.conn.client()?)
+            .query(
+                "SELECT id, user_id, payload FROM call_events WHERE call_id = $1 ORDER BY id",
+                &[&id],
             )
             .await
             .map_err(unavailable)?;
+        for row in rows {
+            let event = Outgoing {
+                user_id: row.try_get(1).map_err(unavailable)?,
+                payload: row.try_get(2).map_err(unavailable)?,
+            };
+            locked
+                .pending
+                .push((row.try_get(0).map_err(unavailable)?, event));
+        }
+        Ok(Some(locked))
+    }
+
+    /// Writes the call's next state and its events in one transaction (the lock is held:
+    /// nobody else writes the call meanwhile).
+    pub async fn update(
+        &mut self,
+        next: &Versioned,
+        events: &[Outgoing],
+    ) -> Result<(), StoreError> {
+        let record = encode(&next.call)?;
+        let id = self.id;
+        let tx = self
+            .conn
+            .client()?
+            .transaction()
+            .await
+            .map_err(unavailable)?;
+        tx.execute(
+            "UPDATE calls SET live = $2, status = $3, version = $4, record = $5 WHERE id = $1",
+            &[
+                &id,
+                &!next.call.status.is_terminal(),
+                &next.call.status.as_str(),
+                &(next.version as i64),
+                &record,
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+        let ids = insert_events(&tx, id, events).await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.pending
+            .extend(ids.into_iter().zip(events.iter().cloned()));
         Ok(())
     }
 
+    /// The events to publish, in order.
+    pub fn pending(&self) -> impl Iterator<Item = &Outgoing> {
+        self.pending.iter().map(|(_, e)| e)
+    }
+
+    /// The pending events were published: out of the outbox, and the lock goes.
+    pub async fn announced(mut self) {
+        let ids: Vec<i64> = self.pending.iter().map(|(id, _)| *id).collect();
+        if let Ok(client) = self.conn.client() {
+            let deleted = client
+                .execute("DELETE FROM call_events WHERE id = ANY($1)", &[&ids])
+                .await;
+            if deleted.is_err() {
+                return; // dropped: the next holder publishes them again (at least once)
+            }
+        }
+        self.release().await;
+    }
+
+    /// Lets the lock go, leaving any pending events for the next holder.
     pub async fn release(mut self) {
         let id = self.id;
         if let Ok(client) = self.conn.client() {
@@ -74,6 +157,26 @@ impl Drop for Locked<'_> {
             self.conn.client = None;
         }
     }
+}
+
+async fn insert_events(
+    tx: &tokio_postgres::Transaction<'_>,
+    call_id: i64,
+    events: &[Outgoing],
+) -> Result<Vec<i64>, StoreError> {
+    let mut ids = Vec::with_capacity(events.len());
+    for event in events {
+        let row = tx
+            .query_one(
+                "INSERT INTO call_events (call_id, user_id, payload) VALUES ($1, $2, $3)
+                 RETURNING id",
+                &[&call_id, &event.user_id, &event.payload],
+            )
+            .await
+            .map_err(unavailable)?;
+        ids.push(row.try_get(0).map_err(unavailable)?);
+    }
+    Ok(ids)
 }
 
 fn encode(call: &Call) -> Result<String, StoreError> {
@@ -100,13 +203,13 @@ fn rows_to_calls(rows: &[tokio_postgres::Row]) -> Result<Vec<Versioned>, StoreEr
 }
 
 impl Pg {
-    /// Creates the call `make` builds from a fresh id, unless the receiver is busy or already
-    /// ringing the caller. The new call comes back locked: announce it, then release.
+    /// Creates the call `make` builds from a fresh id, with its events, unless the receiver is
+    /// busy or already ringing the caller. The new call comes back locked: announce it.
     pub async fn create_call(
         &self,
         caller_id: &str,
         receiver_id: &str,
-        make: impl FnOnce(u64) -> Call,
+        make: impl FnOnce(u64) -> (Call, Vec<Outgoing>),
     ) -> Result<Created<'_>, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn.client()?.transaction().await.map_err(unavailable)?;
@@ -144,7 +247,7 @@ impl Pg {
             .await
             .map_err(unavailable)?;
         let id: i64 = row.try_get(0).map_err(unavailable)?;
-        let call = make(id as u64);
+        let (call, events) = make(id as u64);
         // Session-level: still held after the commit, until the call is announced.
         tx.execute("SELECT pg_advisory_lock($1)", &[&id])
             .await
@@ -164,11 +267,13 @@ impl Pg {
         )
         .await
         .map_err(unavailable)?;
+        let event_ids = insert_events(&tx, id, &events).await?;
         tx.commit().await.map_err(unavailable)?;
         let versioned = Versioned { call, version: 1 };
         let locked = Locked {
             conn,
             id,
+            pending: event_ids.into_iter().zip(events).collect(),
             released: false,
         };
         Ok(Created::New(locked, versioned))
@@ -176,21 +281,28 @@ impl Pg {
 
     /// Takes call `id`'s lock and reads it; `None` (and no lock) if there is no such call.
     pub async fn lock_call(&self, id: u64) -> Result<Option<(Locked<'_>, Versioned)>, StoreError> {
+        self.lock_call_with(id, true).await
+    }
+
+    /// Like [`Pg::lock_call`], but `None` at once if another holds the lock.
+    pub async fn try_lock_call(
+        &self,
+        id: u64,
+    ) -> Result<Option<(Locked<'_>, Versioned)>, StoreError> {
+        self.lock_call_with(id, false).await
+    }
+
+    async fn lock_call_with(
+        &self,
+        id: u64,
+        wait: bool,
+    ) -> Result<Option<(Locked<'_>, Versioned)>, StoreError> {
         let id = i64::try_from(id).map_err(|_| StoreError::Corrupt(id.to_string()))?;
-        let mut conn = self.conn().await?;
-        let client = conn.client()?;
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&id])
-            .await
-            .map_err(unavailable)?;
-        let mut locked = Locked {
-            conn,
-            id,
-            released: false,
+        let conn = self.conn().await?;
+        let Some(mut locked) = Locked::take(conn, id, wait).await? else {
+            return Ok(None);
         };
-        let rows = locked
-            .conn
-            .client()?
+        let rows = (locked.conn.client()?)
             .query("SELECT record, version FROM calls WHERE id = $1", &[&id])
             .await
             .map_err(unavailable)?;
@@ -201,6 +313,22 @@ impl Pg {
                 Ok(None)
             }
         }
+    }
+
+    /// Calls with events older than `secs` seconds still in the outbox: their announcer died.
+    pub async fn stranded_calls(&self, secs: f64) -> Result<Vec<u64>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows = (conn.client()?)
+            .query(
+                "SELECT DISTINCT call_id FROM call_events
+                 WHERE created_at < now() - make_interval(secs => $1)",
+                &[&secs],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| Ok(row.try_get::<_, i64>(0).map_err(unavailable)? as u64))
+            .collect()
     }
 
     pub async fn call(&self, id: u64) -> Result<Option<Versioned>, StoreError> {

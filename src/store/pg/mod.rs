@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 mod calls;
 
-pub use calls::{Created, Locked, Versioned};
+pub use calls::{Created, Locked, Outgoing, Versioned};
 
 use super::{Conversation, StoreError};
 use crate::sync::lock;
@@ -43,6 +43,17 @@ const MIGRATIONS: &[(i32, &str)] = &[
         CREATE INDEX calls_by_caller ON calls (caller_id, id);
         CREATE INDEX calls_by_receiver ON calls (receiver_id, id);
         CREATE INDEX calls_live ON calls (id) WHERE live;",
+    ),
+    (
+        3,
+        "CREATE TABLE call_events (
+            id bigserial PRIMARY KEY,
+            call_id bigint NOT NULL,
+            user_id text NOT NULL,
+            payload text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX call_events_by_call ON call_events (call_id, id);",
     ),
 ];
 
