@@ -25,7 +25,8 @@ pub struct Outgoing {
     pub payload: String,
 }
 
-/// What creating a call found.
+/// What creating a call found (returned once per initiate, never stored).
+#[allow(clippy::large_enum_variant)]
 pub enum Created<'a> {
     New(Locked<'a>, Versioned),
     /// The receiver is in a ringing or active call.
