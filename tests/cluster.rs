@@ -178,7 +178,7 @@ async fn losing_a_nats_server_or_the_database_for_a_while_is_survived() {
 
     // PostgreSQL stops: changes that need it answer 503 with a clear error, health says not
     // ready, and what does not need it (relaying) goes on.
-    cluster.pg.stop();
+    cluster.pg.stop().expect("stop postgres");
     let (status, body) = put_members(cluster.node(1), "c9", &["alice"]).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body["error"]
@@ -188,7 +188,7 @@ async fn losing_a_nats_server_or_the_database_for_a_while_is_survived() {
     until_notified(cluster.node(1), "alice", &mut alice).await;
 
     // It comes back (after its crash recovery): so does everything, by itself.
-    cluster.pg.resume().await;
+    cluster.pg.resume().await.expect("restart postgres");
     until_health(cluster.node(1), StatusCode::OK).await;
     let (status, body) = put_members(cluster.node(1), "c9", &["alice"]).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -434,10 +434,10 @@ async fn events_a_dead_node_left_in_the_outbox_are_announced_once() {
     assert_eq!(status, StatusCode::CREATED);
     let id = call["id"].as_u64().expect("id");
     next_on(&mut bob, bob_n, "notification.created").await;
-    assert_eq!(cluster.pg.sql("SELECT count(*) FROM call_events"), "0");
+    assert_eq!(sql(&cluster.pg, "SELECT count(*) FROM call_events"), "0");
 
     let left = r#"{"type":"call.test","id":"left-behind"}"#;
-    cluster.pg.sql(&format!(
+    sql(&cluster.pg, &format!(
         "INSERT INTO call_events (call_id, user_id, payload, created_at)
          VALUES ({id}, 'bob', '{left}', now() - interval '1 minute')"
     ));
@@ -447,12 +447,12 @@ async fn events_a_dead_node_left_in_the_outbox_are_announced_once() {
     );
     // Published, then deleted under the call's lock: nobody can publish it again.
     for _ in 0..100 {
-        if cluster.pg.sql("SELECT count(*) FROM call_events") == "0" {
+        if sql(&cluster.pg, "SELECT count(*) FROM call_events") == "0" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(cluster.pg.sql("SELECT count(*) FROM call_events"), "0");
+    assert_eq!(sql(&cluster.pg, "SELECT count(*) FROM call_events"), "0");
     assert_eq!(
         notify(cluster.node(0), "bob", 9).await,
         StatusCode::ACCEPTED
@@ -494,4 +494,8 @@ async fn presence_counts_every_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the call outlived both parties");
+}
+
+fn sql(pg: &common::cluster::Postgres, sql: &str) -> String {
+    pg.sql(sql).expect("psql")
 }

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::util::{mqtt_client, percentile, Callbus};
 
-const STEPS: [&str; 6] = [
+pub(crate) const STEPS: [&str; 6] = [
     "initiate",
     "ring (notification.created)",
     "offer",
@@ -120,14 +120,35 @@ async fn flow(
 
 async fn run_level(pairs: usize, secs: u64) -> anyhow::Result<()> {
     let cb = std::sync::Arc::new(Callbus::start().await?);
+    print!("| {pairs} |");
+    run_on(std::slice::from_ref(&cb), pairs, secs, "").await?;
+    if let Ok(cb) = std::sync::Arc::try_unwrap(cb) {
+        cb.server.stop().await;
+    }
+    Ok(())
+}
+
+/// `pairs` pairs on `nodes`: pair i's caller on node i, its callee on node i + 1 (the same
+/// node when there is one), the caller's REST calls on the caller's node. Prints the rest of
+/// a table row.
+pub(crate) async fn run_on(
+    nodes: &[std::sync::Arc<Callbus>],
+    pairs: usize,
+    secs: u64,
+    tag: &str,
+) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for i in 0..pairs {
-        let (caller, callee, cid) = (format!("c{i}"), format!("r{i}"), format!("p{i}"));
+        let (caller, callee, cid) = (
+            format!("c{tag}{i}"),
+            format!("r{tag}{i}"),
+            format!("p{tag}{i}"),
+        );
+        let cb = nodes[i % nodes.len()].clone();
         cb.set_members(&cid, &[caller.clone(), callee.clone()])
             .await?;
         let mut a = Party::connect(&cb, &caller).await?;
-        let mut b = Party::connect(&cb, &callee).await?;
-        let cb = cb.clone();
+        let mut b = Party::connect(&nodes[(i + 1) % nodes.len()], &callee).await?;
         tasks.push(async move {
             let deadline = Instant::now() + Duration::from_secs(secs);
             let mut results = Vec::new();
@@ -153,7 +174,7 @@ async fn run_level(pairs: usize, secs: u64) -> anyhow::Result<()> {
     let mut whole: Vec<f64> = results.iter().map(|(_, w)| *w).collect();
     whole.sort_by(f64::total_cmp);
     print!(
-        "| {pairs} | {} | {:.0} | {:.2} | {:.2} |",
+        " {} | {:.0} | {:.2} | {:.2} |",
         results.len(),
         results.len() as f64 / elapsed,
         percentile(&whole, 50.0) / 1000.0,
@@ -169,9 +190,6 @@ async fn run_level(pairs: usize, secs: u64) -> anyhow::Result<()> {
         );
     }
     println!();
-    if let Ok(cb) = std::sync::Arc::try_unwrap(cb) {
-        cb.server.stop().await;
-    }
     Ok(())
 }
 

@@ -38,6 +38,14 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 pub(crate) async fn spawn_callbus(dir: &std::path::Path) -> anyhow::Result<(Proc, u16, u16)> {
+    spawn_callbus_with(dir, &[]).await
+}
+
+/// A callbus process with `extra` arguments.
+pub(crate) async fn spawn_callbus_with(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<(Proc, u16, u16)> {
     let exe = std::env::current_exe()?
         .parent()
         .map(|d| d.join("callbus"))
@@ -53,16 +61,15 @@ pub(crate) async fn spawn_callbus(dir: &std::path::Path) -> anyhow::Result<(Proc
             "--mqtt",
             &format!("127.0.0.1:{mqtt}"),
         ])
+        .args(extra)
         .env("CALLBUS_JWT_SECRET", SECRET)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?;
     let proc = Proc(child);
     for _ in 0..200 {
-        if reqwest::get(format!("http://127.0.0.1:{http}/healthz"))
-            .await
-            .is_ok()
-        {
+        let health = reqwest::get(format!("http://127.0.0.1:{http}/healthz")).await;
+        if health.is_ok_and(|r| r.status().is_success()) {
             return Ok((proc, http, mqtt));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

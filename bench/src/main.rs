@@ -8,9 +8,13 @@
 //!   the time for one notification per user to reach all of them.
 //! - sessions: N persistent sessions away while M messages each are queued, then all back:
 //!   memory per stored session and the time until everything is replayed.
+//! - cluster [clients]: three nodes on three nats-servers and PostgreSQL: relay same-node
+//!   against cross-node, flows/s on one node against three, failover time.
 
 mod calls;
+mod cluster;
 mod conns;
+mod engines;
 mod relay;
 mod sessions;
 mod util;
@@ -35,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
             conns::run(&sizes).await?
         }
         "sessions" => sessions::run(num(1, 1000), num(2, 20)).await?,
+        "cluster" => cluster::run(2000, 10_000, 5, num(1, 1000)).await?,
         "all" => {
             relay::run(2000, 10_000).await?;
             calls::run(&[1, 10, 100], 5).await?;
@@ -42,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
             sessions::run(1000, 20).await?;
         }
         other => {
-            anyhow::bail!("unknown scenario {other}: use relay, calls, conns, sessions or all")
+            anyhow::bail!("unknown scenario {other}: use relay, calls, conns, sessions, cluster or all")
         }
     }
     Ok(())

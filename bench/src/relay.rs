@@ -96,7 +96,7 @@ async fn send(
     driver.abort();
 }
 
-struct Figures {
+pub(crate) struct Figures {
     p50: f64,
     p90: f64,
     p99: f64,
@@ -117,29 +117,46 @@ fn figures(mut l: Vec<f64>, count: usize) -> Figures {
 
 async fn through_callbus(rate: usize, count: usize) -> anyhow::Result<Figures> {
     let cb = Callbus::start().await?;
-    cb.set_members("c1", &["a".into(), "b".into()]).await?;
-    let call = cb
+    let port = cb.server.mqtt_addr.port();
+    let figures = through(&cb, (port, port), ("a", "b"), rate, count).await?;
+    cb.server.stop().await;
+    Ok(figures)
+}
+
+/// Signaling from `a` (connected to MQTT port `ports.0`) to `b` (on `ports.1`) in a call made
+/// through `rest`.
+pub(crate) async fn through(
+    rest: &Callbus,
+    ports: (u16, u16),
+    (a_id, b_id): (&str, &str),
+    rate: usize,
+    count: usize,
+) -> anyhow::Result<Figures> {
+    let cid = format!("{a_id}-{b_id}");
+    rest.set_members(&cid, &[a_id.into(), b_id.into()]).await?;
+    let call = rest
         .post(
             "/api/calls/initiate/",
-            "a",
-            json!({"receiver_id": "b", "call_type": "video", "conversation_id": "c1"}),
+            a_id,
+            json!({"receiver_id": b_id, "call_type": "video", "conversation_id": cid}),
         )
         .await?;
     let call_id = call["id"].as_u64().unwrap_or_default();
-    let port = cb.server.mqtt_addr.port();
     let (_b, b_events) = mqtt_client(
-        port,
-        "b1",
-        "b",
-        &cb.token("b", Role::User),
-        &["users/b/notifications".into()],
+        ports.1,
+        &format!("{b_id}1"),
+        b_id,
+        &rest.token(b_id, Role::User),
+        &[format!("users/{b_id}/notifications")],
     )
     .await?;
-    let (a, a_events) = mqtt_client(port, "a1", "a", &cb.token("a", Role::User), &[]).await?;
+    let a_token = rest.token(a_id, Role::User);
+    let (a, a_events) = mqtt_client(ports.0, &format!("{a_id}1"), a_id, &a_token, &[]).await?;
     let receiver = tokio::spawn(receive(b_events, count));
-    send(a, a_events, "chat/c1".into(), call_id, rate, count).await;
+    send(a, a_events, format!("chat/{cid}"), call_id, rate, count).await;
     let figures = figures(receiver.await?, count);
-    cb.server.stop().await;
+    rest.post(&format!("/api/calls/{call_id}/end/"), a_id, json!({}))
+        .await?;
     Ok(figures)
 }
 
@@ -194,6 +211,25 @@ dynamic_filters = true
     Ok(figures(receiver.await?, count))
 }
 
+/// One table row.
+pub(crate) fn row(name: &str, f: &Figures) {
+    println!(
+        "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+        f.p50, f.p90, f.p99, f.max, f.lost
+    );
+}
+
+/// A table row of `a`'s figures over `b`'s.
+pub(crate) fn ratio_row(name: &str, a: &Figures, b: &Figures) {
+    println!(
+        "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | |",
+        a.p50 / b.p50,
+        a.p90 / b.p90,
+        a.p99 / b.p99,
+        a.max / b.max
+    );
+}
+
 pub async fn run(rate: usize, count: usize) -> anyhow::Result<()> {
     println!("\n## relay: {count} messages at {rate} msg/s (1 in 5 a 3 KB offer, others 300 B candidates), QoS 1, latency in µs");
     let raw = through_raw_rumqttd(rate, count).await?;
@@ -204,17 +240,8 @@ pub async fn run(rate: usize, count: usize) -> anyhow::Result<()> {
         ("raw rumqttd (v4 listener)", &raw),
         ("callbus (chat/{cid} → bridge → users/B/notifications)", &cb),
     ] {
-        println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
-            f.p50, f.p90, f.p99, f.max, f.lost
-        );
+        row(name, f);
     }
-    println!(
-        "| ratio callbus/raw | {:.2} | {:.2} | {:.2} | {:.2} | |",
-        cb.p50 / raw.p50,
-        cb.p90 / raw.p90,
-        cb.p99 / raw.p99,
-        cb.max / raw.max
-    );
+    ratio_row("ratio callbus/raw", &cb, &raw);
     Ok(())
 }

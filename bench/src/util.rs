@@ -18,17 +18,25 @@ pub struct Callbus {
 
 impl Callbus {
     pub async fn start() -> anyhow::Result<Callbus> {
+        Self::start_with(None).await
+    }
+
+    /// A node of a cluster (with `Some`), or the embedded mode.
+    pub async fn start_with(
+        cluster: Option<callbus::cluster::ClusterOptions>,
+    ) -> anyhow::Result<Callbus> {
         let dir = tempfile::tempdir()?;
         // The default per-connection limit (200 publishes/s) is for real clients; the relay
         // scenario sends 2,000/s from one connection on purpose.
         let config = DEFAULT_CONFIG
             .replace("publish_rate = 200", "publish_rate = 100000")
             .replace("publish_burst = 500", "publish_burst = 100000");
-        let settings = Settings::new(
+        let mut settings = Settings::new(
             FileConfig::parse(&config)?,
             dir.path().join("data"),
             SECRET.to_vec(),
         );
+        settings.cluster = cluster;
         let http = TcpListener::bind("127.0.0.1:0").await?;
         let mqtt = TcpListener::bind("127.0.0.1:0").await?;
         let server = Server::start(settings, http, mqtt).await?;
@@ -70,10 +78,20 @@ impl Callbus {
         user: &str,
         body: serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
+        self.post_as(path, user, Role::User, body).await
+    }
+
+    pub async fn post_as(
+        &self,
+        path: &str,
+        user: &str,
+        role: Role,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
         let resp = self
             .http
             .post(self.url(path))
-            .bearer_auth(self.token(user, Role::User))
+            .bearer_auth(self.token(user, role))
             .json(&body)
             .send()
             .await?;

@@ -1,0 +1,134 @@
+//! Cluster mode with the real engines: three clustered `nats-server`s and a PostgreSQL, and
+//! three callbus nodes in this process (the nodes share the machine's cores with the engines
+//! and the clients, as they would not in production; the figures compare layouts side by side).
+//!
+//! - relay: signaling between two clients on the same node, then on two nodes.
+//! - calls: whole flows per second with every pair on one node, then spread over three.
+//! - failover: N clients on a node that is killed (a separate process, SIGKILL); each
+//!   reconnects to another node: time until it is subscribed again, and until a notification
+//!   sent after the kill reaches it.
+
+use callbus::auth::Role;
+use callbus::cluster::ClusterOptions;
+use rumqttc::{Event, Packet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::conns::spawn_callbus_with;
+use crate::engines::{Nats, Postgres};
+use crate::relay::{ratio_row, row, through};
+use crate::util::{mqtt_client, percentile, Callbus};
+
+async fn node(nats: &Nats, pg: &Postgres, i: usize) -> anyhow::Result<Arc<Callbus>> {
+    let options = ClusterOptions {
+        nats: nats.urls_from(i % 3).split(',').map(String::from).collect(),
+        database: pg.url(),
+        node_id: format!("bench-{i}"),
+    };
+    Ok(Arc::new(Callbus::start_with(Some(options)).await?))
+}
+
+pub async fn run(rate: usize, count: usize, secs: u64, clients: usize) -> anyhow::Result<()> {
+    let nats = Nats::start(3).await?;
+    let pg = Postgres::start().await?;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(node(&nats, &pg, i).await?);
+    }
+    let port = |i: usize| nodes[i].server.mqtt_addr.port();
+
+    println!("\n## cluster relay: {count} messages at {rate} msg/s (as in relay), latency in µs");
+    println!("| path | p50 | p90 | p99 | max | lost |");
+    println!("|---|---|---|---|---|---|");
+    let same = through(&nodes[0], (port(0), port(0)), ("sa", "sb"), rate, count).await?;
+    row("same node (NATS bus)", &same);
+    let cross = through(&nodes[0], (port(0), port(1)), ("xa", "xb"), rate, count).await?;
+    row("cross node (node 1 → NATS → node 2)", &cross);
+    ratio_row("ratio cross/same", &cross, &same);
+
+    println!("\n## cluster calls: whole flow per pair, {secs} s per row; times in ms (p50 / p99 per step)");
+    print!("| nodes | pairs C | flows | flows/s | whole p50 | whole p99 |");
+    for s in crate::calls::STEPS {
+        print!(" {s} |");
+    }
+    println!();
+    println!("|---|---|---|---|---|---|{}", "---|".repeat(crate::calls::STEPS.len()));
+    for pairs in [10, 100] {
+        print!("| 1 | {pairs} |");
+        crate::calls::run_on(&nodes[..1], pairs, secs, &format!("one{pairs}-")).await?;
+        print!("| 3 | {pairs} |");
+        crate::calls::run_on(&nodes, pairs, secs, &format!("three{pairs}-")).await?;
+    }
+
+    failover(&nats, &pg, nodes[0].clone(), clients).await
+}
+
+/// `clients` clients on a node process that is SIGKILLed; each comes back on `to`.
+async fn failover(
+    nats: &Nats,
+    pg: &Postgres,
+    to: Arc<Callbus>,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let urls = nats.urls_from(1);
+    let database = pg.url();
+    let args = ["--cluster", &urls, "--database", &database, "--node-id", "doomed"];
+    let (mut doomed, _, doomed_mqtt) = spawn_callbus_with(dir.path(), &args).await?;
+    let mut loops = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let user = format!("f{i}");
+        let topic = format!("users/{user}/notifications");
+        let token = to.token(&user, Role::User);
+        let (_client, events) = mqtt_client(doomed_mqtt, &user, &user, &token, &[topic]).await?;
+        loops.push((user, token, _client, events));
+    }
+    let mut tasks = Vec::with_capacity(clients);
+    let to_port = to.server.mqtt_addr.port();
+    let killed = Instant::now();
+    doomed.0.kill()?;
+    for (user, token, client, mut events) in loops {
+        let to = to.clone();
+        tasks.push(tokio::spawn(async move {
+            // The old connection's end is what the client notices.
+            while events.poll().await.is_ok() {}
+            drop(client);
+            let topic = format!("users/{user}/notifications");
+            let again = mqtt_client(to_port, &user, &user, &token, &[topic]).await;
+            let (client, mut events) = again?;
+            let resumed = killed.elapsed();
+            let body = serde_json::json!({"user_id": user, "payload": {"back": true}});
+            to.post_as("/api/notifications/", "bench-app", Role::Service, body)
+                .await?;
+            loop {
+                let event = tokio::time::timeout(Duration::from_secs(30), events.poll()).await;
+                if let Event::Incoming(Packet::Publish(_)) = event?? {
+                    drop(client);
+                    return anyhow::Ok((resumed, killed.elapsed()));
+                }
+            }
+        }));
+    }
+    let mut resumed = Vec::new();
+    let mut delivered = Vec::new();
+    for task in tasks {
+        let (r, d) = task.await??;
+        resumed.push(r.as_secs_f64() * 1000.0);
+        delivered.push(d.as_secs_f64() * 1000.0);
+    }
+    resumed.sort_by(f64::total_cmp);
+    delivered.sort_by(f64::total_cmp);
+    println!("\n## cluster failover: {clients} clients on a node that is SIGKILLed, back on another node; ms after the kill");
+    println!("| | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    let received = "a notification sent once back, received";
+    for (name, v) in [("subscribed again", &resumed), (received, &delivered)] {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} |",
+            percentile(v, 50.0),
+            percentile(v, 99.0),
+            v.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The real engines of cluster mode on loopback ports, for the benchmarks and the tests:
+//! `nats-server` processes clustered with each other, and a throw-away PostgreSQL (initdb in a
+//! temp dir, run as the `postgres` user when we are root, since PostgreSQL refuses root).
+//! (The tests include this file by path.)
+
+#![allow(dead_code)] // shared with the tests, which use other parts
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A child process killed when dropped.
+struct Owned(Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Waits (at most 10 s) until something accepts TCP connections on `port`.
+async fn until_listening(port: u16, what: &str) -> std::io::Result<()> {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(std::io::Error::other(format!("{what} did not listen on {port}")))
+}
+
+/// NATS servers in one cluster.
+pub struct Nats {
+    pub ports: Vec<u16>,
+    route_ports: Vec<u16>,
+    servers: Vec<Option<Owned>>,
+}
+
+impl Nats {
+    pub async fn start(count: usize) -> std::io::Result<Nats> {
+        let mut nats = Nats {
+            ports: (0..count).map(|_| free_port()).collect::<Result<_, _>>()?,
+            route_ports: (0..count).map(|_| free_port()).collect::<Result<_, _>>()?,
+            servers: (0..count).map(|_| None).collect(),
+        };
+        for i in 0..count {
+            nats.start_server(i)?;
+        }
+        for port in nats.ports.clone() {
+            until_listening(port, "nats-server").await?;
+        }
+        Ok(nats)
+    }
+
+    fn start_server(&mut self, i: usize) -> std::io::Result<()> {
+        let routes: Vec<String> = (self.route_ports.iter().enumerate())
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.ports[i].to_string()])
+            .args(["-n", &format!("nats-{i}"), "--cluster_name", "callbus"])
+            .args(["--cluster", &format!("nats://127.0.0.1:{}", self.route_ports[i])])
+            .args(["--routes", &routes.join(",")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| std::io::Error::other(format!("nats-server (Debian's nats-server): {e}")))?;
+        self.servers[i] = Some(Owned(child));
+        Ok(())
+    }
+
+    /// Every server's URL, starting with server `first`'s (a node connects to the first one
+    /// that answers).
+    pub fn urls_from(&self, first: usize) -> String {
+        let n = self.ports.len();
+        let urls = (0..n).map(|k| format!("nats://127.0.0.1:{}", self.ports[(first + k) % n]));
+        urls.collect::<Vec<_>>().join(",")
+    }
+
+    /// Kills server `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.servers[i] = None;
+    }
+}
+
+/// A throw-away PostgreSQL server.
+pub struct Postgres {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    server: Option<Owned>,
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// PostgreSQL's server programs (Debian keeps them off PATH).
+fn pg_bin(program: &str) -> PathBuf {
+    let installed = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|versions| {
+        let mut found: Vec<PathBuf> = versions
+            .flatten()
+            .map(|v| v.path().join("bin").join(program))
+            .filter(|p| p.exists())
+            .collect();
+        found.sort();
+        found.pop()
+    });
+    installed.unwrap_or_else(|| PathBuf::from(program))
+}
+
+/// `program` run as the `postgres` user when we are root.
+fn as_pg_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut command: Command, what: &str) -> std::io::Result<()> {
+    let status = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| std::io::Error::other(format!("{what} (Debian's postgresql): {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("{what} failed: {status}")))
+    }
+}
+
+impl Postgres {
+    pub async fn start() -> std::io::Result<Postgres> {
+        let dir = tempfile::tempdir()?;
+        if is_root() {
+            let mut chown = Command::new("chown");
+            chown.args(["-R", "postgres:postgres"]).arg(dir.path());
+            run(chown, "chown the data dir to postgres")?;
+        }
+        let mut initdb = as_pg_user(&pg_bin("initdb"));
+        initdb
+            .args(["-A", "trust", "-U", "callbus", "-D"])
+            .arg(dir.path().join("data"));
+        run(initdb, "initdb")?;
+        let mut pg = Postgres {
+            port: free_port()?,
+            dir,
+            server: None,
+        };
+        pg.resume().await?;
+        Ok(pg)
+    }
+
+    /// (Re)starts the server on the same data and port.
+    pub async fn resume(&mut self) -> std::io::Result<()> {
+        let child = as_pg_user(&pg_bin("postgres"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.server = Some(Owned(child));
+        until_listening(self.port, "postgres").await
+    }
+
+    /// Stops the server at once (immediate mode: like a crash, recovered at the next start).
+    pub fn stop(&mut self) -> std::io::Result<()> {
+        let mut pg_ctl = as_pg_user(&pg_bin("pg_ctl"));
+        pg_ctl
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"));
+        run(pg_ctl, "pg_ctl stop")?;
+        self.server = None;
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://callbus@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs `sql` through psql; what it printed (unaligned, tuples only).
+    pub fn sql(&self, sql: &str) -> std::io::Result<String> {
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url(), "-c", sql])
+            .output()?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(std::io::Error::other(format!("{sql}: {err}")));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if self.server.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
