@@ -26,7 +26,7 @@ impl From<CallError> for ApiError {
             CallError::Glare(_, ref call) => {
                 ApiError::ConflictWith(e.to_string(), json!({ "call": call.to_json() }))
             }
-            CallError::Store(e) => ApiError::Internal(e.to_string()),
+            CallError::Store(e) => ApiError::from(e),
         }
     }
 }

@@ -62,29 +62,40 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// this fixed number, far past any call id.
 const MIGRATION_LOCK: i64 = 0x6361_6c6c_6275_7301;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const IDLE_CONNECTIONS: usize = 8;
+/// Connections a node opens at most (PostgreSQL's default `max_connections` is 100: room for
+/// six nodes); requests beyond wait for one, up to [`POOL_WAIT`].
+pub const MAX_CONNECTIONS: usize = 16;
+const POOL_WAIT: Duration = Duration::from_secs(5);
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// A database error as the API reports it (503): with the server's own words when it gave
+/// any (tokio-postgres's summary alone says only "db error").
+fn unavailable(e: tokio_postgres::Error) -> StoreError {
+    let detail = match std::error::Error::source(&e) {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
+    };
+    StoreError::Unavailable(detail)
 }
 
 /// The database behind a cluster.
 pub struct Pg {
     config: tokio_postgres::Config,
     idle: Mutex<Vec<Client>>,
+    slots: tokio::sync::Semaphore,
 }
 
 /// A connection, back to the pool when dropped unless it broke.
 struct Conn<'a> {
     pg: &'a Pg,
     client: Option<Client>,
+    _slot: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         if let Some(client) = self.client.take() {
             let mut idle = lock(&self.pg.idle);
-            if !client.is_closed() && idle.len() < IDLE_CONNECTIONS {
+            if !client.is_closed() {
                 idle.push(client);
             }
         }
@@ -95,7 +106,7 @@ impl Conn<'_> {
     fn client(&mut self) -> Result<&mut Client, StoreError> {
         self.client
             .as_mut()
-            .ok_or_else(|| unavailable("no connection"))
+            .ok_or_else(|| StoreError::Unavailable("no connection".into()))
     }
 }
 
@@ -116,12 +127,17 @@ impl Pg {
         let pg = Arc::new(Pg {
             config,
             idle: Mutex::default(),
+            slots: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
         });
         pg.migrate().await?;
         Ok(pg)
     }
 
     async fn conn(&self) -> Result<Conn<'_>, StoreError> {
+        let slot = tokio::time::timeout(POOL_WAIT, self.slots.acquire())
+            .await
+            .map_err(|_| StoreError::Unavailable("every database connection is busy".into()))?
+            .map_err(|_| StoreError::Unavailable("the pool is closed".into()))?;
         let reused = {
             let mut idle = lock(&self.idle);
             std::iter::from_fn(|| idle.pop()).find(|c| !c.is_closed())
@@ -132,7 +148,7 @@ impl Pg {
                 let connecting = self.config.connect(NoTls);
                 let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
                     .await
-                    .map_err(|_| unavailable("timed out connecting to PostgreSQL"))?
+                    .map_err(|_| StoreError::Unavailable("timed out connecting to PostgreSQL".into()))?
                     .map_err(unavailable)?;
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -145,6 +161,7 @@ impl Pg {
         Ok(Conn {
             pg: self,
             client: Some(client),
+            _slot: slot,
         })
     }
 
