@@ -30,6 +30,50 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a change waits for the other nodes to confirm it.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Answers to this node's questions (change confirmations, presence) arrive on one
+/// subscription, `callbus.reply.<node>.<n>`, and go to whoever asked question `n`: no
+/// subscription per question (each would be announced to every NATS server of the cluster).
+#[derive(Default)]
+struct Replies {
+    next: std::sync::atomic::AtomicU64,
+    waiting: Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<bytes::Bytes>>>,
+}
+
+/// A question waiting for its answers; forgotten when dropped.
+struct Asking<'a> {
+    replies: &'a Replies,
+    n: u64,
+    subject: String,
+    answers: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        lock(&self.replies.waiting).remove(&self.n);
+    }
+}
+
+impl Replies {
+    fn ask(&self, node: &str) -> Asking<'_> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
+        lock(&self.waiting).insert(n, tx);
+        Asking {
+            replies: self,
+            n,
+            subject: format!("callbus.reply.{node}.{n}"),
+            answers,
+        }
+    }
+
+    fn answer(&self, subject: &str, payload: bytes::Bytes) {
+        let n = subject.rsplit('.').next().and_then(|n| n.parse().ok());
+        if let Some(tx) = n.and_then(|n| lock(&self.waiting).get(&n).cloned()) {
+            let _ = tx.send(payload);
+        }
+    }
+}
+
 /// What `--cluster`, `--database` and `--node-id` say.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -79,6 +123,7 @@ pub struct Cluster {
     calls: CallReplica,
     hub: Arc<Hub>,
     peers: Mutex<HashMap<String, Instant>>,
+    replies: Replies,
 }
 
 /// What a node shares with the others, in memory.
@@ -148,10 +193,14 @@ impl Cluster {
             calls: replicas.calls,
             hub,
             peers: Mutex::default(),
+            replies: Replies::default(),
         });
         let nodes = cluster.client.subscribe(NODES).await?;
         let changes = cluster.client.subscribe(CHANGES).await?;
         let presence = cluster.client.subscribe(PRESENCE).await?;
+        let replies = (cluster.client)
+            .subscribe(format!("callbus.reply.{}.*", cluster.node_id))
+            .await?;
         cluster.client.flush().await?;
         let conversations = cluster.pg.conversations().await?;
         cluster.conversations.load(conversations);
@@ -161,6 +210,7 @@ impl Cluster {
         tokio::spawn(cluster.clone().hear_nodes(nodes, shutdown.clone()));
         tokio::spawn(cluster.clone().hear_changes(changes, shutdown.clone()));
         tokio::spawn(cluster.clone().answer_presence(presence, shutdown.clone()));
+        tokio::spawn(cluster.clone().hear_replies(replies, shutdown.clone()));
         tokio::spawn(cluster.clone().resync(nats.reconnected, shutdown.clone()));
         tokio::spawn(cluster.clone().heartbeat(shutdown));
         // The others hear this node's first heartbeat at once; this node hears each of theirs
@@ -321,6 +371,21 @@ impl Cluster {
         }
     }
 
+    async fn hear_replies(
+        self: Arc<Self>,
+        mut replies: async_nats::Subscriber,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let heard = tokio::select! {
+                heard = replies.next() => heard,
+                _ = stop.cancelled() => return,
+            };
+            let Some(heard) = heard else { return };
+            self.replies.answer(heard.subject.as_str(), heard.payload);
+        }
+    }
+
     async fn answer_presence(
         self: Arc<Self>,
         mut questions: async_nats::Subscriber,
@@ -366,18 +431,18 @@ impl Cluster {
         if waiting.is_empty() {
             return Ok(());
         }
-        let inbox = self.client.new_inbox();
-        let mut replies = self.client.subscribe(inbox.clone()).await?;
+        let mut asking = self.replies.ask(&self.node_id);
         let question = serde_json::to_vec(users)?;
         (self.client)
-            .publish_with_reply(PRESENCE, inbox, question.into())
+            .publish_with_reply(PRESENCE, asking.subject.clone(), question.into())
             .await?;
         let deadline = Instant::now() + PRESENCE_TIMEOUT;
         while !waiting.is_empty() {
-            let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await else {
+            let answer = tokio::time::timeout_at(deadline, asking.answers.recv()).await;
+            let Ok(Some(reply)) = answer else {
                 break;
             };
-            let Ok(reply) = serde_json::from_slice::<PresenceReply>(&reply.payload) else {
+            let Ok(reply) = serde_json::from_slice::<PresenceReply>(&reply) else {
                 continue;
             };
             if waiting.remove(&reply.node) {
@@ -471,17 +536,15 @@ impl Cluster {
 
     async fn confirm_everywhere(&self, payload: Vec<u8>) -> anyhow::Result<()> {
         let mut waiting = self.live_peers();
-        let inbox = self.client.new_inbox();
-        let mut acks = self.client.subscribe(inbox.clone()).await?;
+        let mut asking = self.replies.ask(&self.node_id);
         self.client
-            .publish_with_reply(CHANGES, inbox, payload.into())
+            .publish_with_reply(CHANGES, asking.subject.clone(), payload.into())
             .await?;
-        self.client.flush().await?;
         let deadline = Instant::now() + ACK_TIMEOUT;
         while !waiting.is_empty() {
-            match tokio::time::timeout_at(deadline, acks.next()).await {
+            match tokio::time::timeout_at(deadline, asking.answers.recv()).await {
                 Ok(Some(ack)) => {
-                    waiting.remove(String::from_utf8_lossy(&ack.payload).as_ref());
+                    waiting.remove(String::from_utf8_lossy(&ack).as_ref());
                 }
                 Ok(None) => break,
                 Err(_) => {

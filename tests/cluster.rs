@@ -437,10 +437,13 @@ async fn events_a_dead_node_left_in_the_outbox_are_announced_once() {
     assert_eq!(sql(&cluster.pg, "SELECT count(*) FROM call_events"), "0");
 
     let left = r#"{"type":"call.test","id":"left-behind"}"#;
-    sql(&cluster.pg, &format!(
-        "INSERT INTO call_events (call_id, user_id, payload, created_at)
+    sql(
+        &cluster.pg,
+        &format!(
+            "INSERT INTO call_events (call_id, user_id, payload, created_at)
          VALUES ({id}, 'bob', '{left}', now() - interval '1 minute')"
-    ));
+        ),
+    );
     assert_eq!(
         next_on(&mut bob, bob_n, "call.test").await["id"],
         "left-behind"

@@ -52,8 +52,11 @@ pub async fn run(rate: usize, count: usize, secs: u64, clients: usize) -> anyhow
         print!(" {s} |");
     }
     println!();
-    println!("|---|---|---|---|---|---|{}", "---|".repeat(crate::calls::STEPS.len()));
-    for pairs in [10, 100] {
+    println!(
+        "|---|---|---|---|---|---|{}",
+        "---|".repeat(crate::calls::STEPS.len())
+    );
+    for pairs in [1, 10, 100] {
         print!("| 1 | {pairs} |");
         crate::calls::run_on(&nodes[..1], pairs, secs, &format!("one{pairs}-")).await?;
         print!("| 3 | {pairs} |");
@@ -73,7 +76,14 @@ async fn failover(
     let dir = tempfile::tempdir()?;
     let urls = nats.urls_from(1);
     let database = pg.url();
-    let args = ["--cluster", &urls, "--database", &database, "--node-id", "doomed"];
+    let args = [
+        "--cluster",
+        &urls,
+        "--database",
+        &database,
+        "--node-id",
+        "doomed",
+    ];
     let (mut doomed, _, doomed_mqtt) = spawn_callbus_with(dir.path(), &args).await?;
     let mut loops = Vec::with_capacity(clients);
     for i in 0..clients {

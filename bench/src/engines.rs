@@ -28,12 +28,17 @@ pub fn free_port() -> std::io::Result<u16> {
 /// Waits (at most 10 s) until something accepts TCP connections on `port`.
 async fn until_listening(port: u16, what: &str) -> std::io::Result<()> {
     for _ in 0..500 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Err(std::io::Error::other(format!("{what} did not listen on {port}")))
+    Err(std::io::Error::other(format!(
+        "{what} did not listen on {port}"
+    )))
 }
 
 /// NATS servers in one cluster.
@@ -67,12 +72,17 @@ impl Nats {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &self.ports[i].to_string()])
             .args(["-n", &format!("nats-{i}"), "--cluster_name", "callbus"])
-            .args(["--cluster", &format!("nats://127.0.0.1:{}", self.route_ports[i])])
+            .args([
+                "--cluster",
+                &format!("nats://127.0.0.1:{}", self.route_ports[i]),
+            ])
             .args(["--routes", &routes.join(",")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| std::io::Error::other(format!("nats-server (Debian's nats-server): {e}")))?;
+            .map_err(|e| {
+                std::io::Error::other(format!("nats-server (Debian's nats-server): {e}"))
+            })?;
         self.servers[i] = Some(Owned(child));
         Ok(())
     }
@@ -107,15 +117,17 @@ fn is_root() -> bool {
 
 /// PostgreSQL's server programs (Debian keeps them off PATH).
 fn pg_bin(program: &str) -> PathBuf {
-    let installed = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|versions| {
-        let mut found: Vec<PathBuf> = versions
-            .flatten()
-            .map(|v| v.path().join("bin").join(program))
-            .filter(|p| p.exists())
-            .collect();
-        found.sort();
-        found.pop()
-    });
+    let installed = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|versions| {
+            let mut found: Vec<PathBuf> = versions
+                .flatten()
+                .map(|v| v.path().join("bin").join(program))
+                .filter(|p| p.exists())
+                .collect();
+            found.sort();
+            found.pop()
+        });
     installed.unwrap_or_else(|| PathBuf::from(program))
 }
 
@@ -198,7 +210,17 @@ impl Postgres {
     /// Runs `sql` through psql; what it printed (unaligned, tuples only).
     pub fn sql(&self, sql: &str) -> std::io::Result<String> {
         let out = Command::new("psql")
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url(), "-c", sql])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.url(),
+                "-c",
+                sql,
+            ])
             .output()?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);

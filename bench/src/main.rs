@@ -54,7 +54,9 @@ async fn main() -> anyhow::Result<()> {
             sessions::run(1000, 20).await?;
         }
         other => {
-            anyhow::bail!("unknown scenario {other}: use relay, calls, conns, sessions, cluster or all")
+            anyhow::bail!(
+                "unknown scenario {other}: use relay, calls, conns, sessions, cluster or all"
+            )
         }
     }
     Ok(())

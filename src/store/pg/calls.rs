@@ -6,9 +6,38 @@
 
 use serde::{Deserialize, Serialize};
 
+use tokio_postgres::Statement;
+
 use super::{unavailable, Conn, Pg};
 use crate::model::call::{Call, Status};
 use crate::store::StoreError;
+
+type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+
+const LOCK: &str = "SELECT pg_advisory_lock($1)::text = ''";
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";
+const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+const READ_EVENTS: &str =
+    "SELECT id, user_id, payload FROM call_events WHERE call_id = $1 ORDER BY id";
+const READ_CALL: &str = "SELECT record, version FROM calls WHERE id = $1";
+const UPDATE_CALL: &str =
+    "UPDATE calls SET live = $2, status = $3, version = $4, record = $5 WHERE id = $1";
+const INSERT_EVENTS: &str = "INSERT INTO call_events (call_id, user_id, payload)
+     SELECT $1, u, p FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS e(u, p, n)
+     ORDER BY n
+     RETURNING id";
+/// Both parties' locks, in the order given (sorted by the caller, so racing initiates cannot
+/// deadlock): PostgreSQL evaluates a select list left to right.
+const LOCK_USERS: &str =
+    "SELECT pg_advisory_xact_lock(1, hashtext($1)), pg_advisory_xact_lock(1, hashtext($2))";
+const GLARE: &str = "SELECT record, version FROM calls WHERE live AND status = 'ringing'
+     AND caller_id = $1 AND receiver_id = $2 LIMIT 1";
+const BUSY: &str =
+    "SELECT 1 FROM calls WHERE live AND (caller_id = $1 OR receiver_id = $1) LIMIT 1";
+const NEXT_ID: &str = "SELECT nextval(pg_get_serial_sequence('calls', 'id'))";
+const INSERT_CALL: &str = "INSERT INTO calls (id, caller_id, receiver_id, live, status,
+                                   ring_deadline_ms, version, record)
+     VALUES ($1, $2, $3, true, $4, $5, 1, $6)";
 
 /// A call and how many times it was written (nodes keep the newest they hear of).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,25 +89,26 @@ impl<'a> Locked<'a> {
             pending: Vec::new(),
             released: true, // nothing to release yet
         };
-        let sql = if wait {
-            "SELECT pg_advisory_lock($1)::text = ''"
-        } else {
-            "SELECT pg_try_advisory_lock($1)"
-        };
-        let row = (locked.conn.client()?.query_one(sql, &[&id]).await).map_err(unavailable)?;
+        let lock = locked
+            .conn
+            .prepare(if wait { LOCK } else { TRY_LOCK })
+            .await?;
+        let read_events = locked.conn.prepare(READ_EVENTS).await?;
+        let read_call = locked.conn.prepare(READ_CALL).await?;
+        let params: [Param; 1] = [&id];
+        let client = locked.conn.client()?;
+        let row = client
+            .query_one(&lock, &params)
+            .await
+            .map_err(unavailable)?;
         // pg_advisory_lock returns void (as text: ''), so both forms answer true when held.
         if !row.try_get::<_, bool>(0).map_err(unavailable)? {
             return Ok(None);
         }
         locked.released = false;
-        let client = locked.conn.client()?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
         let (events, call) = tokio::try_join!(
-            client.query(
-                "SELECT id, user_id, payload FROM call_events WHERE call_id = $1 ORDER BY id",
-                &params,
-            ),
-            client.query("SELECT record, version FROM calls WHERE id = $1", &params),
+            client.query(&read_events, &params),
+            client.query(&read_call, &params),
         )
         .map_err(unavailable)?;
         for row in events {
@@ -86,7 +116,9 @@ impl<'a> Locked<'a> {
                 user_id: row.try_get(1).map_err(unavailable)?,
                 payload: row.try_get(2).map_err(unavailable)?,
             };
-            locked.pending.push((row.try_get(0).map_err(unavailable)?, event));
+            locked
+                .pending
+                .push((row.try_get(0).map_err(unavailable)?, event));
         }
         let call = rows_to_calls(&call)?.pop();
         Ok(Some((locked, call)))
@@ -101,6 +133,8 @@ impl<'a> Locked<'a> {
     ) -> Result<(), StoreError> {
         let record = encode(&next.call)?;
         let id = self.id;
+        let update = self.conn.prepare(UPDATE_CALL).await?;
+        let insert = self.conn.prepare(INSERT_EVENTS).await?;
         let tx = self
             .conn
             .client()?
@@ -112,16 +146,11 @@ impl<'a> Locked<'a> {
             next.call.status.as_str(),
             next.version as i64,
         );
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&id, &live, &status, &version, &record];
-        let update = tx.execute(
-            "UPDATE calls SET live = $2, status = $3, version = $4, record = $5 WHERE id = $1",
-            &params,
-        );
+        let params: [Param; 5] = [&id, &live, &status, &version, &record];
         // One round trip for both.
         let (_, ids) = tokio::try_join!(
-            async { update.await.map_err(unavailable) },
-            insert_events(&tx, id, events),
+            async { tx.execute(&update, &params).await.map_err(unavailable) },
+            insert_events(&tx, &insert, id, events),
         )?;
         tx.commit().await.map_err(unavailable)?;
         self.pending
@@ -157,11 +186,11 @@ impl<'a> Locked<'a> {
     /// Lets the lock go, leaving any pending events for the next holder.
     pub async fn release(mut self) {
         let id = self.id;
+        let Ok(unlock) = self.conn.prepare(UNLOCK).await else {
+            return;
+        };
         if let Ok(client) = self.conn.client() {
-            let unlock = client
-                .execute("SELECT pg_advisory_unlock($1)", &[&id])
-                .await;
-            self.released = unlock.is_ok();
+            self.released = client.execute(&unlock, &[&id]).await.is_ok();
         }
     }
 }
@@ -171,7 +200,7 @@ impl Drop for Locked<'_> {
         // Unlocked, the connection goes back to the pool; otherwise it must not go back
         // holding the lock: closing it releases the lock.
         if !self.released {
-            self.conn.client = None;
+            self.conn.discard();
         }
     }
 }
@@ -179,21 +208,14 @@ impl Drop for Locked<'_> {
 /// Inserts `events` in order, in one statement; their ids, ascending.
 async fn insert_events(
     tx: &tokio_postgres::Transaction<'_>,
+    insert: &Statement,
     call_id: i64,
     events: &[Outgoing],
 ) -> Result<Vec<i64>, StoreError> {
     let users: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
     let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
-    let rows = tx
-        .query(
-            "INSERT INTO call_events (call_id, user_id, payload)
-             SELECT $1, u, p FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS e(u, p, n)
-             ORDER BY n
-             RETURNING id",
-            &[&call_id, &users, &payloads],
-        )
-        .await
-        .map_err(unavailable)?;
+    let params: [Param; 3] = [&call_id, &users, &payloads];
+    let rows = tx.query(insert, &params).await.map_err(unavailable)?;
     let mut ids = rows
         .iter()
         .map(|row| row.try_get(0).map_err(unavailable))
@@ -236,63 +258,80 @@ impl Pg {
         make: impl FnOnce(u64) -> (Call, Vec<Outgoing>),
     ) -> Result<Created<'_>, StoreError> {
         let mut conn = self.conn().await?;
+        let mut statements = Vec::with_capacity(8);
+        for sql in [
+            LOCK_USERS,
+            GLARE,
+            BUSY,
+            NEXT_ID,
+            LOCK,
+            INSERT_CALL,
+            INSERT_EVENTS,
+        ] {
+            statements.push(conn.prepare(sql).await?);
+        }
+        let [lock_users, glare, busy, next_id, lock_call, insert_call, insert_events_st] =
+            <[Statement; 7]>::try_from(statements)
+                .map_err(|_| StoreError::Corrupt("prepared statements".into()))?;
         let tx = conn.client()?.transaction().await.map_err(unavailable)?;
         let mut parties = [caller_id, receiver_id];
         parties.sort_unstable();
-        for uid in parties {
-            tx.execute("SELECT pg_advisory_xact_lock(1, hashtext($1))", &[&uid])
-                .await
-                .map_err(unavailable)?;
-        }
-        let glare = tx
-            .query_opt(
-                "SELECT record, version FROM calls WHERE live AND status = 'ringing'
-                 AND caller_id = $1 AND receiver_id = $2 LIMIT 1",
-                &[&receiver_id, &caller_id],
-            )
-            .await
-            .map_err(unavailable)?;
+        let users: [Param; 2] = [&parties[0], &parties[1]];
+        let pair: [Param; 2] = [&receiver_id, &caller_id];
+        let receiver: [Param; 1] = [&receiver_id];
+        // One round trip, run in this order: both parties' locks, then, under them, glare,
+        // busy and a fresh id.
+        let (_, glare, busy, next) = tokio::try_join!(
+            tx.execute(&lock_users, &users),
+            tx.query_opt(&glare, &pair),
+            tx.query_opt(&busy, &receiver),
+            tx.query_one(&next_id, &[]),
+        )
+        .map_err(unavailable)?;
         if let Some(row) = glare {
             let existing = rows_to_calls(&[row])?.remove(0);
             return Ok(Created::Glare(existing.call));
         }
-        let busy = tx
-            .query_opt(
-                "SELECT 1 FROM calls WHERE live AND (caller_id = $1 OR receiver_id = $1) LIMIT 1",
-                &[&receiver_id],
-            )
-            .await
-            .map_err(unavailable)?;
         if busy.is_some() {
             return Ok(Created::Busy);
         }
-        let row = tx
-            .query_one("SELECT nextval(pg_get_serial_sequence('calls', 'id'))", &[])
-            .await
-            .map_err(unavailable)?;
-        let id: i64 = row.try_get(0).map_err(unavailable)?;
+        let id: i64 = next.try_get(0).map_err(unavailable)?;
         let (call, events) = make(id as u64);
-        // Session-level: still held after the commit, until the call is announced.
-        tx.execute("SELECT pg_advisory_lock($1)", &[&id])
-            .await
-            .map_err(unavailable)?;
-        tx.execute(
-            "INSERT INTO calls (id, caller_id, receiver_id, live, status, ring_deadline_ms,
-                                version, record)
-             VALUES ($1, $2, $3, true, $4, $5, 1, $6)",
-            &[
-                &id,
-                &caller_id,
-                &receiver_id,
-                &call.status.as_str(),
-                &(call.ring_deadline_ms as i64),
-                &encode(&call)?,
-            ],
-        )
-        .await
-        .map_err(unavailable)?;
-        let event_ids = insert_events(&tx, id, &events).await?;
-        tx.commit().await.map_err(unavailable)?;
+        let (status, deadline, record) = (
+            call.status.as_str(),
+            call.ring_deadline_ms as i64,
+            encode(&call)?,
+        );
+        let call_lock: [Param; 1] = [&id];
+        let row: [Param; 6] = [&id, &caller_id, &receiver_id, &status, &deadline, &record];
+        // One round trip: the call's lock (session-level: held after the commit, until the
+        // call is announced), the call and its events; then the commit.
+        let written = async {
+            tokio::try_join!(
+                async {
+                    tx.query_one(&lock_call, &call_lock)
+                        .await
+                        .map_err(unavailable)
+                },
+                async { tx.execute(&insert_call, &row).await.map_err(unavailable) },
+                insert_events(&tx, &insert_events_st, id, &events),
+            )
+        };
+        let committed = match written.await {
+            Ok((_, _, event_ids)) => tx.commit().await.map_err(unavailable).map(|_| event_ids),
+            Err(e) => {
+                drop(tx);
+                Err(e)
+            }
+        };
+        let event_ids = match committed {
+            Ok(ids) => ids,
+            Err(e) => {
+                // The connection may hold the call's lock: it must not go back to the pool.
+                conn.discard();
+                return Err(e);
+            }
+        };
         let versioned = Versioned { call, version: 1 };
         let locked = Locked {
             conn,

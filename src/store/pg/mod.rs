@@ -5,9 +5,10 @@
 //! starting together do not race.
 
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 use tracing::{info, warn};
 
 mod calls;
@@ -80,23 +81,30 @@ fn unavailable(e: tokio_postgres::Error) -> StoreError {
 /// The database behind a cluster.
 pub struct Pg {
     config: tokio_postgres::Config,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Pooled>>,
     slots: tokio::sync::Semaphore,
 }
 
-/// A connection, back to the pool when dropped unless it broke.
+/// A connection and the statements prepared on it (parsed and planned once per connection;
+/// prepared statements also keep pipelined queries in the order they are polled).
+struct Pooled {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
+}
+
+/// A connection, back to the pool when dropped unless it broke or was discarded.
 struct Conn<'a> {
     pg: &'a Pg,
-    client: Option<Client>,
+    pooled: Option<Pooled>,
     _slot: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
+        if let Some(pooled) = self.pooled.take() {
             let mut idle = lock(&self.pg.idle);
-            if !client.is_closed() {
-                idle.push(client);
+            if !pooled.client.is_closed() {
+                idle.push(pooled);
             }
         }
     }
@@ -104,9 +112,26 @@ impl Drop for Conn<'_> {
 
 impl Conn<'_> {
     fn client(&mut self) -> Result<&mut Client, StoreError> {
-        self.client
-            .as_mut()
-            .ok_or_else(|| StoreError::Unavailable("no connection".into()))
+        let pooled = self.pooled.as_mut();
+        let pooled = pooled.ok_or_else(|| StoreError::Unavailable("no connection".into()))?;
+        Ok(&mut pooled.client)
+    }
+
+    /// `sql` prepared on this connection (once).
+    async fn prepare(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        let pooled = self.pooled.as_mut();
+        let pooled = pooled.ok_or_else(|| StoreError::Unavailable("no connection".into()))?;
+        if let Some(statement) = pooled.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = pooled.client.prepare(sql).await.map_err(unavailable)?;
+        pooled.prepared.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Closes the connection instead of returning it (it may hold a lock).
+    fn discard(&mut self) {
+        self.pooled = None;
     }
 }
 
@@ -140,27 +165,32 @@ impl Pg {
             .map_err(|_| StoreError::Unavailable("the pool is closed".into()))?;
         let reused = {
             let mut idle = lock(&self.idle);
-            std::iter::from_fn(|| idle.pop()).find(|c| !c.is_closed())
+            std::iter::from_fn(|| idle.pop()).find(|c| !c.client.is_closed())
         };
-        let client = match reused {
-            Some(client) => client,
+        let pooled = match reused {
+            Some(pooled) => pooled,
             None => {
                 let connecting = self.config.connect(NoTls);
                 let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
                     .await
-                    .map_err(|_| StoreError::Unavailable("timed out connecting to PostgreSQL".into()))?
+                    .map_err(|_| {
+                        StoreError::Unavailable("timed out connecting to PostgreSQL".into())
+                    })?
                     .map_err(unavailable)?;
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         warn!(error = %e, "PostgreSQL connection ended");
                     }
                 });
-                client
+                Pooled {
+                    client,
+                    prepared: HashMap::new(),
+                }
             }
         };
         Ok(Conn {
             pg: self,
-            client: Some(client),
+            pooled: Some(pooled),
             _slot: slot,
         })
     }
