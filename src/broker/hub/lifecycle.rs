@@ -143,6 +143,9 @@ impl Hub {
     ) -> u64 {
         let sid = self.next_id.fetch_add(1, Ordering::Relaxed);
         state.by_client.insert(client_id.clone(), sid);
+        if let Some(peers) = &state.peers {
+            peers.held(&client_id, true);
+        }
         state
             .by_user
             .entry(identity.user_id.clone())

@@ -68,6 +68,8 @@ struct State {
     routes: Routes,
     /// Set at shutdown or when the bus is gone: new sessions are told at once.
     closed: Option<fn() -> Event>,
+    /// Cluster mode: told which client ids are held here.
+    peers: Option<Arc<dyn Peers>>,
 }
 
 impl State {
@@ -76,6 +78,9 @@ impl State {
         self.routes.remove_session(sid);
         if self.by_client.get(&entry.client_id) == Some(&sid) {
             self.by_client.remove(&entry.client_id);
+            if let Some(peers) = &self.peers {
+                peers.held(&entry.client_id, false);
+            }
         }
         if let Some(sids) = self.by_user.get_mut(&entry.identity.user_id) {
             sids.retain(|s| *s != sid);
@@ -104,6 +109,10 @@ pub trait Peers: Send + Sync + 'static {
     /// connects here takes its id over from wherever it was); resolves once they did, or
     /// after a bound.
     fn claim(&self, client_id: &str) -> futures_util::future::BoxFuture<'_, ()>;
+
+    /// A session under `client_id` is held here now (`true`) or no longer. Called under the
+    /// hub's lock, in order; must not block.
+    fn held(&self, client_id: &str, held: bool);
 }
 
 /// A connection's place in the hub. [`Registration::close`] ends it; dropping it without
@@ -322,6 +331,11 @@ impl Deliver for Hub {
 impl Hub {
     /// Tells the hub about the other nodes of its cluster.
     pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let mut state = lock(&self.state);
+        for client_id in state.by_client.keys() {
+            peers.held(client_id, true);
+        }
+        state.peers = Some(peers.clone());
         let _ = self.peers.set(peers);
     }
 
