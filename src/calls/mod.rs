@@ -82,6 +82,35 @@ pub trait Presence: Send + Sync + 'static {
     fn keeps_sessions(&self, user_id: &str) -> bool;
 }
 
+/// A new ringing call from `caller`, made at `now` (Unix ms).
+fn new_call(id: u64, caller: &Identity, req: &NewCall, now: u64, ring: Duration) -> Call {
+    Call {
+        id,
+        caller: Party {
+            id: caller.user_id.clone(),
+            username: caller.username.clone(),
+            first_name: caller.first_name.clone(),
+            last_name: caller.last_name.clone(),
+        },
+        receiver: Party {
+            id: req.receiver_id.clone(),
+            username: req.receiver_id.clone(),
+            first_name: String::new(),
+            last_name: String::new(),
+        },
+        call_type: req.call_type,
+        conversation_id: req.conversation_id.clone(),
+        status: Status::Ringing,
+        created_ms: now,
+        ring_deadline_ms: now + ring.as_millis() as u64,
+        accepted_ms: None,
+        ended_ms: None,
+        end_reason: None,
+        hangup_reason: None,
+        accepted_device: None,
+    }
+}
+
 /// What a transition to `next` announces, to whom.
 fn transition_events(next: &Call) -> Vec<(String, Value)> {
     let both = |event: Value| {
@@ -340,31 +369,13 @@ impl Calls {
                 conversation_id: req.conversation_id,
             });
         }
-        let call = Call {
-            id: self.inner.store.calls.next_id()?,
-            caller: Party {
-                id: caller.user_id.clone(),
-                username: caller.username.clone(),
-                first_name: caller.first_name.clone(),
-                last_name: caller.last_name.clone(),
-            },
-            receiver: Party {
-                id: req.receiver_id.clone(),
-                username: req.receiver_id.clone(),
-                first_name: String::new(),
-                last_name: String::new(),
-            },
-            call_type: req.call_type,
-            conversation_id: req.conversation_id,
-            status: Status::Ringing,
-            created_ms: now,
-            ring_deadline_ms: now + self.inner.limits.ring_timeout.as_millis() as u64,
-            accepted_ms: None,
-            ended_ms: None,
-            end_reason: None,
-            hangup_reason: None,
-            accepted_device: None,
-        };
+        let call = new_call(
+            self.inner.store.calls.next_id()?,
+            caller,
+            &req,
+            now,
+            self.inner.limits.ring_timeout,
+        );
         self.inner.store.calls.put(&call)?;
         if self.inner.push.is_some() {
             let devices = self.inner.presence.live_devices(&call.receiver.id);

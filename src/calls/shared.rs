@@ -13,7 +13,7 @@ use super::live::Logged;
 use super::{events, CallError, Calls, NewCall};
 use crate::auth::Identity;
 use crate::cluster::Cluster;
-use crate::model::call::{now_ms, Action, Call, Party, Status, TransitionError};
+use crate::model::call::{now_ms, Action, Call, Status, TransitionError};
 use crate::push;
 use crate::store::pg::{Created, Locked, Outgoing, Versioned};
 use crate::store::StoreError;
@@ -35,31 +35,7 @@ impl Calls {
         let now = now_ms();
         let ring = self.inner.limits.ring_timeout.as_millis() as u64;
         let make = |id| {
-            let call = Call {
-                id,
-                caller: Party {
-                    id: caller.user_id.clone(),
-                    username: caller.username.clone(),
-                    first_name: caller.first_name.clone(),
-                    last_name: caller.last_name.clone(),
-                },
-                receiver: Party {
-                    id: req.receiver_id.clone(),
-                    username: req.receiver_id.clone(),
-                    first_name: String::new(),
-                    last_name: String::new(),
-                },
-                call_type: req.call_type,
-                conversation_id: req.conversation_id.clone(),
-                status: Status::Ringing,
-                created_ms: now,
-                ring_deadline_ms: now + ring,
-                accepted_ms: None,
-                ended_ms: None,
-                end_reason: None,
-                hangup_reason: None,
-                accepted_device: None,
-            };
+            let call = super::new_call(id, caller, &req, now, self.inner.limits.ring_timeout);
             let incoming = events::incoming_call(&call, caller);
             let out = outgoing(vec![(call.receiver.id.clone(), incoming)]);
             (call, out)

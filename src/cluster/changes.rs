@@ -1,7 +1,6 @@
 //! Changes every node takes into memory before the node that made one answers or announces
 //! it: conversations (a removed member is cut off everywhere) and calls.
 
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
@@ -9,7 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Cluster, ACK_TIMEOUT, CHANGES, HEARTBEAT};
+use super::{next, Cluster, ACK_TIMEOUT, CHANGES, HEARTBEAT};
 use crate::store::pg::{Replaced, Versioned};
 use crate::store::{Conversation, StoreError};
 use crate::sync::lock;
@@ -103,12 +102,7 @@ impl Cluster {
         mut changes: async_nats::Subscriber,
         stop: CancellationToken,
     ) {
-        loop {
-            let heard = tokio::select! {
-                heard = changes.next() => heard,
-                _ = stop.cancelled() => return,
-            };
-            let Some(heard) = heard else { return };
+        while let Some(heard) = next(&mut changes, &stop).await {
             let notice: Notice = match serde_json::from_slice(&heard.payload) {
                 Ok(notice) => notice,
                 Err(e) => {

@@ -34,6 +34,17 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a change waits for the other nodes to confirm it.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The next message of `sub`, or `None` once it ends or `stop` is cancelled.
+async fn next(
+    sub: &mut async_nats::Subscriber,
+    stop: &CancellationToken,
+) -> Option<async_nats::Message> {
+    tokio::select! {
+        message = sub.next() => message,
+        _ = stop.cancelled() => None,
+    }
+}
+
 /// What `--cluster`, `--database` and `--node-id` say.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -130,6 +141,7 @@ impl Cluster {
         let nodes = cluster.client.subscribe(NODES).await?;
         let changes = cluster.client.subscribe(CHANGES).await?;
         let presence = cluster.client.subscribe(PRESENCE).await?;
+        let claims = cluster.client.subscribe(claims::CLAIMS).await?;
         let replies = (cluster.client)
             .subscribe(format!("callbus.reply.{}.*", cluster.node_id))
             .await?;
@@ -144,6 +156,7 @@ impl Cluster {
         tokio::spawn(cluster.clone().answer_presence(presence, shutdown.clone()));
         tokio::spawn(cluster.clone().hear_replies(replies, shutdown.clone()));
         tokio::spawn(cluster.clone().hold_claims(held, shutdown.clone()));
+        tokio::spawn(cluster.clone().hear_claims(claims, shutdown.clone()));
         tokio::spawn(cluster.clone().resync(nats.reconnected, shutdown.clone()));
         tokio::spawn(cluster.clone().heartbeat(shutdown));
         // The others hear this node's first heartbeat at once; this node hears each of theirs
@@ -196,12 +209,7 @@ impl Cluster {
         mut nodes: async_nats::Subscriber,
         stop: CancellationToken,
     ) {
-        loop {
-            let heard = tokio::select! {
-                heard = nodes.next() => heard,
-                _ = stop.cancelled() => return,
-            };
-            let Some(heard) = heard else { return };
+        while let Some(heard) = next(&mut nodes, &stop).await {
             let Ok(node) = std::str::from_utf8(&heard.payload) else {
                 continue;
             };

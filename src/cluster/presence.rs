@@ -1,6 +1,5 @@
 //! Questions to the other nodes and their answers: who is connected where (presence).
 
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,7 +7,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Cluster, PRESENCE, PRESENCE_TIMEOUT};
+use super::{next, Cluster, PRESENCE, PRESENCE_TIMEOUT};
 use crate::sync::lock;
 
 /// Answers to this node's questions (change confirmations, presence) arrive on one
@@ -68,12 +67,7 @@ impl Cluster {
         mut replies: async_nats::Subscriber,
         stop: CancellationToken,
     ) {
-        loop {
-            let heard = tokio::select! {
-                heard = replies.next() => heard,
-                _ = stop.cancelled() => return,
-            };
-            let Some(heard) = heard else { return };
+        while let Some(heard) = next(&mut replies, &stop).await {
             self.replies.answer(heard.subject.as_str(), heard.payload);
         }
     }
@@ -83,12 +77,7 @@ impl Cluster {
         mut questions: async_nats::Subscriber,
         stop: CancellationToken,
     ) {
-        loop {
-            let asked = tokio::select! {
-                asked = questions.next() => asked,
-                _ = stop.cancelled() => return,
-            };
-            let Some(asked) = asked else { return };
+        while let Some(asked) = next(&mut questions, &stop).await {
             let (Some(reply), Ok(users)) = (
                 asked.reply,
                 serde_json::from_slice::<Vec<String>>(&asked.payload),

@@ -73,6 +73,7 @@ impl Hub {
             Some((sid, entry)) => {
                 let previous = std::mem::replace(&mut entry.link, Link::Live { sender, conn });
                 entry.identity = identity.clone();
+                entry.attached_ms = crate::model::call::now_ms();
                 let resumed = match previous {
                     Link::Live { sender: old, .. } => {
                         old.send(Event::Replaced);
@@ -157,6 +158,7 @@ impl Hub {
             persistent,
             link,
             delivered_through: 0,
+            attached_ms: crate::model::call::now_ms(),
         };
         state.sessions.insert(sid, entry);
         sid

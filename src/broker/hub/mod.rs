@@ -58,6 +58,9 @@ struct Entry {
     link: Link,
     /// The highest event-log sequence the client acknowledged (persistent sessions).
     delivered_through: u64,
+    /// When a connection last attached to it (Unix ms), to tell a late claim from another
+    /// node from one that is newer than this session.
+    attached_ms: u64,
 }
 
 #[derive(Default)]
@@ -346,13 +349,18 @@ impl Hub {
         }
     }
 
-    /// Ends the session under `client_id` here: its client connected to another node. A live
+    /// Ends the session under `client_id` here: its client connected to another node (at
+    /// `claimed_ms`, if known: a session attached here after that is newer and stays). A live
     /// connection is told it was replaced; a stored session is dropped.
-    pub fn release_client(&self, client_id: &str) {
+    pub fn release_client(&self, client_id: &str, claimed_ms: Option<u64>) {
         let mut state = lock(&self.state);
         let Some(sid) = state.by_client.get(client_id).copied() else {
             return;
         };
+        let newer = |e: &Entry| claimed_ms.is_some_and(|t| e.attached_ms > t);
+        if state.sessions.get(&sid).is_some_and(newer) {
+            return;
+        }
         if let Some(entry) = state.remove(sid) {
             info!(client = %client_id, "taken over on another node");
             self.forget(&entry);
