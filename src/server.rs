@@ -192,13 +192,18 @@ impl Server {
         };
         let push = (settings.push.clone())
             .map(|webhook| crate::push::start(store.clone(), webhook, shutdown.clone()));
+        let shared = cluster.as_ref().map(|c| {
+            let nodes: std::sync::Arc<dyn crate::calls::Nodes> = c.clone();
+            let shared = crate::calls::Shared::new(c.pg.clone(), c.calls().clone(), nodes);
+            std::sync::Arc::new(shared)
+        });
         let calls = Calls::start(
             store.clone(),
             publisher.clone(),
             hub.clone(),
             limits,
             push,
-            cluster.clone(),
+            shared,
             shutdown.clone(),
         )
         .await

@@ -9,6 +9,7 @@ mod reaper;
 mod shared;
 
 use live::{Live, Logged, Outbox};
+pub use shared::{Nodes, Shared};
 
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,6 @@ use tracing::{info, warn};
 
 use crate::auth::Identity;
 use crate::bus::Publisher;
-use crate::cluster::Cluster;
 use crate::model::call::{now_ms, Action, Call, CallType, Party, Status, TransitionError};
 use crate::push;
 use crate::store::{Store, StoreError};
@@ -149,7 +149,7 @@ struct Inner {
     /// publishing may wait for the bus.
     announcing: tokio::sync::Mutex<()>,
     /// Cluster mode: calls live in PostgreSQL ([`shared`]); `live` and `outbox` stay empty.
-    cluster: Option<Arc<Cluster>>,
+    cluster: Option<Arc<Shared>>,
     shutdown: CancellationToken,
 }
 
@@ -168,7 +168,7 @@ impl Calls {
         presence: Arc<dyn Presence>,
         limits: CallLimits,
         push: Option<Arc<tokio::sync::Notify>>,
-        cluster: Option<Arc<Cluster>>,
+        cluster: Option<Arc<Shared>>,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let calls = Calls {

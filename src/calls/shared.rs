@@ -6,17 +6,54 @@
 //! under both parties' locks; the ring timeout is armed by the node that created the call and
 //! swept by every node (whichever gets there first applies it; the others find it missed).
 
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
 use super::live::Logged;
 use super::{events, CallError, Calls, NewCall};
 use crate::auth::Identity;
-use crate::cluster::Cluster;
 use crate::model::call::{now_ms, Action, Call, Status, TransitionError};
 use crate::push;
-use crate::store::pg::{Created, Locked, Outgoing, Versioned};
-use crate::store::StoreError;
+use crate::store::pg::{Created, Locked, Outgoing, Pg, Versioned};
+use crate::store::{CallReplica, StoreError};
+
+/// What the call service needs of the cluster: the database, every node's in-memory copy of
+/// live calls, and the other nodes (implemented by `crate::cluster`, which sits above the
+/// broker; the call service sits below it).
+pub struct Shared {
+    pub pg: Arc<Pg>,
+    replica: CallReplica,
+    nodes: Arc<dyn Nodes>,
+}
+
+/// The other nodes, as the call service needs them.
+pub trait Nodes: Send + Sync + 'static {
+    /// Has every live node take `call` into its copy; resolves once they did (bounded).
+    fn call_changed(&self, call: Versioned) -> BoxFuture<'_, ()>;
+    /// How many live connections each of `users` has on the other nodes.
+    fn remote_devices<'a>(&'a self, users: &'a [String]) -> BoxFuture<'a, Vec<usize>>;
+}
+
+impl Shared {
+    pub fn new(pg: Arc<Pg>, replica: CallReplica, nodes: Arc<dyn Nodes>) -> Self {
+        Self { pg, replica, nodes }
+    }
+
+    /// The calls every node holds in memory.
+    pub fn calls(&self) -> &CallReplica {
+        &self.replica
+    }
+
+    pub async fn call_changed(&self, call: Versioned) {
+        self.nodes.call_changed(call).await
+    }
+
+    pub async fn remote_devices(&self, users: &[String]) -> Vec<usize> {
+        self.nodes.remote_devices(users).await
+    }
+}
 
 /// How often each node looks for ringing calls whose deadline passed unanswered (their
 /// creating node may be gone).
@@ -28,7 +65,7 @@ const STRANDED: Duration = Duration::from_secs(3);
 impl Calls {
     pub(super) async fn initiate_shared(
         &self,
-        cluster: &Cluster,
+        cluster: &Shared,
         caller: &Identity,
         req: NewCall,
     ) -> Result<Call, CallError> {
@@ -71,7 +108,7 @@ impl Calls {
 
     pub(super) async fn transition_shared(
         &self,
-        cluster: &Cluster,
+        cluster: &Shared,
         id: u64,
         action: Action,
     ) -> Result<Call, CallError> {
@@ -104,12 +141,7 @@ impl Calls {
 
     /// Every node takes the new state, then the call's pending events are published (any
     /// left by a node that died announcing, then this change's), then the lock goes.
-    async fn announce_shared(
-        &self,
-        cluster: &Cluster,
-        locked: Locked<'_>,
-        call: Versioned,
-    ) -> Call {
+    async fn announce_shared(&self, cluster: &Shared, locked: Locked<'_>, call: Versioned) -> Call {
         cluster.call_changed(call.clone()).await;
         for event in locked.pending() {
             let logged = Logged {
@@ -125,7 +157,7 @@ impl Calls {
 
     /// Announces the events of calls whose announcer died (left in the outbox for longer than
     /// an announcement takes); a call someone holds is left to them.
-    async fn sweep_stranded(&self, cluster: &Cluster) {
+    async fn sweep_stranded(&self, cluster: &Shared) {
         let stranded = match cluster.pg.stranded_calls(STRANDED.as_secs_f64()).await {
             Ok(ids) => ids,
             Err(e) => return warn!(error = %e, "cannot look for stranded events"),
@@ -163,7 +195,7 @@ fn outgoing(events: Vec<(String, serde_json::Value)>) -> Vec<Outgoing> {
 
 /// Until shutdown: announces what nodes that died mid-announcement left in the outbox, and
 /// times out ringing calls past their deadline, whichever node created them.
-pub(super) async fn sweep(calls: Calls, cluster: std::sync::Arc<Cluster>) {
+pub(super) async fn sweep(calls: Calls, cluster: Arc<Shared>) {
     let mut tick = tokio::time::interval(SWEEP);
     loop {
         tokio::select! {

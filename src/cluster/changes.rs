@@ -221,3 +221,16 @@ impl Cluster {
         Ok(())
     }
 }
+
+impl crate::calls::Nodes for Cluster {
+    fn call_changed(&self, call: Versioned) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(Cluster::call_changed(self, call))
+    }
+
+    fn remote_devices<'a>(
+        &'a self,
+        users: &'a [String],
+    ) -> futures_util::future::BoxFuture<'a, Vec<usize>> {
+        Box::pin(Cluster::remote_devices(self, users))
+    }
+}
