@@ -117,11 +117,6 @@ impl Gateway {
         &self.inner.limits
     }
 
-    /// How many live connections (devices) `user_id` has.
-    pub fn live_devices(&self, user_id: &str) -> usize {
-        self.inner.hub.live_devices(user_id)
-    }
-
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.inner.shutdown
     }
