@@ -112,6 +112,7 @@ async fn join_cluster(
     options: &ClusterOptions,
     store: &Store,
     hub: &std::sync::Arc<Hub>,
+    expiry: std::time::Duration,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Publisher, std::sync::Arc<Cluster>)> {
     let nats = crate::cluster::connect_nats(options)
@@ -120,6 +121,7 @@ async fn join_cluster(
     let pg = Pg::open(&options.database)
         .await
         .context("opening the database (--database)")?;
+    let nats_client = nats.client.clone();
     let bus = NatsBus::start(nats.client.clone(), hub.clone(), shutdown.clone());
     hub.set_interest(bus.clone());
     let cluster = Cluster::start(
@@ -136,6 +138,18 @@ async fn join_cluster(
     .await
     .context("joining the cluster")?;
     hub.set_peers(cluster.clone());
+    let queues = crate::cluster::Queues::start(
+        nats_client,
+        cluster.pg.clone(),
+        &options.node_id,
+        options.nats.len(),
+        expiry,
+        hub,
+        shutdown.clone(),
+    )
+    .await
+    .context("keeping persistent sessions in JetStream")?;
+    hub.set_durable(queues);
     Ok((Publisher::new(bus), cluster))
 }
 
@@ -181,7 +195,14 @@ impl Server {
                 (Publisher::new(std::sync::Arc::new(bus)), None)
             }
             Some(options) => {
-                let (publisher, cluster) = join_cluster(options, &store, &hub, &shutdown).await?;
+                let (publisher, cluster) = join_cluster(
+                    options,
+                    &store,
+                    &hub,
+                    settings.config.sessions.expiry(),
+                    &shutdown,
+                )
+                .await?;
                 (publisher, Some(cluster))
             }
         };

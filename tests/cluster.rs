@@ -502,3 +502,94 @@ async fn presence_counts_every_node() {
 fn sql(pg: &common::cluster::Postgres, sql: &str) -> String {
     pg.sql(sql).expect("psql")
 }
+
+/// Ends a connection with DISCONNECT and waits for callbus to close it.
+async fn leave(mut client: Client) {
+    client.client.disconnect().await.expect("DISCONNECT");
+    assert!(client.closed().await, "a message came instead of the close");
+}
+
+fn persistent(options: &mut rumqttc::MqttOptions) {
+    options.set_clean_session(false);
+}
+
+/// A phone's persistent session (`clean_session = 0`) lives in the cluster, not on a node: it
+/// resumes on another node with what was published meanwhile, and a delivery left
+/// unacknowledged on a node that is then killed comes again on the next one.
+#[tokio::test]
+async fn a_persistent_session_resumes_on_another_node_with_nothing_lost() {
+    let mut cluster = Cluster::start(3).await;
+    let topic = "users/bob/notifications";
+
+    // Subscribed through node 1, then away.
+    let mut phone = (cluster.node(0))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(!phone.session_present);
+    assert!(granted(&phone.subscribe(&[topic]).await[0]));
+    leave(phone).await;
+    for n in 0..3 {
+        assert_eq!(
+            notify(cluster.node(2), "bob", n).await,
+            StatusCode::ACCEPTED
+        );
+    }
+
+    // Back through node 2 over WebSocket, with no SUBSCRIBE: what was published meanwhile,
+    // in order, then live traffic.
+    let mut phone = (cluster.node(1))
+        .connect_with(Via::Ws, "bob", "phone", persistent)
+        .await;
+    assert!(phone.session_present, "the session was not found on node 2");
+    assert_eq!(
+        notify(cluster.node(2), "bob", 3).await,
+        StatusCode::ACCEPTED
+    );
+    for n in 0..4 {
+        let got = phone.recv().await;
+        assert_eq!(got.qos, rumqttc::QoS::AtLeastOnce);
+        assert_eq!(got.json()["payload"]["n"], n);
+    }
+    leave(phone).await;
+
+    // On node 2 a delivery is left unacknowledged; node 2 is killed.
+    let mut phone = (cluster.node(1))
+        .connect_with(Via::Tcp, "bob", "phone", |o| {
+            persistent(o);
+            o.set_manual_acks(true);
+        })
+        .await;
+    assert!(phone.session_present);
+    assert_eq!(
+        notify(cluster.node(2), "bob", 4).await,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(phone.recv().await.json()["payload"]["n"], 4);
+    cluster.nodes[1].child.kill().expect("SIGKILL node 2");
+    assert!(phone.closed().await, "node 2 is gone");
+    assert_eq!(
+        notify(cluster.node(2), "bob", 5).await,
+        StatusCode::ACCEPTED
+    );
+
+    // Node 3: the unacknowledged one again, then what came while the phone was away.
+    let mut phone = (cluster.node(2))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(phone.session_present);
+    assert_eq!(phone.recv().await.json()["payload"]["n"], 4);
+    assert_eq!(phone.recv().await.json()["payload"]["n"], 5);
+    leave(phone).await;
+
+    // A clean connection discards the session, wherever it is next looked for.
+    let clean = cluster
+        .node(0)
+        .connect_with(Via::Tcp, "bob", "phone", |_| {})
+        .await;
+    assert!(!clean.session_present);
+    leave(clean).await;
+    let phone = (cluster.node(2))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(!phone.session_present, "the discarded session came back");
+}

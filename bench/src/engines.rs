@@ -41,11 +41,13 @@ async fn until_listening(port: u16, what: &str) -> std::io::Result<()> {
     )))
 }
 
-/// NATS servers in one cluster.
+/// NATS servers in one cluster, with JetStream.
 pub struct Nats {
     pub ports: Vec<u16>,
     route_ports: Vec<u16>,
     servers: Vec<Option<Owned>>,
+    /// JetStream's storage, one directory per server.
+    store: tempfile::TempDir,
 }
 
 impl Nats {
@@ -54,6 +56,7 @@ impl Nats {
             ports: (0..count).map(|_| free_port()).collect::<Result<_, _>>()?,
             route_ports: (0..count).map(|_| free_port()).collect::<Result<_, _>>()?,
             servers: (0..count).map(|_| None).collect(),
+            store: tempfile::tempdir()?,
         };
         for i in 0..count {
             nats.start_server(i)?;
@@ -77,6 +80,9 @@ impl Nats {
                 &format!("nats://127.0.0.1:{}", self.route_ports[i]),
             ])
             .args(["--routes", &routes.join(",")])
+            .arg("-js")
+            .arg("-sd")
+            .arg(self.store.path().join(format!("nats-{i}")))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -9,7 +9,7 @@
 pub mod embedded;
 mod envelope;
 pub mod nats;
-mod subject;
+pub(crate) mod subject;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;

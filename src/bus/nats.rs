@@ -155,14 +155,18 @@ async fn read(
             _ = stop.cancelled() => None,
         };
         let Some(message) = message else { break };
-        let Some(topic) = subject_topic(TOPIC_PREFIX, message.subject.as_str()) else {
-            continue;
-        };
         metrics::BUS_RECEIVED.inc();
-        match envelope::decode(Bytes::from(topic), message.payload) {
-            Some(decoded) => deliver.deliver_via(&filter, decoded.message),
-            None => warn!(subject = %message.subject, "a message without a callbus envelope"),
+        match decode_delivery(message.subject.as_str(), message.payload) {
+            Some(delivered) => deliver.deliver_via(&filter, delivered),
+            None => warn!(subject = %message.subject, "not a callbus message"),
         }
     }
     debug!(%filter, "stopped reading");
+}
+
+/// The message a subject of the bus carried (`None` for a subject outside the bus or a payload
+/// without a callbus envelope).
+pub(crate) fn decode_delivery(subject: &str, payload: Bytes) -> Option<Message> {
+    let topic = subject_topic(TOPIC_PREFIX, subject)?;
+    envelope::decode(Bytes::from(topic), payload).map(|decoded| decoded.message)
 }

@@ -8,6 +8,9 @@
 mod changes;
 mod claims;
 mod presence;
+mod queues;
+
+pub use queues::Queues;
 
 use futures_util::StreamExt;
 use std::collections::{HashMap, HashSet};

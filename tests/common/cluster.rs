@@ -56,18 +56,23 @@ impl Cluster {
 impl Proc {
     /// Connects `user` (client id `<user>-dev`) over `via`.
     pub async fn connect(&self, via: Via, user: &str) -> Client {
-        let password = token(user, Role::User);
         let client_id = format!("{user}-dev");
-        Client::connect_to(
-            (self.http, self.mqtt),
-            via,
-            &client_id,
-            user,
-            &password,
-            |_| {},
-        )
-        .await
-        .expect("connect")
+        self.connect_with(via, user, &client_id, |_| {}).await
+    }
+
+    /// Connects `user` under `client_id` over `via`, with options set by `configure`.
+    pub async fn connect_with(
+        &self,
+        via: Via,
+        user: &str,
+        client_id: &str,
+        configure: impl FnOnce(&mut rumqttc::MqttOptions),
+    ) -> Client {
+        let password = token(user, Role::User);
+        let ports = (self.http, self.mqtt);
+        Client::connect_to(ports, via, client_id, user, &password, configure)
+            .await
+            .expect("connect")
     }
 
     /// A metric's value in this process's `/metrics`.

@@ -159,6 +159,7 @@ impl Hub {
             link,
             delivered_through: 0,
             attached_ms: crate::model::call::now_ms(),
+            queues: (persistent && self.durable.get().is_some()).then(super::durable::Queues::new),
         };
         state.sessions.insert(sid, entry);
         sid
@@ -186,6 +187,10 @@ impl Hub {
                     state.remove(sid);
                     return;
                 }
+                if entry.queues.is_some() {
+                    self.part_durable(&mut state, sid);
+                    return;
+                }
                 let mut stored = Stored::new(conn, Instant::now() + self.sessions.expiry());
                 if let Some(parting) = parting {
                     entry.delivered_through = entry.delivered_through.max(parting.acked_event);
@@ -202,6 +207,7 @@ impl Hub {
                         payload: m.payload,
                         qos: QoS::AtLeastOnce,
                         event: m.event,
+                        receipt: m.receipt,
                     });
                 }
             }

@@ -25,6 +25,8 @@ pub(crate) enum Event {
         qos: QoS,
         /// The durable event-log sequence, for events the REST layer made.
         event: Option<u64>,
+        /// Set when it came from the session's durable queue: handed back once acknowledged.
+        receipt: Option<super::Receipt>,
     },
     /// A newer connection of the same user took this client id.
     Replaced,
@@ -156,11 +158,13 @@ impl Mailbox {
                     payload,
                     qos: QoS::AtLeastOnce,
                     event,
+                    receipt,
                 } => Some(Queued {
                     topic,
                     payload,
                     pkid: None,
                     event,
+                    receipt,
                 }),
                 _ => None,
             })

@@ -13,12 +13,14 @@
 //! filter, which made idle connections cost 49 KiB each and the first notification to 10k users
 //! take 8.6 s (BENCHMARKS.md). Here routing is a hash lookup.
 
+mod durable;
 mod lifecycle;
 mod mailbox;
 mod persist;
 mod routes;
 mod stored;
 
+pub use durable::{Durable, Receipt};
 pub(crate) use mailbox::{Event, Mailbox, MAILBOX_MESSAGES};
 pub(crate) use stored::{Parting, Queued, Resumed};
 
@@ -61,6 +63,8 @@ struct Entry {
     /// When a connection last attached to it (Unix ms), to tell a late claim from another
     /// node from one that is newer than this session.
     attached_ms: u64,
+    /// Cluster mode, a persistent session: the queues feeding its QoS 1 subscriptions.
+    queues: Option<Box<durable::Queues>>,
 }
 
 #[derive(Default)]
@@ -104,6 +108,8 @@ pub struct Hub {
     sessions: SessionsConfig,
     /// Cluster mode: the other nodes.
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
+    /// Cluster mode: where persistent sessions are kept.
+    durable: std::sync::OnceLock<Arc<dyn Durable>>,
 }
 
 /// The other nodes of a cluster, as the hub needs them.
@@ -169,6 +175,7 @@ impl Hub {
             store,
             sessions,
             peers: std::sync::OnceLock::new(),
+            durable: std::sync::OnceLock::new(),
         });
         hub.restore()?;
         tokio::spawn(expire_sessions(Arc::downgrade(&hub)));
@@ -212,6 +219,9 @@ impl Hub {
             if !admin {
                 debug!(session = sid, %topic, "membership revoked, dropping the subscription");
                 state.routes.unsubscribe(sid, &topic);
+                if let Some(entry) = state.sessions.get_mut(&sid) {
+                    self.close_queue(entry, &topic);
+                }
                 self.save(&state, sid);
             }
         }
@@ -363,7 +373,9 @@ impl Hub {
         }
         if let Some(entry) = state.remove(sid) {
             info!(client = %client_id, "taken over on another node");
-            self.forget(&entry);
+            if entry.queues.is_none() {
+                self.forget(&entry); // a durable one is the claimer's now
+            }
             if let Link::Live { sender, .. } = entry.link {
                 sender.send(Event::Replaced);
             }
@@ -386,6 +398,9 @@ impl Hub {
             let Some(entry) = state.sessions.get_mut(&sid) else {
                 continue;
             };
+            if entry.queues.is_some() && qos == QoS::AtLeastOnce {
+                continue; // its queue delivers it
+            }
             let who = &entry.identity;
             if who.role != Role::Admin && !message.audience.includes(&who.user_id) {
                 continue;
@@ -400,6 +415,7 @@ impl Hub {
                         payload: message.payload.clone(),
                         qos,
                         event: message.event,
+                        receipt: None,
                     });
                     if !delivered {
                         too_slow.push(sid);
@@ -412,6 +428,7 @@ impl Hub {
                         payload: message.payload.clone(),
                         pkid: None,
                         event: message.event,
+                        receipt: None,
                     };
                     stored.push(queued, &self.sessions);
                 }
@@ -435,7 +452,9 @@ impl Hub {
             return;
         };
         sender.drop_session();
-        if entry.persistent {
+        if entry.queues.is_some() {
+            self.part_durable(state, sid);
+        } else if entry.persistent {
             let stored = Stored::new(*conn, Instant::now() + self.sessions.expiry());
             entry.link = Link::Away(Box::new(stored));
         } else {

@@ -71,22 +71,30 @@ impl Hub {
                 .collect(),
             delivered_through: entry.delivered_through,
         };
-        if let Err(e) = self.store.sessions.put(&entry.client_id, &record) {
+        if let (Some(durable), Some(_)) = (self.durable.get(), &entry.queues) {
+            durable.save(&entry.client_id, record);
+        } else if let Err(e) = self.store.sessions.put(&entry.client_id, &record) {
             warn!(error = %e, "cannot store a persistent session");
         }
     }
 
     pub(super) fn forget(&self, entry: &Entry) {
-        if entry.persistent {
+        if let (Some(durable), Some(_)) = (self.durable.get(), &entry.queues) {
+            durable.discard(&entry.client_id);
+        } else if entry.persistent {
             if let Err(e) = self.store.sessions.remove(&entry.client_id) {
                 warn!(error = %e, "cannot remove a stored session");
             }
         }
     }
 
-    /// Makes every session record written so far durable (before a persistent SUBACK).
-    pub(crate) async fn persist(&self) -> Result<(), StoreError> {
-        self.store.flush().await
+    /// Makes session `sid`'s record durable, with every other written so far, and (cluster
+    /// mode) its queues follow its subscriptions (before a persistent SUBACK or UNSUBACK).
+    pub(crate) async fn persist(&self, sid: u64) -> Result<(), StoreError> {
+        match self.durable.get() {
+            Some(_) => self.sync_queues(sid).await,
+            None => self.store.flush().await,
+        }
     }
 
     /// The durable events a restored session missed, for its notifications subscription.
@@ -114,6 +122,7 @@ impl Hub {
                     payload: bytes::Bytes::from(payload),
                     pkid: None,
                     event: Some(seq),
+                    receipt: None,
                 })
                 .collect(),
             Err(e) => {

@@ -17,6 +17,8 @@ pub(crate) struct Queued {
     pub pkid: Option<u16>,
     /// Its sequence in the durable event log, for events the REST layer made.
     pub event: Option<u64>,
+    /// Set when it came from a durable queue: handed back once acknowledged.
+    pub receipt: Option<super::Receipt>,
 }
 
 /// What a session that ends hands back to the hub.

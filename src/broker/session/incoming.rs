@@ -113,7 +113,7 @@ impl Session<'_> {
             }
         }
         if self.persistent {
-            if let Err(e) = inner.hub.persist().await {
+            if let Err(e) = inner.hub.persist(self.registration.id).await {
                 warn!(error = %e, "subscriptions not made durable");
             }
         }

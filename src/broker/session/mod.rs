@@ -13,7 +13,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::codec::{
     self, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, QoS, UnsubAck,
@@ -43,6 +43,17 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
     let will = admitted.will;
     let (identity, client_id) = (&admitted.identity, &admitted.client_id);
     hub.claim(client_id).await;
+    if let Err(e) = hub.fetch(identity, client_id, admitted.clean).await {
+        // The session may be stored but cannot be read: refusing is better than starting
+        // it afresh and losing what it holds.
+        warn!(error = %e, "cannot read the stored session");
+        let mut out = BytesMut::new();
+        let refusal = ConnAck::new(ConnectReturnCode::ServiceUnavailable, false);
+        codec::encode(Packet::ConnAck(refusal), &mut out);
+        let _ = transport.write(out.freeze()).await;
+        transport.close().await;
+        return;
+    }
     let attached = match hub.register(identity.clone(), client_id, admitted.clean, true) {
         Registered::Attached(attached) => attached,
         Registered::Handover(parted) => {
@@ -87,6 +98,10 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         Some(resumed) => session.replay(resumed),
         None => Ok(()),
     };
+    // A session kept by the cluster is fed by its queues from here on.
+    if let Err(e) = hub.sync_queues(session.registration.id).await {
+        warn!(error = %e, "cannot open the session's queues");
+    }
     let end = match end {
         Ok(()) => session.run(&mut transport).await,
         Err(end) => end,
@@ -245,8 +260,14 @@ impl Session<'_> {
             Packet::Publish(publish) => self.on_publish(publish).await?,
             Packet::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe) => {
+                let hub = &self.gateway.inner.hub;
                 for filter in &unsubscribe.topics {
-                    self.gateway.inner.hub.unsubscribe(sid, filter);
+                    hub.unsubscribe(sid, filter);
+                }
+                if self.persistent {
+                    if let Err(e) = hub.persist(sid).await {
+                        warn!(error = %e, "unsubscription not made durable");
+                    }
                 }
                 self.send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
             }
@@ -254,8 +275,14 @@ impl Session<'_> {
             Packet::PubRel(rel) => self.send(Packet::PubComp(PubComp::new(rel.pkid))),
             Packet::PubAck(ack) => {
                 if let Some(i) = self.inflight.iter().position(|m| m.pkid == Some(ack.pkid)) {
-                    if let Some(acked) = self.inflight.remove(i).and_then(|m| m.event) {
-                        self.acked_event = self.acked_event.max(acked);
+                    let Some(acked) = self.inflight.remove(i) else {
+                        return Ok(());
+                    };
+                    if let Some(receipt) = &acked.receipt {
+                        receipt.acknowledge();
+                    }
+                    if let Some(event) = acked.event {
+                        self.acked_event = self.acked_event.max(event);
                     }
                 }
             }
@@ -275,7 +302,8 @@ impl Session<'_> {
                 payload,
                 qos,
                 event,
-            } => self.deliver(topic, payload, qos, event),
+                receipt,
+            } => self.deliver(topic, payload, qos, event, receipt),
             Event::Replaced => Err(End::Replaced),
             Event::TooSlow => Err(End::TooSlow),
             Event::BusClosed => Err(End::Bus),
@@ -303,6 +331,7 @@ impl Session<'_> {
         payload: Bytes,
         qos: QoS,
         event: Option<u64>,
+        receipt: Option<crate::broker::hub::Receipt>,
     ) -> Result<(), End> {
         let Ok(name) = std::str::from_utf8(&topic) else {
             return Ok(());
@@ -318,6 +347,7 @@ impl Session<'_> {
                     payload,
                     pkid,
                     event,
+                    receipt,
                 });
             }
         }
@@ -350,10 +380,10 @@ impl Session<'_> {
             );
             let event = error_event(ErrorCode::QueueOverflow, &detail, &ErrorRef::default());
             let topic = Bytes::from(notifications_topic(&self.identity.user_id));
-            self.deliver(topic, Bytes::from(event), QoS::AtLeastOnce, None)?;
+            self.deliver(topic, Bytes::from(event), QoS::AtLeastOnce, None, None)?;
         }
         for m in resumed.queue {
-            self.deliver(m.topic, m.payload, QoS::AtLeastOnce, m.event)?;
+            self.deliver(m.topic, m.payload, QoS::AtLeastOnce, m.event, m.receipt)?;
         }
         Ok(())
     }

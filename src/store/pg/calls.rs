@@ -12,7 +12,7 @@ use super::{unavailable, Conn, Pg};
 use crate::model::call::{Call, Status};
 use crate::store::StoreError;
 
-type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+pub(super) type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
 
 const LOCK: &str = "SELECT pg_advisory_lock($1)::text = ''";
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";

@@ -12,6 +12,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tracing::{info, warn};
 
 mod calls;
+mod sessions;
 
 pub use calls::{Created, Locked, Outgoing, Versioned};
 
@@ -55,6 +56,17 @@ const MIGRATIONS: &[(i32, &str)] = &[
             created_at timestamptz NOT NULL DEFAULT now()
         );
         CREATE INDEX call_events_by_call ON call_events (call_id, id);",
+    ),
+    (
+        4,
+        "CREATE TABLE sessions (
+            client_id text PRIMARY KEY,
+            record text NOT NULL,
+            node text,
+            expires_ms bigint NOT NULL
+        );
+        CREATE INDEX sessions_by_node ON sessions (node);
+        CREATE INDEX sessions_by_expiry ON sessions (expires_ms);",
     ),
 ];
 

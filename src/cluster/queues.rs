@@ -1,0 +1,405 @@
+//! Persistent sessions across nodes: their records in PostgreSQL, their QoS 1 queues in
+//! JetStream, so a session outlives the node its client last used (killed included).
+//!
+//! One stream ([`STREAM`]) keeps everything published on the bus for one session expiry,
+//! replicated over up to three NATS servers (the bus publishes as always; the stream captures
+//! its subjects). Each QoS 1 subscription of a persistent session is a durable consumer of
+//! that stream filtered on the subscription's subject, acknowledged message by message as the
+//! client acknowledges (a [`Receipt`]). A node that takes the session up binds to its
+//! consumers; if something was delivered and never acknowledged (its client left, or its node
+//! died) it rewinds the consumer to the first unacknowledged message, so that comes first.
+//! Records, queue deletions and expiry are written in order by one task per node.
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use async_nats::jetstream::{self, consumer, stream};
+
+use crate::broker::hub::{Durable, Receipt, MAILBOX_MESSAGES};
+use crate::broker::Hub;
+use crate::bus::nats::{decode_delivery, TOPIC_PREFIX};
+use crate::bus::subject::filter_subjects;
+use crate::model::call::now_ms;
+use crate::store::pg::Pg;
+use crate::store::{SessionRecord, StoreError};
+
+/// The stream of everything published on the bus.
+pub const STREAM: &str = "CALLBUS";
+/// A delivery not acknowledged for this long is sent again (to the same session).
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Most bytes the stream keeps (oldest dropped first).
+const STREAM_BYTES: i64 = 1 << 30;
+/// How long starting nodes wait for JetStream (its servers elect a leader first).
+const JETSTREAM_WAIT: Duration = Duration::from_secs(30);
+/// Expired sessions deleted per sweep.
+const SWEEP_BATCH: i64 = 256;
+
+enum Write {
+    Save(String, SessionRecord),
+    Part(String),
+    Discard(String),
+    Close(String, String),
+    Settle(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// This node's side of the cluster's persistent sessions.
+pub struct Queues {
+    node_id: String,
+    stream: stream::Stream,
+    client: async_nats::Client,
+    pg: Arc<Pg>,
+    expiry: Duration,
+    hub: Weak<Hub>,
+    writes: mpsc::UnboundedSender<Write>,
+    acks: mpsc::UnboundedSender<async_nats::Subject>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("JetStream: {what}: {e}"))
+}
+
+/// The durable consumer of `client_id`'s subscription on `subject` (names allow no dots).
+fn consumer_name(client_id: &str, subject: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(client_id.as_bytes())
+        .chain_update([0])
+        .chain_update(subject.as_bytes())
+        .finalize();
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("s{hex}")
+}
+
+/// Creates the stream (or finds it), waiting for JetStream to be ready. `replicas` is capped
+/// at three.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+    max_age: Duration,
+) -> anyhow::Result<stream::Stream> {
+    let config = stream::Config {
+        name: STREAM.to_owned(),
+        subjects: vec![format!("{TOPIC_PREFIX}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: replicas.clamp(1, 3),
+        max_age,
+        max_bytes: STREAM_BYTES,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_secs(60).min(max_age),
+        ..Default::default()
+    };
+    let deadline = tokio::time::Instant::now() + JETSTREAM_WAIT;
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                debug!(error = %e, "JetStream not ready yet");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                anyhow::bail!(
+                    "JetStream is not available ({e}); nats-server must run with JetStream \
+                     enabled (-js), clustered for replication"
+                )
+            }
+        }
+    }
+}
+
+impl Queues {
+    /// Sets up the stream and this node's writer, acknowledger and sweeper.
+    pub async fn start(
+        client: async_nats::Client,
+        pg: Arc<Pg>,
+        node_id: &str,
+        servers: usize,
+        expiry: Duration,
+        hub: &Arc<Hub>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Queues>> {
+        let js = jetstream::new(client.clone());
+        let known = client.server_info().connect_urls.len();
+        let replicas = servers.max(known);
+        let stream = ensure_stream(&js, replicas, expiry + Duration::from_secs(60)).await?;
+        // Sessions a former run of this node held live are away now.
+        pg.part_sessions_of(node_id).await?;
+        let (writes, written) = mpsc::unbounded_channel();
+        let (acks, acked) = mpsc::unbounded_channel();
+        let queues = Arc::new(Queues {
+            node_id: node_id.to_owned(),
+            stream,
+            client,
+            pg,
+            expiry,
+            hub: Arc::downgrade(hub),
+            writes,
+            acks,
+        });
+        tokio::spawn(queues.clone().write(written));
+        tokio::spawn(queues.clone().acknowledge(acked, shutdown.clone()));
+        tokio::spawn(queues.clone().sweep(shutdown));
+        info!(
+            replicas = replicas.clamp(1, 3),
+            "persistent sessions kept in JetStream"
+        );
+        Ok(queues)
+    }
+
+    fn expires_ms(&self) -> u64 {
+        now_ms() + self.expiry.as_millis() as u64
+    }
+
+    /// Applies the writes in order.
+    async fn write(self: Arc<Self>, mut written: mpsc::UnboundedReceiver<Write>) {
+        let mut failed: Option<StoreError> = None;
+        while let Some(write) = written.recv().await {
+            let result = match write {
+                Write::Save(client_id, record) => {
+                    let expires = self.expires_ms();
+                    let pg = &self.pg;
+                    pg.put_session(&client_id, &record, &self.node_id, expires)
+                        .await
+                }
+                Write::Part(client_id) => {
+                    let expires = self.expires_ms();
+                    let pg = &self.pg;
+                    pg.part_session(&client_id, &self.node_id, expires).await
+                }
+                Write::Discard(client_id) => match self.pg.delete_session(&client_id).await {
+                    Ok(record) => {
+                        let filters = record.map(|r| r.filters).unwrap_or_default();
+                        self.delete_queues(&client_id, &filters).await;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                Write::Close(client_id, filter) => {
+                    self.delete_queues(&client_id, &[(filter, 1)]).await;
+                    Ok(())
+                }
+                Write::Settle(done) => {
+                    let _ = done.send(failed.take().map_or(Ok(()), Err));
+                    continue;
+                }
+            };
+            if let Err(e) = result {
+                warn!(error = %e, "cannot write a persistent session");
+                failed = Some(e);
+            }
+        }
+    }
+
+    /// Deletes the consumers of a session's QoS 1 `filters`.
+    async fn delete_queues(&self, client_id: &str, filters: &[(String, u8)]) {
+        for (filter, qos) in filters {
+            if *qos == 0 {
+                continue;
+            }
+            for subject in filter_subjects(TOPIC_PREFIX, filter) {
+                let name = consumer_name(client_id, &subject);
+                if let Err(e) = self.stream.delete_consumer(&name).await {
+                    debug!(consumer = %name, error = %e, "consumer not deleted");
+                }
+            }
+        }
+    }
+
+    /// Sends the acknowledgements the sessions hand back.
+    async fn acknowledge(
+        self: Arc<Self>,
+        mut acked: mpsc::UnboundedReceiver<async_nats::Subject>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let reply = tokio::select! {
+                reply = acked.recv() => reply,
+                _ = stop.cancelled() => None,
+            };
+            let Some(reply) = reply else { return };
+            if let Err(e) = self.client.publish(reply, Bytes::new()).await {
+                warn!(error = %e, "cannot acknowledge a queued message");
+            }
+        }
+    }
+
+    /// Keeps this node's live sessions from expiring and deletes expired ones (with their
+    /// consumers, which JetStream would otherwise delete once inactive for longer).
+    async fn sweep(self: Arc<Self>, stop: CancellationToken) {
+        let period = (self.expiry / 3).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let expires = self.expires_ms();
+            if let Err(e) = self.pg.refresh_sessions(&self.node_id, expires).await {
+                warn!(error = %e, "cannot refresh this node's sessions");
+            }
+            match self.pg.expire_sessions(now_ms(), SWEEP_BATCH).await {
+                Ok(expired) => {
+                    for (client_id, record) in expired {
+                        info!(client = %client_id, "stored session expired");
+                        crate::metrics::SESSIONS_EXPIRED.inc();
+                        self.delete_queues(&client_id, &record.filters).await;
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot expire sessions"),
+            }
+        }
+    }
+
+    /// The consumer of `name`: as it is if nothing is waiting for an acknowledgement,
+    /// rewound to the first unacknowledged message if something is, new if there is none.
+    async fn bind(&self, name: &str, subject: &str) -> Result<consumer::PullConsumer, StoreError> {
+        let config = |deliver_policy| consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            filter_subject: subject.to_owned(),
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: MAILBOX_MESSAGES as i64,
+            inactive_threshold: self.expiry + Duration::from_secs(120),
+            ..Default::default()
+        };
+        let policy = match self.stream.consumer_info(name).await {
+            Ok(info) if info.num_ack_pending == 0 => {
+                let existing = self.stream.get_consumer(name).await;
+                return existing.map_err(|e| unavailable("binding a queue", e));
+            }
+            Ok(info) => {
+                let start_sequence = info.ack_floor.stream_sequence + 1;
+                debug!(consumer = %name, start_sequence, "rewinding to the unacknowledged");
+                let deleted = self.stream.delete_consumer(name).await;
+                deleted.map_err(|e| unavailable("rewinding a queue", e))?;
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                consumer::DeliverPolicy::New
+            }
+            Err(e) => return Err(unavailable("reading a queue", e)),
+        };
+        let created = self.stream.create_consumer(config(policy)).await;
+        created.map_err(|e| unavailable("creating a queue", e))
+    }
+}
+
+/// Hands what `consumer` delivers to session `sid` until it is gone from this node or `stop`.
+async fn feed(
+    hub: Weak<Hub>,
+    acks: mpsc::UnboundedSender<async_nats::Subject>,
+    sid: u64,
+    consumer: consumer::PullConsumer,
+    stop: CancellationToken,
+) {
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(MAILBOX_MESSAGES / 4)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await;
+    let mut messages = match messages {
+        Ok(messages) => messages,
+        Err(e) => {
+            warn!(error = %e, "cannot read a session's queue");
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            next = messages.next() => next,
+            _ = stop.cancelled() => None,
+        };
+        let message = match next {
+            None => break,
+            Some(Ok(message)) => message,
+            Some(Err(e)) => {
+                use consumer::pull::MessagesErrorKind as Kind;
+                if matches!(e.kind(), Kind::ConsumerDeleted) {
+                    break;
+                }
+                debug!(error = %e, "a session's queue");
+                continue;
+            }
+        };
+        let Some(hub) = hub.upgrade() else { break };
+        let reply = message.reply.clone();
+        let acks = acks.clone();
+        let receipt = Receipt::new(move || {
+            if let Some(reply) = &reply {
+                let _ = acks.send(reply.clone());
+            }
+        });
+        let payload = message.payload.clone();
+        match decode_delivery(message.subject.as_str(), payload) {
+            Some(delivered) => {
+                if !hub.feed(sid, delivered, receipt) {
+                    break;
+                }
+            }
+            None => receipt.acknowledge(),
+        }
+    }
+}
+
+impl Durable for Queues {
+    fn load(&self, client_id: &str) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
+        let client_id = client_id.to_owned();
+        Box::pin(async move { self.pg.session(&client_id, now_ms()).await })
+    }
+
+    fn save(&self, client_id: &str, record: SessionRecord) {
+        let _ = self.writes.send(Write::Save(client_id.to_owned(), record));
+    }
+
+    fn part(&self, client_id: &str) {
+        let _ = self.writes.send(Write::Part(client_id.to_owned()));
+    }
+
+    fn discard(&self, client_id: &str) {
+        let _ = self.writes.send(Write::Discard(client_id.to_owned()));
+    }
+
+    fn close(&self, client_id: &str, filter: &str) {
+        let write = Write::Close(client_id.to_owned(), filter.to_owned());
+        let _ = self.writes.send(write);
+    }
+
+    fn settled(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let (done, settled) = oneshot::channel();
+            if self.writes.send(Write::Settle(done)).is_err() {
+                return Err(StoreError::Unavailable("shutting down".into()));
+            }
+            settled
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("shutting down".into())))
+        })
+    }
+
+    fn open(
+        &self,
+        sid: u64,
+        client_id: &str,
+        filter: &str,
+        stop: CancellationToken,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let (client_id, filter) = (client_id.to_owned(), filter.to_owned());
+        Box::pin(async move {
+            for subject in filter_subjects(TOPIC_PREFIX, &filter) {
+                let name = consumer_name(&client_id, &subject);
+                let consumer = self.bind(&name, &subject).await?;
+                let (hub, acks) = (self.hub.clone(), self.acks.clone());
+                tokio::spawn(feed(hub, acks, sid, consumer, stop.clone()));
+            }
+            Ok(())
+        })
+    }
+}
