@@ -149,6 +149,7 @@ async fn join_cluster(
     )
     .await
     .context("keeping persistent sessions in JetStream")?;
+    cluster.keep_sessions(queues.clone());
     hub.set_durable(queues);
     Ok((Publisher::new(bus), cluster))
 }

@@ -593,3 +593,47 @@ async fn a_persistent_session_resumes_on_another_node_with_nothing_lost() {
         .await;
     assert!(!phone.session_present, "the discarded session came back");
 }
+
+/// A persistent session resumed on another node is checked against membership again: a
+/// conversation its user was removed from while away is not resumed, so nothing queued for it
+/// comes, even once the user is a member again and subscribes anew.
+#[tokio::test]
+async fn a_resumed_session_is_checked_against_membership_again() {
+    let cluster = Cluster::start(2).await;
+    let (chat, mine) = ("chat/c1", "users/bob/notifications");
+    put_members(cluster.node(0), "c1", &["alice", "bob"]).await;
+    let mut phone = (cluster.node(0))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    let granted_all = phone.subscribe(&[chat, mine]).await;
+    assert!(granted_all.iter().all(granted), "{granted_all:?}");
+    leave(phone).await;
+
+    let mut alice = cluster.node(1).connect(Via::Tcp, "alice").await;
+    let text = |n: u64| json!({"type": "chat.message", "text": format!("m{n}")});
+    alice.publish_json(chat, text(1)).await;
+    put_members(cluster.node(1), "c1", &["alice"]).await;
+    alice.publish_json(chat, text(2)).await;
+    put_members(cluster.node(1), "c1", &["alice", "bob"]).await;
+    alice.publish_json(chat, text(3)).await;
+    assert_eq!(
+        notify(cluster.node(1), "bob", 1).await,
+        StatusCode::ACCEPTED
+    );
+
+    let mut phone = (cluster.node(1))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(phone.session_present);
+    let got = phone.recv().await;
+    assert_eq!(
+        (got.topic.as_str(), got.json()["payload"]["n"].as_u64()),
+        (mine, Some(1))
+    );
+    // Subscribed anew: only what is published from now on.
+    assert!(granted(&phone.subscribe(&[chat]).await[0]));
+    alice.publish_json(chat, text(4)).await;
+    let got = phone.recv().await;
+    assert_eq!(got.topic, chat);
+    assert_eq!(got.json()["text"], "m4", "an old message of c1 was resumed");
+}

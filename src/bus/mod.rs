@@ -127,6 +127,13 @@ pub trait Bus: Send + Sync + 'static {
     /// full (backpressure); an error means the bus is gone.
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>>;
 
+    /// Like [`Bus::publish`], but resolves only once the message is stored where it outlives
+    /// any one node (cluster mode: JetStream has it, replicated). The same as `publish` for a
+    /// bus whose store is the node's own disk (its callers make that durable themselves).
+    fn publish_durable(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>> {
+        self.publish(message)
+    }
+
     /// Resolves once every interest change made so far is in effect, so that a subscription
     /// acknowledged after it receives whatever is published next. Immediate for a bus that
     /// carries everything to everyone.
@@ -146,6 +153,11 @@ impl Publisher {
 
     pub async fn publish(&self, message: Message) -> Result<(), BusError> {
         self.0.publish(message).await
+    }
+
+    /// See [`Bus::publish_durable`].
+    pub async fn publish_durable(&self, message: Message) -> Result<(), BusError> {
+        self.0.publish_durable(message).await
     }
 
     /// See [`Bus::settled`].

@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -20,6 +21,11 @@ use tracing::{debug, warn};
 use super::subject::{filter_subjects, subject_topic, topic_subject};
 use super::{envelope, Bus, BusError, Deliver, Interest, Message};
 use crate::metrics;
+
+/// How long a durable publish waits for JetStream's acknowledgement before sending again.
+const DURABLE_ATTEMPT: Duration = Duration::from_secs(1);
+/// How long a durable publish keeps trying (a stream elects a new leader in a few seconds).
+const DURABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// Subjects of client topics live under this prefix; control traffic under others.
 pub const TOPIC_PREFIX: &str = "callbus.t";
@@ -33,6 +39,9 @@ enum Command {
 /// The NATS bus of one node.
 pub struct NatsBus {
     client: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
+    /// Names this bus's messages to JetStream (with their sequence).
+    instance: u64,
     commands: mpsc::UnboundedSender<Command>,
     seq: AtomicU64,
 }
@@ -47,6 +56,14 @@ impl NatsBus {
         let (commands, rx) = mpsc::unbounded_channel();
         tokio::spawn(apply_interest(client.clone(), deliver, rx, shutdown));
         Arc::new(NatsBus {
+            jetstream: async_nats::jetstream::ContextBuilder::new()
+                .timeout(DURABLE_ATTEMPT)
+                .build(client.clone()),
+            instance: {
+                let mut bytes = [0u8; 8];
+                let _ = getrandom::fill(&mut bytes);
+                u64::from_le_bytes(bytes)
+            },
             client,
             commands,
             seq: AtomicU64::new(0),
@@ -77,6 +94,45 @@ impl Bus for NatsBus {
                 warn!(error = %e, "cannot publish on NATS");
                 BusError::Closed
             })?;
+            metrics::BUS_PUBLISHED.inc();
+            Ok(())
+        })
+    }
+
+    /// Published through JetStream: the stream of the bus (which keeps the queues of
+    /// persistent sessions) has stored it when this resolves, and subscribers get it as any
+    /// other publish.
+    fn publish_durable(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            let topic = message.topic_str().ok_or(BusError::Closed)?;
+            let subject = topic_subject(TOPIC_PREFIX, topic);
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let payload = envelope::encode(seq, &message);
+            // Sent again (the stream keeps one copy: same message id) while the stream
+            // elects a new leader, as it does when a NATS server is lost.
+            let id = format!("{:016x}-{seq}", self.instance);
+            let deadline = tokio::time::Instant::now() + DURABLE_WAIT;
+            loop {
+                let publish = async_nats::jetstream::message::PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(&id);
+                let stored = async {
+                    let subject = subject.clone();
+                    self.jetstream.send_publish(subject, publish).await?.await?;
+                    Ok::<_, async_nats::Error>(())
+                };
+                match stored.await {
+                    Ok(()) => break,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        debug!(error = %e, "JetStream did not store a message yet");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "JetStream did not store a message");
+                        return Err(BusError::Closed);
+                    }
+                }
+            }
             metrics::BUS_PUBLISHED.inc();
             Ok(())
         })

@@ -42,7 +42,11 @@ impl Calls {
         if logged.seq.is_some() {
             self.inner.store.flush().await?;
         }
-        self.publish(&logged).await;
+        if !self.publish(&logged).await && self.inner.cluster.is_some() {
+            return Err(StoreError::Unavailable(
+                "the cluster's stream did not store the event".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -83,14 +87,22 @@ impl Calls {
         Ok(())
     }
 
-    pub(super) async fn publish(&self, event: &Logged) {
+    /// Publishes an event; false if the bus did not take it (in cluster mode: if it is not
+    /// stored where persistent sessions' queues are).
+    pub(super) async fn publish(&self, event: &Logged) -> bool {
         let topic = notifications_topic(&event.user_id);
         let message = match event.seq {
             Some(seq) => Message::logged(topic, event.payload.clone(), seq),
             None => Message::new(topic, event.payload.clone()),
         };
-        if let Err(e) = self.inner.publisher.publish(message).await {
+        let publisher = &self.inner.publisher;
+        let published = match self.inner.cluster {
+            Some(_) => publisher.publish_durable(message).await,
+            None => publisher.publish(message).await,
+        };
+        if let Err(e) = &published {
             warn!(user = %event.user_id, error = %e, "could not publish an event");
         }
+        published.is_ok()
     }
 }

@@ -143,15 +143,23 @@ impl Calls {
     /// left by a node that died announcing, then this change's), then the lock goes.
     async fn announce_shared(&self, cluster: &Shared, locked: Locked<'_>, call: Versioned) -> Call {
         cluster.call_changed(call.clone()).await;
+        let mut published = true;
         for event in locked.pending() {
             let logged = Logged {
                 user_id: event.user_id.clone(),
                 payload: event.payload.clone(),
                 seq: None,
             };
-            self.publish(&logged).await;
+            published = self.publish(&logged).await;
+            if !published {
+                break;
+            }
         }
-        locked.announced().await;
+        // Events not stored by the bus stay in the outbox for the sweep to publish again.
+        match published {
+            true => locked.announced().await,
+            false => locked.release().await,
+        }
         call.call
     }
 

@@ -189,8 +189,16 @@ impl Cluster {
                 .cloned()
                 .collect(),
         };
+        let removed = change.removed.clone();
         if let Err(e) = self.share(Change::Conversation(change)).await {
             warn!(conversation = %id, error = %e, "could not tell the other nodes");
+        }
+        // Sessions stored while their clients are away lose the conversation too.
+        if let Some(queues) = self.queues.get() {
+            let topic = crate::model::topic::chat_topic(id);
+            for user in &removed {
+                queues.revoke(user, &topic).await?;
+            }
         }
         Ok(replaced)
     }

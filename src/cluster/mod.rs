@@ -68,6 +68,8 @@ pub struct Cluster {
     replies: Replies,
     /// Client ids whose sessions this node holds (held or let go), for [`claims`].
     holding: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
+    /// The persistent sessions' records and queues.
+    queues: std::sync::OnceLock<Arc<Queues>>,
 }
 
 /// What a node shares with the others, in memory.
@@ -140,6 +142,7 @@ impl Cluster {
             peers: Mutex::default(),
             replies: Replies::default(),
             holding,
+            queues: std::sync::OnceLock::new(),
         });
         let nodes = cluster.client.subscribe(NODES).await?;
         let changes = cluster.client.subscribe(CHANGES).await?;
@@ -168,6 +171,11 @@ impl Cluster {
         tokio::time::sleep(HEARTBEAT + HEARTBEAT / 4).await;
         info!(node = %cluster.node_id, peers = cluster.live_peers().len(), "joined the cluster");
         Ok(cluster)
+    }
+
+    /// Where persistent sessions are kept (set once, after [`Cluster::start`]).
+    pub fn keep_sessions(&self, queues: Arc<Queues>) {
+        let _ = self.queues.set(queues);
     }
 
     pub fn node_id(&self) -> &str {

@@ -255,6 +255,16 @@ impl Queues {
         }
     }
 
+    /// Drops `filter` from every stored session of `user_id`, with its queue (a member
+    /// removed from a conversation; sessions live on a node are revoked there as well).
+    pub async fn revoke(&self, user_id: &str, filter: &str) -> Result<(), StoreError> {
+        for client_id in self.pg.revoke_filter(user_id, filter).await? {
+            self.delete_queues(&client_id, &[(filter.to_owned(), 1)])
+                .await;
+        }
+        Ok(())
+    }
+
     /// The consumer of `name`: as it is if nothing is waiting for an acknowledgement,
     /// rewound to the first unacknowledged message if something is, new if there is none.
     async fn bind(&self, name: &str, subject: &str) -> Result<consumer::PullConsumer, StoreError> {

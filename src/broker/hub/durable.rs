@@ -19,6 +19,7 @@ use super::{Entry, Hub, Link, State};
 use crate::auth::{Identity, Role};
 use crate::broker::codec::QoS;
 use crate::bus::Message;
+use crate::model::topic::has_wildcard;
 use crate::store::{SessionRecord, StoreError};
 use crate::sync::lock;
 
@@ -137,6 +138,12 @@ impl Hub {
             link,
         );
         for (filter, qos) in &record.filters {
+            // Membership is checked again: a conversation left while away is not resumed.
+            if !has_wildcard(filter) && !self.may_receive(identity, filter) {
+                info!(client = %client_id, %filter, "subscription no longer allowed; dropped");
+                durable.close(client_id, filter);
+                continue;
+            }
             let qos = if *qos == 0 {
                 QoS::AtMostOnce
             } else {
@@ -144,6 +151,7 @@ impl Hub {
             };
             state.routes.subscribe(sid, filter, qos);
         }
+        self.save(&state, sid);
         info!(client = %client_id, "persistent session fetched from the cluster");
         Ok(())
     }
@@ -179,6 +187,11 @@ impl Hub {
                 .collect();
             (entry.client_id.clone(), wanted, queues.stop.clone())
         };
+        if !wanted.is_empty() {
+            // Queues closed before (here or by a revocation) are gone before any is opened
+            // again under the same name.
+            durable.settled().await?;
+        }
         for filter in wanted {
             durable
                 .open(sid, &client_id, &filter, stop.child_token())

@@ -143,4 +143,29 @@ impl Pg {
             .map_err(unavailable)?;
         Ok(())
     }
+
+    /// Drops `filter` from every stored session of `user_id` (broker-side ids are
+    /// `<user id>.<client id>`); the client ids that held it.
+    pub async fn revoke_filter(
+        &self,
+        user_id: &str,
+        filter: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn().await?;
+        let sql = "UPDATE sessions SET record = jsonb_set(record::jsonb, '{filters}',
+                       COALESCE((SELECT jsonb_agg(f)
+                                 FROM jsonb_array_elements(record::jsonb -> 'filters') f
+                                 WHERE f ->> 0 <> $2), '[]'::jsonb))::text
+                   WHERE starts_with(client_id, $1 || '.')
+                     AND EXISTS (SELECT 1 FROM jsonb_array_elements(record::jsonb -> 'filters') f
+                                 WHERE f ->> 0 = $2)
+                   RETURNING client_id";
+        let statement = conn.prepare(sql).await?;
+        let rows = (conn.client()?)
+            .query(&statement, &[&user_id, &filter])
+            .await
+            .map_err(unavailable)?;
+        let ids = rows.iter().map(|row| row.try_get::<_, String>(0));
+        ids.collect::<Result<_, _>>().map_err(unavailable)
+    }
 }
