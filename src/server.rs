@@ -212,8 +212,10 @@ impl Server {
             lost_grace: settings.call_lost_grace,
             max_duration: settings.max_call_duration,
         };
-        let push = (settings.push.clone())
-            .map(|webhook| crate::push::start(store.clone(), webhook, shutdown.clone()));
+        let push = (settings.push.clone()).map(|webhook| match &cluster {
+            Some(c) => crate::push::start_shared(c.pg.clone(), webhook, shutdown.clone()),
+            None => crate::push::start(store.clone(), webhook, shutdown.clone()),
+        });
         let shared = cluster.as_ref().map(|c| {
             let nodes: std::sync::Arc<dyn crate::calls::Nodes> = c.clone();
             let shared = crate::calls::Shared::new(c.pg.clone(), c.calls().clone(), nodes);

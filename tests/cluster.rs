@@ -637,3 +637,36 @@ async fn a_resumed_session_is_checked_against_membership_again() {
     assert_eq!(got.topic, chat);
     assert_eq!(got.json()["text"], "m4", "an old message of c1 was resumed");
 }
+
+/// Push jobs are written with the call change in PostgreSQL and taken by any node's worker: a
+/// job whose node dies while the webhook still refuses it is delivered by another node, before
+/// the call's next job.
+#[tokio::test]
+async fn a_push_job_outlives_its_node() {
+    use common::webhook::{next, serve_receiver, PUSH_SECRET};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/push", listener.local_addr().unwrap());
+    let (receiver, mut delivered) = serve_receiver(listener, usize::MAX);
+    let push = ["--push-webhook", &url, "--push-secret", PUSH_SECRET];
+    let mut cluster = Cluster::start_with(1, &push).await;
+    put_members(cluster.node(0), "c1", &["alice", "bob"]).await;
+    let (status, call) = initiate(cluster.node(0), "alice", "bob").await;
+    assert_eq!(status, StatusCode::CREATED, "{call}");
+    assert_eq!(call["push_queued"], true);
+    let id = call["id"].as_u64().expect("id");
+    tokio::time::timeout(common::WAIT, receiver.attempted.notified())
+        .await
+        .expect("node 1 tries to push");
+    cluster.nodes[0].child.kill().expect("SIGKILL node 1");
+
+    cluster.add_node(&push).await;
+    let (status, body) = act(cluster.node(1), id, "accept", "bob").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    receiver.fail.store(0, std::sync::atomic::Ordering::SeqCst);
+    let ringing = next(&mut delivered).await;
+    assert_eq!(ringing["event"], "call.ringing");
+    assert_eq!(ringing["call_id"], id.to_string());
+    let stopped = next(&mut delivered).await;
+    assert_eq!(stopped["event"], "call.stopped");
+    assert_eq!(stopped["reason"], "accepted");
+}

@@ -4,87 +4,10 @@
 
 mod common;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
 use common::process::spawn_with;
-use common::{TestServer, Via, WAIT};
+use common::webhook::{next, serve_receiver, PUSH_SECRET};
+use common::{TestServer, Via};
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
-
-const PUSH_SECRET: &str = "push-secret";
-
-/// One request the receiver got.
-#[derive(Debug, Clone)]
-struct Hit {
-    signature: String,
-    key: String,
-    body: String,
-    answered: u16,
-}
-
-/// An HTTP receiver that answers 503 to its first `fail` requests, then 200.
-struct Receiver {
-    fail: AtomicUsize,
-    hits: Mutex<Vec<Hit>>,
-    delivered: mpsc::UnboundedSender<Value>,
-}
-
-async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: String) -> StatusCode {
-    let header = |name: &str| {
-        let value = headers.get(name).and_then(|v| v.to_str().ok());
-        value.unwrap_or_default().to_owned()
-    };
-    let failing = r
-        .fail
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
-    let status = if failing {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    let hit = Hit {
-        signature: header("x-callbus-signature"),
-        key: header("idempotency-key"),
-        body: body.clone(),
-        answered: status.as_u16(),
-    };
-    r.hits.lock().unwrap().push(hit);
-    if !failing {
-        let _ = r
-            .delivered
-            .send(serde_json::from_str(&body).expect("JSON body"));
-    }
-    status
-}
-
-/// Starts a receiver on `listener`; returns it and the stream of delivered bodies.
-fn serve_receiver(
-    listener: tokio::net::TcpListener,
-    fail: usize,
-) -> (Arc<Receiver>, mpsc::UnboundedReceiver<Value>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let receiver = Arc::new(Receiver {
-        fail: AtomicUsize::new(fail),
-        hits: Mutex::new(Vec::new()),
-        delivered: tx,
-    });
-    let app = axum::Router::new()
-        .route("/push", post(receive))
-        .with_state(receiver.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (receiver, rx)
-}
-
-async fn next(delivered: &mut mpsc::UnboundedReceiver<Value>) -> Value {
-    tokio::time::timeout(WAIT, delivered.recv())
-        .await
-        .expect("a push in time")
-        .expect("receiver alive")
-}
 
 fn valid_signature(signature: &str, body: &str) -> bool {
     let Some((t, v1)) = signature

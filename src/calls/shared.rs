@@ -17,7 +17,7 @@ use crate::auth::Identity;
 use crate::model::call::{now_ms, Action, Call, Status, TransitionError};
 use crate::push;
 use crate::store::pg::{Created, Locked, Outgoing, Pg, Versioned};
-use crate::store::{CallReplica, StoreError};
+use crate::store::CallReplica;
 
 /// What the call service needs of the cluster: the database, every node's in-memory copy of
 /// live calls, and the other nodes (implemented by `crate::cluster`, which sits above the
@@ -71,11 +71,17 @@ impl Calls {
     ) -> Result<Call, CallError> {
         let now = now_ms();
         let ring = self.inner.limits.ring_timeout.as_millis() as u64;
+        // The push job is written with the call (its receiver's devices counted first).
+        let devices = match self.inner.push {
+            Some(_) => Some(self.live_devices(&req.receiver_id).await),
+            None => None,
+        };
         let make = |id| {
             let call = super::new_call(id, caller, &req, now, self.inner.limits.ring_timeout);
             let incoming = events::incoming_call(&call, caller);
             let out = outgoing(vec![(call.receiver.id.clone(), incoming)]);
-            (call, out)
+            let job = devices.map(|devices| push::ringing(&call, devices));
+            (call, out, job)
         };
         let created = cluster
             .pg
@@ -96,10 +102,7 @@ impl Calls {
                 return Err(CallError::Glare(name, Box::new(existing)));
             }
         };
-        if self.inner.push.is_some() {
-            let devices = self.live_devices(&call.call.receiver.id).await;
-            self.queue_push(push::ringing(&call.call, devices)).await?;
-        }
+        self.wake_push();
         let call = self.announce_shared(cluster, locked, call).await;
         crate::metrics::CALLS_INITIATED.inc();
         self.arm_ring_timer(call.id, ring);
@@ -124,10 +127,16 @@ impl Calls {
             }
         };
         let out = outgoing(super::transition_events(&next.call));
-        locked.update(&next, &out).await?;
-        if current.call.status == Status::Ringing && self.inner.push.is_some() {
-            let devices = self.live_devices(&next.call.receiver.id).await;
-            self.queue_push(push::stopped(&next.call, devices)).await?;
+        let job = match self.inner.push {
+            Some(_) if current.call.status == Status::Ringing => {
+                let devices = self.live_devices(&next.call.receiver.id).await;
+                Some(push::stopped(&next.call, devices))
+            }
+            _ => None,
+        };
+        locked.update(&next, &out, job.as_ref()).await?;
+        if job.is_some() {
+            self.wake_push();
         }
         if next.call.status.is_terminal() {
             crate::sync::lock(&self.inner.live)
@@ -182,14 +191,12 @@ impl Calls {
         }
     }
 
-    /// A push job, kept on this node's disk until its worker delivers it.
-    async fn queue_push(&self, job: crate::store::PushJob) -> Result<(), StoreError> {
-        self.inner.store.push.enqueue(&job)?;
-        self.inner.store.flush().await?;
+    /// Tells this node's push worker a job was queued (other nodes' workers look by
+    /// themselves).
+    fn wake_push(&self) {
         if let Some(push) = &self.inner.push {
             push.notify_one();
         }
-        Ok(())
     }
 }
 

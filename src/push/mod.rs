@@ -1,8 +1,9 @@
 //! Push hand-off (DESIGN "Push hand-off"): when a call starts ringing and when it stops, callbus
 //! POSTs ids (never SDP) to the app's backend, which holds the FCM/APNs credentials and wakes
-//! sleeping phones. Jobs are queued in sled with the call change that caused them and delivered
-//! in order by one worker, retried with backoff until a 2xx or their deadline; the REST reply
-//! and the call flow never wait for them.
+//! sleeping phones. Jobs are queued with the call change that caused them (in sled; in cluster
+//! mode in PostgreSQL, where any node's worker takes them) and delivered in order per call,
+//! retried with backoff until a 2xx or their deadline; the REST reply and the call flow never
+//! wait for them.
 
 mod http;
 
@@ -102,6 +103,54 @@ pub fn start(store: Store, webhook: Webhook, shutdown: CancellationToken) -> Arc
     let wake = Arc::new(Notify::new());
     tokio::spawn(run(store, webhook, wake.clone(), shutdown));
     wake
+}
+
+/// Starts a cluster node's worker, which takes jobs queued by any node from the database;
+/// notify the returned handle after queuing jobs here (other nodes' jobs are looked for every
+/// [`SHARED_POLL`]).
+pub fn start_shared(
+    pg: Arc<crate::store::pg::Pg>,
+    webhook: Webhook,
+    shutdown: CancellationToken,
+) -> Arc<Notify> {
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(run_shared(pg, webhook, wake.clone(), shutdown));
+    wake
+}
+
+/// How often an idle cluster worker looks for jobs other nodes queued (or left when they died).
+const SHARED_POLL: Duration = Duration::from_secs(1);
+
+async fn run_shared(
+    pg: Arc<crate::store::pg::Pg>,
+    webhook: Webhook,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let lease = match pg.take_push().await {
+            Ok(lease) => lease,
+            Err(e) => {
+                warn!(error = %e, "cannot read the push outbox");
+                None
+            }
+        };
+        let Some(lease) = lease else {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(SHARED_POLL) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
+        };
+        tokio::select! {
+            _ = deliver(&webhook, &lease.job) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Err(e) = lease.done().await {
+            warn!(error = %e, "cannot remove a push job");
+        }
+    }
 }
 
 async fn run(store: Store, webhook: Webhook, wake: Arc<Notify>, shutdown: CancellationToken) {

@@ -34,18 +34,24 @@ impl Cluster {
             nodes: Vec::new(),
             dirs: Vec::new(),
         };
-        for i in 0..nodes {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let nats = cluster.nats.urls_from(i % 3);
-            let database = cluster.pg.url();
-            let node_id = format!("n{}", i + 1);
-            let mut args = vec!["--cluster", &nats, "--database", &database];
-            args.extend(["--node-id", &node_id]);
-            args.extend(extra);
-            cluster.nodes.push(spawn_with(dir.path(), &args).await);
-            cluster.dirs.push(dir);
+        for _ in 0..nodes {
+            cluster.add_node(extra).await;
         }
         cluster
+    }
+
+    /// Starts one more node, with `extra` arguments besides the cluster's.
+    pub async fn add_node(&mut self, extra: &[&str]) {
+        let i = self.dirs.len();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nats = self.nats.urls_from(i % 3);
+        let database = self.pg.url();
+        let node_id = format!("n{}", i + 1);
+        let mut args = vec!["--cluster", &nats, "--database", &database];
+        args.extend(["--node-id", &node_id]);
+        args.extend(extra);
+        self.nodes.push(spawn_with(dir.path(), &args).await);
+        self.dirs.push(dir);
     }
 
     pub fn node(&self, i: usize) -> &Proc {

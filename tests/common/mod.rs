@@ -15,6 +15,7 @@ mod client;
 pub mod cluster;
 pub mod node;
 pub mod process;
+pub mod webhook;
 pub use client::*;
 
 pub const SECRET: &[u8] = b"test-secret";

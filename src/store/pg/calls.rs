@@ -10,7 +10,7 @@ use tokio_postgres::Statement;
 
 use super::{unavailable, Conn, Pg};
 use crate::model::call::{Call, Status};
-use crate::store::StoreError;
+use crate::store::{PushJob, StoreError};
 
 pub(super) type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
 
@@ -34,6 +34,7 @@ const GLARE: &str = "SELECT record, version FROM calls WHERE live AND status = '
      AND caller_id = $1 AND receiver_id = $2 LIMIT 1";
 const BUSY: &str =
     "SELECT 1 FROM calls WHERE live AND (caller_id = $1 OR receiver_id = $1) LIMIT 1";
+const INSERT_PUSH: &str = "INSERT INTO push_jobs (call_id, deadline_ms, body) VALUES ($1, $2, $3)";
 const NEXT_ID: &str = "SELECT nextval(pg_get_serial_sequence('calls', 'id'))";
 const INSERT_CALL: &str = "INSERT INTO calls (id, caller_id, receiver_id, live, status,
                                    ring_deadline_ms, version, record)
@@ -130,11 +131,13 @@ impl<'a> Locked<'a> {
         &mut self,
         next: &Versioned,
         events: &[Outgoing],
+        push: Option<&PushJob>,
     ) -> Result<(), StoreError> {
         let record = encode(&next.call)?;
         let id = self.id;
         let update = self.conn.prepare(UPDATE_CALL).await?;
         let insert = self.conn.prepare(INSERT_EVENTS).await?;
+        let insert_push = self.conn.prepare(INSERT_PUSH).await?;
         let tx = self
             .conn
             .client()?
@@ -147,10 +150,11 @@ impl<'a> Locked<'a> {
             next.version as i64,
         );
         let params: [Param; 5] = [&id, &live, &status, &version, &record];
-        // One round trip for both.
-        let (_, ids) = tokio::try_join!(
+        // One round trip for all.
+        let (_, ids, _) = tokio::try_join!(
             async { tx.execute(&update, &params).await.map_err(unavailable) },
             insert_events(&tx, &insert, id, events),
+            queue_push(&tx, &insert_push, id, push),
         )?;
         tx.commit().await.map_err(unavailable)?;
         self.pending
@@ -225,6 +229,20 @@ async fn insert_events(
     Ok(ids)
 }
 
+/// Queues a push job in the transaction of the change that caused it.
+async fn queue_push(
+    tx: &tokio_postgres::Transaction<'_>,
+    insert: &Statement,
+    call_id: i64,
+    push: Option<&PushJob>,
+) -> Result<(), StoreError> {
+    let Some(job) = push else { return Ok(()) };
+    let (deadline, body) = (job.deadline_ms as i64, job.body.to_string());
+    let params: [Param; 3] = [&call_id, &deadline, &body];
+    tx.execute(insert, &params).await.map_err(unavailable)?;
+    Ok(())
+}
+
 fn encode(call: &Call) -> Result<String, StoreError> {
     serde_json::to_string(call).map_err(|_| StoreError::Corrupt(call.id.to_string()))
 }
@@ -255,7 +273,7 @@ impl Pg {
         &self,
         caller_id: &str,
         receiver_id: &str,
-        make: impl FnOnce(u64) -> (Call, Vec<Outgoing>),
+        make: impl FnOnce(u64) -> (Call, Vec<Outgoing>, Option<PushJob>),
     ) -> Result<Created<'_>, StoreError> {
         let mut conn = self.conn().await?;
         let mut statements = Vec::with_capacity(8);
@@ -267,11 +285,12 @@ impl Pg {
             LOCK,
             INSERT_CALL,
             INSERT_EVENTS,
+            INSERT_PUSH,
         ] {
             statements.push(conn.prepare(sql).await?);
         }
-        let [lock_users, glare, busy, next_id, lock_call, insert_call, insert_events_st] =
-            <[Statement; 7]>::try_from(statements)
+        let [lock_users, glare, busy, next_id, lock_call, insert_call, insert_events_st, insert_push] =
+            <[Statement; 8]>::try_from(statements)
                 .map_err(|_| StoreError::Corrupt("prepared statements".into()))?;
         let tx = conn.client()?.transaction().await.map_err(unavailable)?;
         let mut parties = [caller_id, receiver_id];
@@ -296,7 +315,7 @@ impl Pg {
             return Ok(Created::Busy);
         }
         let id: i64 = next.try_get(0).map_err(unavailable)?;
-        let (call, events) = make(id as u64);
+        let (call, events, push) = make(id as u64);
         let (status, deadline, record) = (
             call.status.as_str(),
             call.ring_deadline_ms as i64,
@@ -315,10 +334,11 @@ impl Pg {
                 },
                 async { tx.execute(&insert_call, &row).await.map_err(unavailable) },
                 insert_events(&tx, &insert_events_st, id, &events),
+                queue_push(&tx, &insert_push, id, push.as_ref()),
             )
         };
         let committed = match written.await {
-            Ok((_, _, event_ids)) => tx.commit().await.map_err(unavailable).map(|_| event_ids),
+            Ok((_, _, event_ids, _)) => tx.commit().await.map_err(unavailable).map(|_| event_ids),
             Err(e) => {
                 drop(tx);
                 Err(e)

@@ -12,9 +12,11 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tracing::{info, warn};
 
 mod calls;
+mod push;
 mod sessions;
 
 pub use calls::{Created, Locked, Outgoing, Versioned};
+pub use push::PushLease;
 
 use super::{Conversation, StoreError};
 use crate::sync::lock;
@@ -67,6 +69,16 @@ const MIGRATIONS: &[(i32, &str)] = &[
         );
         CREATE INDEX sessions_by_node ON sessions (node);
         CREATE INDEX sessions_by_expiry ON sessions (expires_ms);",
+    ),
+    (
+        5,
+        "CREATE TABLE push_jobs (
+            id bigserial PRIMARY KEY,
+            call_id bigint NOT NULL,
+            deadline_ms bigint NOT NULL,
+            body text NOT NULL
+        );
+        CREATE INDEX push_jobs_by_call ON push_jobs (call_id, id);",
     ),
 ];
 
