@@ -273,6 +273,27 @@ async fn a_whole_call_with_each_party_and_the_rest_api_on_a_different_node() {
         "bob"
     );
 
+    // alice renegotiates from node 1; her tablet on node 3 may not answer her own offer
+    // (node 3 heard who sent it), bob on node 2 may.
+    let reoffer = json!({"type": "call.offer", "call_id": id.to_string(),
+                         "offer": {"type": "offer", "sdp": "v=0 offer 2"}});
+    alice.publish_json("chat/c1", reoffer).await;
+    assert_eq!(
+        next_on(&mut bob, bob_n, "call.offer").await["offer"]["sdp"],
+        "v=0 offer 2"
+    );
+    let mut tablet = n3
+        .connect_with(Via::Tcp, "alice", "alice-tablet", |_| {})
+        .await;
+    assert!(granted(&tablet.subscribe(&[alice_n]).await[0]));
+    let reanswer = |sdp: &str| json!({"type": "call.answer", "call_id": id, "answer": {"type": "answer", "sdp": sdp}});
+    tablet.publish_json("chat/c1", reanswer("v=0 own")).await;
+    let err = next_on(&mut tablet, alice_n, "error").await;
+    assert_eq!(err["code"], "wrong_state", "{err}");
+    bob.publish_json("chat/c1", reanswer("v=0 answer 2")).await;
+    let a = next_on(&mut alice, alice_n, "call.answer").await;
+    assert_eq!(a["answer"]["sdp"], "v=0 answer 2");
+
     // Ended on node 1: bob hears it, every node reads it, node 2 refuses late signaling.
     let (status, ended) = act(n1, id, "end", "alice").await;
     assert_eq!(status, StatusCode::OK, "{ended}");

@@ -290,18 +290,20 @@ impl Calls {
 
     /// Who sent the latest offer of a live call, if known.
     pub fn last_offer_by(&self, id: u64) -> Option<String> {
-        lock(&self.inner.live).last_offer_by.get(&id).cloned()
+        match &self.inner.cluster {
+            Some(cluster) => cluster.calls().offered_by(id),
+            None => lock(&self.inner.live).last_offer_by.get(&id).cloned(),
+        }
     }
 
-    /// Records that `by` sent an offer for `call`, if the call is still live. (In cluster mode
-    /// only the node that relayed the offer knows; the others apply the state-based rule.)
+    /// Records that `by` sent an offer for `call`, if the call is still live (in cluster mode
+    /// on every node).
     pub fn record_offer(&self, call: &Call, by: &str) {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.offered(call.id, by);
+        }
         let mut live = lock(&self.inner.live);
-        let is_live = match &self.inner.cluster {
-            Some(_) => !call.status.is_terminal(),
-            None => live.calls_of(&call.caller.id).contains(&call.id),
-        };
-        if is_live {
+        if live.calls_of(&call.caller.id).contains(&call.id) {
             live.last_offer_by.insert(call.id, by.to_owned());
         }
     }

@@ -34,6 +34,9 @@ pub trait Nodes: Send + Sync + 'static {
     fn call_changed(&self, call: Versioned) -> BoxFuture<'_, ()>;
     /// How many live connections each of `users` has on the other nodes.
     fn remote_devices<'a>(&'a self, users: &'a [String]) -> BoxFuture<'a, Vec<usize>>;
+    /// Tells every node that `by` sent an offer for call `id` (as the offer is relayed: an
+    /// answer to it comes at least a round trip to a client later).
+    fn offered(&self, id: u64, by: &str);
 }
 
 impl Shared {
@@ -52,6 +55,12 @@ impl Shared {
 
     pub async fn remote_devices(&self, users: &[String]) -> Vec<usize> {
         self.nodes.remote_devices(users).await
+    }
+
+    /// Records an offer here and on every node.
+    pub fn offered(&self, id: u64, by: &str) {
+        self.replica.set_offer(id, by);
+        self.nodes.offered(id, by);
     }
 }
 
@@ -137,11 +146,6 @@ impl Calls {
         locked.update(&next, &out, job.as_ref()).await?;
         if job.is_some() {
             self.wake_push();
-        }
-        if next.call.status.is_terminal() {
-            crate::sync::lock(&self.inner.live)
-                .last_offer_by
-                .remove(&id);
         }
         let call = self.announce_shared(cluster, locked, next).await;
         crate::metrics::CALL_TRANSITIONS.inc();

@@ -241,4 +241,33 @@ impl crate::calls::Nodes for Cluster {
     ) -> futures_util::future::BoxFuture<'a, Vec<usize>> {
         Box::pin(Cluster::remote_devices(self, users))
     }
+
+    fn offered(&self, id: u64, by: &str) {
+        let client = self.client.clone();
+        let payload = format!("{id} {by}").into();
+        tokio::spawn(async move {
+            if let Err(e) = client.publish(super::OFFERS, payload).await {
+                warn!(error = %e, "cannot tell the other nodes about an offer");
+            }
+        });
+    }
+}
+
+impl Cluster {
+    /// Takes the offers other nodes relayed into this node's copy of the calls.
+    pub(super) async fn hear_offers(
+        self: Arc<Self>,
+        mut offers: async_nats::Subscriber,
+        stop: CancellationToken,
+    ) {
+        while let Some(heard) = super::next(&mut offers, &stop).await {
+            let text = String::from_utf8_lossy(&heard.payload);
+            let Some((id, by)) = text.split_once(' ') else {
+                continue;
+            };
+            if let Ok(id) = id.parse() {
+                self.calls.set_offer(id, by);
+            }
+        }
+    }
 }

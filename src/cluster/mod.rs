@@ -29,6 +29,8 @@ use presence::Replies;
 const NODES: &str = "callbus.ctl.node";
 const CHANGES: &str = "callbus.ctl.change";
 const PRESENCE: &str = "callbus.ctl.presence";
+/// Who sent each call's latest offer (`<call id> <user id>`).
+const OFFERS: &str = "callbus.ctl.offer";
 /// How long a presence question waits for the other nodes.
 const PRESENCE_TIMEOUT: Duration = Duration::from_millis(500);
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -147,6 +149,7 @@ impl Cluster {
         let nodes = cluster.client.subscribe(NODES).await?;
         let changes = cluster.client.subscribe(CHANGES).await?;
         let presence = cluster.client.subscribe(PRESENCE).await?;
+        let offers = cluster.client.subscribe(OFFERS).await?;
         let claims = cluster.client.subscribe(claims::CLAIMS).await?;
         let replies = (cluster.client)
             .subscribe(format!("callbus.reply.{}.*", cluster.node_id))
@@ -160,6 +163,7 @@ impl Cluster {
         tokio::spawn(cluster.clone().hear_nodes(nodes, shutdown.clone()));
         tokio::spawn(cluster.clone().hear_changes(changes, shutdown.clone()));
         tokio::spawn(cluster.clone().answer_presence(presence, shutdown.clone()));
+        tokio::spawn(cluster.clone().hear_offers(offers, shutdown.clone()));
         tokio::spawn(cluster.clone().hear_replies(replies, shutdown.clone()));
         tokio::spawn(cluster.clone().hold_claims(held, shutdown.clone()));
         tokio::spawn(cluster.clone().hear_claims(claims, shutdown.clone()));

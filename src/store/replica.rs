@@ -20,6 +20,8 @@ struct Held {
     call: Call,
     version: u64,
     ended_at: Option<Instant>,
+    /// Who sent the call's latest offer, if any node told.
+    offered_by: Option<String>,
 }
 
 #[derive(Default)]
@@ -42,10 +44,12 @@ impl CallReplica {
             return false;
         }
         let ended_at = v.call.status.is_terminal().then(Instant::now);
+        let offered_by = calls.get_mut(&v.call.id).and_then(|h| h.offered_by.take());
         let held = Held {
             call: v.call,
             version: v.version,
             ended_at,
+            offered_by,
         };
         calls.insert(held.call.id, held);
         // Now and then, forget calls that ended long enough ago.
@@ -53,6 +57,19 @@ impl CallReplica {
             calls.retain(|_, h| h.ended_at.is_none_or(|t| t.elapsed() < KEEP_ENDED));
         }
         true
+    }
+
+    /// Records that `by` sent the latest offer of call `id` (if it is held and live).
+    pub fn set_offer(&self, id: u64, by: &str) {
+        let mut calls = write(&self.0.calls);
+        if let Some(held) = calls.get_mut(&id).filter(|h| h.ended_at.is_none()) {
+            held.offered_by = Some(by.to_owned());
+        }
+    }
+
+    /// Who sent the latest offer of call `id`, if known.
+    pub fn offered_by(&self, id: u64) -> Option<String> {
+        read(&self.0.calls).get(&id)?.offered_by.clone()
     }
 
     pub fn get(&self, id: u64) -> Option<Call> {
