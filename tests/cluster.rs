@@ -7,6 +7,7 @@ use callbus::auth::Role;
 use common::cluster::Cluster;
 use common::process::Proc;
 use common::{granted, Client, Via};
+use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use rumqttc::SubscribeReasonCode;
 use serde_json::json;
@@ -690,4 +691,75 @@ async fn a_push_job_outlives_its_node() {
     let stopped = next(&mut delivered).await;
     assert_eq!(stopped["event"], "call.stopped");
     assert_eq!(stopped["reason"], "accepted");
+}
+
+/// Deletes every consumer of the bus's stream (a NATS server's disk lost, as far as the
+/// sessions' queues can tell); how many there were.
+async fn lose_every_queue(cluster: &Cluster) -> usize {
+    let url = cluster.nats.urls_from(0);
+    let first = url.split(',').next().expect("a NATS URL");
+    let client = async_nats::connect(first).await.expect("NATS");
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("CALLBUS")
+        .await
+        .expect("the stream");
+    let names: Vec<String> = stream
+        .consumer_names()
+        .filter_map(|name| async move { name.ok() })
+        .collect()
+        .await;
+    for name in &names {
+        stream.delete_consumer(name).await.expect("delete");
+    }
+    names.len()
+}
+
+/// Waits for notification `n`, skipping older ones sent again (a lost queue is replayed from a
+/// little before the loss: duplicates, never a gap).
+async fn until_numbered(client: &mut Client, n: u64) {
+    for _ in 0..20 {
+        let got = client.recv().await.json();
+        let k = got["payload"]["n"].as_u64().expect("numbered");
+        if k == n {
+            return;
+        }
+        assert!(k < n, "{k} came before {n}");
+    }
+    panic!("notification {n} never came");
+}
+
+/// A persistent session's queues are single-replica JetStream consumers (made in
+/// milliseconds); if one is lost, the session is replayed from the stream instead, whether it
+/// is away (from a little before its client left) or live (from a little before the loss).
+#[tokio::test]
+async fn a_lost_queue_is_replayed_from_the_stream() {
+    let cluster = Cluster::start(2).await;
+    let topic = "users/bob/notifications";
+    let mut phone = (cluster.node(0))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(granted(&phone.subscribe(&[topic]).await[0]));
+    leave(phone).await;
+    for n in 0..2 {
+        assert_eq!(
+            notify(cluster.node(1), "bob", n).await,
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(lose_every_queue(&cluster).await, 1);
+
+    let mut phone = (cluster.node(1))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(phone.session_present);
+    until_numbered(&mut phone, 0).await;
+    until_numbered(&mut phone, 1).await;
+
+    // Lost while the phone is connected: it goes on receiving.
+    assert_eq!(lose_every_queue(&cluster).await, 1);
+    assert_eq!(
+        notify(cluster.node(0), "bob", 2).await,
+        StatusCode::ACCEPTED
+    );
+    until_numbered(&mut phone, 2).await;
 }

@@ -6,7 +6,8 @@
 //! - calls: whole flows per second with every pair on one node, then spread over three.
 //! - failover: N clients on a node that is killed (a separate process, SIGKILL); each
 //!   reconnects to another node: time until it is subscribed again, and until a notification
-//!   sent after the kill reaches it.
+//!   sent after the kill reaches it; then the same with persistent sessions, the notification
+//!   sent while they are away and brought by the resumed session.
 
 use callbus::auth::Role;
 use callbus::cluster::ClusterOptions;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::conns::spawn_callbus_with;
 use crate::engines::{Nats, Postgres};
 use crate::relay::{ratio_row, row, through};
-use crate::util::{mqtt_client, percentile, Callbus};
+use crate::util::{mqtt_client, mqtt_client_with, percentile, Callbus};
 
 async fn node(nats: &Nats, pg: &Postgres, i: usize) -> anyhow::Result<Arc<Callbus>> {
     let options = ClusterOptions {
@@ -63,15 +64,19 @@ pub async fn run(rate: usize, count: usize, secs: u64, clients: usize) -> anyhow
         crate::calls::run_on(&nodes, pairs, secs, &format!("three{pairs}-")).await?;
     }
 
-    failover(&nats, &pg, nodes[0].clone(), clients).await
+    failover(&nats, &pg, nodes[0].clone(), clients, false).await?;
+    failover(&nats, &pg, nodes[0].clone(), clients, true).await
 }
 
-/// `clients` clients on a node process that is SIGKILLed; each comes back on `to`.
+/// `clients` clients on a node process that is SIGKILLed; each comes back on `to`. With
+/// `persistent`, their sessions are persistent and the notification is sent while they are
+/// away: it comes from the session's queue when they are back.
 async fn failover(
     nats: &Nats,
     pg: &Postgres,
     to: Arc<Callbus>,
     clients: usize,
+    persistent: bool,
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let urls = nats.urls_from(1);
@@ -82,7 +87,7 @@ async fn failover(
         "--database",
         &database,
         "--node-id",
-        "doomed",
+        if persistent { "doomed-p" } else { "doomed" },
     ];
     let (mut doomed, _, doomed_mqtt) = spawn_callbus_with(dir.path(), &args).await?;
     let mut loops = Vec::with_capacity(clients);
@@ -90,7 +95,9 @@ async fn failover(
         let user = format!("f{i}");
         let topic = format!("users/{user}/notifications");
         let token = to.token(&user, Role::User);
-        let (_client, events) = mqtt_client(doomed_mqtt, &user, &user, &token, &[topic]).await?;
+        let subscribed =
+            mqtt_client_with(doomed_mqtt, &user, &user, &token, &[topic], !persistent).await;
+        let (_client, events) = subscribed?;
         loops.push((user, token, _client, events));
     }
     let mut tasks = Vec::with_capacity(clients);
@@ -103,13 +110,29 @@ async fn failover(
             // The old connection's end is what the client notices.
             while events.poll().await.is_ok() {}
             drop(client);
-            let topic = format!("users/{user}/notifications");
-            let again = mqtt_client(to_port, &user, &user, &token, &[topic]).await;
-            let (client, mut events) = again?;
-            let resumed = killed.elapsed();
             let body = serde_json::json!({"user_id": user, "payload": {"back": true}});
-            to.post_as("/api/notifications/", "bench-app", Role::Service, body)
-                .await?;
+            let (client, mut events, resumed) = if persistent {
+                // Sent while away; the session, not a new SUBSCRIBE, brings it.
+                to.post_as("/api/notifications/", "bench-app", Role::Service, body)
+                    .await?;
+                let again = mqtt_client_with(to_port, &user, &user, &token, &[], false).await;
+                let (client, mut events) = again?;
+                loop {
+                    let event = tokio::time::timeout(Duration::from_secs(30), events.poll());
+                    if let Event::Incoming(Packet::ConnAck(ack)) = event.await?? {
+                        anyhow::ensure!(ack.session_present, "{user}: session not found");
+                        break (client, events, killed.elapsed());
+                    }
+                }
+            } else {
+                let topic = format!("users/{user}/notifications");
+                let again = mqtt_client(to_port, &user, &user, &token, &[topic]).await;
+                let (client, events) = again?;
+                let resumed = killed.elapsed();
+                to.post_as("/api/notifications/", "bench-app", Role::Service, body)
+                    .await?;
+                (client, events, resumed)
+            };
             loop {
                 let event = tokio::time::timeout(Duration::from_secs(30), events.poll()).await;
                 if let Event::Incoming(Packet::Publish(_)) = event?? {
@@ -128,11 +151,22 @@ async fn failover(
     }
     resumed.sort_by(f64::total_cmp);
     delivered.sort_by(f64::total_cmp);
-    println!("\n## cluster failover: {clients} clients on a node that is SIGKILLed, back on another node; ms after the kill");
+    let (kind, back, received) = match persistent {
+        false => (
+            "clients",
+            "subscribed again",
+            "a notification sent once back, received",
+        ),
+        true => (
+            "persistent sessions",
+            "resumed (session present)",
+            "the notification sent while away, received",
+        ),
+    };
+    println!("\n## cluster failover: {clients} {kind} on a node that is SIGKILLed, back on another node; ms after the kill");
     println!("| | p50 | p99 | max |");
     println!("|---|---|---|---|");
-    let received = "a notification sent once back, received";
-    for (name, v) in [("subscribed again", &resumed), (received, &delivered)] {
+    for (name, v) in [(back, &resumed), (received, &delivered)] {
         println!(
             "| {name} | {:.0} | {:.0} | {:.0} |",
             percentile(v, 50.0),

@@ -110,8 +110,21 @@ pub async fn mqtt_client(
     password: &str,
     topics: &[String],
 ) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    mqtt_client_with(port, client_id, user, password, topics, true).await
+}
+
+/// Like [`mqtt_client`], with `clean` as the CONNECT's clean-session flag.
+pub async fn mqtt_client_with(
+    port: u16,
+    client_id: &str,
+    user: &str,
+    password: &str,
+    topics: &[String],
+    clean: bool,
+) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
     options
+        .set_clean_session(clean)
         .set_credentials(user, password)
         .set_keep_alive(Duration::from_secs(60))
         .set_max_packet_size(256 * 1024, 256 * 1024)

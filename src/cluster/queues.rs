@@ -37,6 +37,9 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 const STREAM_BYTES: i64 = 1 << 30;
 /// How long starting nodes wait for JetStream (its servers elect a leader first).
 const JETSTREAM_WAIT: Duration = Duration::from_secs(30);
+/// A lost queue is replayed from this long before its session was last known to be fine:
+/// anything it had delivered but not had acknowledged is redelivered by then.
+const REPLAY_MARGIN: Duration = Duration::from_secs(ACK_WAIT.as_secs() + 5);
 /// Expired sessions deleted per sweep.
 const SWEEP_BATCH: i64 = 256;
 
@@ -58,6 +61,11 @@ pub struct Queues {
     hub: Weak<Hub>,
     writes: mpsc::UnboundedSender<Write>,
     acks: mpsc::UnboundedSender<async_nats::Subject>,
+    /// For the feeds it starts.
+    me: Weak<Queues>,
+    /// The queues of sessions loaded to resume here, by client id and filter: from when each
+    /// is replayed if its consumer was lost (Unix ms). Taken when the queue is opened.
+    since: std::sync::Mutex<std::collections::HashMap<(String, String), u64>>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -131,7 +139,7 @@ impl Queues {
         pg.part_sessions_of(node_id).await?;
         let (writes, written) = mpsc::unbounded_channel();
         let (acks, acked) = mpsc::unbounded_channel();
-        let queues = Arc::new(Queues {
+        let queues = Arc::new_cyclic(|me| Queues {
             node_id: node_id.to_owned(),
             stream,
             client,
@@ -140,6 +148,8 @@ impl Queues {
             hub: Arc::downgrade(hub),
             writes,
             acks,
+            me: me.clone(),
+            since: Default::default(),
         });
         tokio::spawn(queues.clone().write(written));
         tokio::spawn(queues.clone().acknowledge(acked, shutdown.clone()));
@@ -230,8 +240,17 @@ impl Queues {
 
     /// Keeps this node's live sessions from expiring and deletes expired ones (with their
     /// consumers, which JetStream would otherwise delete once inactive for longer).
+    fn forget_hints(&self, client_id: &str) {
+        crate::sync::lock(&self.since).retain(|(client, _), _| client != client_id);
+    }
+
+    /// How often a node pushes its live sessions' expiry forward.
+    fn refresh_period(&self) -> Duration {
+        (self.expiry / 3).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
     async fn sweep(self: Arc<Self>, stop: CancellationToken) {
-        let period = (self.expiry / 3).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let period = self.refresh_period();
         let mut tick = tokio::time::interval(period);
         loop {
             tokio::select! {
@@ -267,7 +286,16 @@ impl Queues {
 
     /// The consumer of `name`: as it is if nothing is waiting for an acknowledgement,
     /// rewound to the first unacknowledged message if something is, new if there is none.
-    async fn bind(&self, name: &str, subject: &str) -> Result<consumer::PullConsumer, StoreError> {
+    /// One that is gone or unreachable (its NATS server lost) is made again from `since`
+    /// (Unix ms) when given: what was published since then comes again (duplicates, not loss).
+    async fn bind(
+        &self,
+        name: &str,
+        subject: &str,
+        since: Option<u64>,
+    ) -> Result<consumer::PullConsumer, StoreError> {
+        // One replica: made in milliseconds (a replicated consumer is a Raft group of its own,
+        // hundreds of ms each); kept on disk, so a NATS server's restart keeps it.
         let config = |deliver_policy| consumer::pull::Config {
             durable_name: Some(name.to_owned()),
             filter_subject: subject.to_owned(),
@@ -276,7 +304,15 @@ impl Queues {
             ack_wait: ACK_WAIT,
             max_ack_pending: MAILBOX_MESSAGES as i64,
             inactive_threshold: self.expiry + Duration::from_secs(120),
+            num_replicas: 1,
             ..Default::default()
+        };
+        let from = |since: Option<u64>| match since {
+            Some(ms) => match async_nats::datetime::from_nanos(i128::from(ms) * 1_000_000) {
+                Ok(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
+                Err(_) => consumer::DeliverPolicy::All,
+            },
+            None => consumer::DeliverPolicy::New,
         };
         let policy = match self.stream.consumer_info(name).await {
             Ok(info) if info.num_ack_pending == 0 => {
@@ -291,23 +327,86 @@ impl Queues {
                 consumer::DeliverPolicy::ByStartSequence { start_sequence }
             }
             Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
-                consumer::DeliverPolicy::New
+                if since.is_some() {
+                    warn!(consumer = %name, "a session's queue was lost; replaying the stream");
+                }
+                from(since)
             }
-            Err(e) => return Err(unavailable("reading a queue", e)),
+            Err(e) => {
+                // Its server is away: made again elsewhere, from `since`.
+                warn!(consumer = %name, error = %e, "a session's queue is unreachable");
+                let _ = self.stream.delete_consumer(name).await;
+                from(since)
+            }
         };
         let created = self.stream.create_consumer(config(policy)).await;
         created.map_err(|e| unavailable("creating a queue", e))
     }
+
+    /// Feeds `subject`'s queue of `client_id` to session `sid` until `stop`, binding it again
+    /// (from a little before the loss) if its NATS server is lost meanwhile.
+    async fn feed(
+        self: Arc<Self>,
+        sid: u64,
+        (client_id, filter, subject): (String, String, String),
+        mut consumer: consumer::PullConsumer,
+        stop: CancellationToken,
+    ) {
+        let name = consumer.cached_info().name.clone();
+        loop {
+            match feed(&self.hub, &self.acks, sid, &consumer, &stop).await {
+                Fed::Done => return,
+                // Deleted: by this node (closed), or by the node the session moved to.
+                Fed::Deleted => {
+                    let open = self
+                        .hub
+                        .upgrade()
+                        .is_some_and(|h| h.queue_open(sid, &filter));
+                    if !open || stop.is_cancelled() {
+                        return;
+                    }
+                }
+                Fed::Lost => {}
+            }
+            let since = now_ms().saturating_sub(REPLAY_MARGIN.as_millis() as u64);
+            loop {
+                match self.bind(&name, &subject, Some(since)).await {
+                    Ok(again) => {
+                        consumer = again;
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(client = %client_id, error = %e, "cannot bind a session's queue again");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
-/// Hands what `consumer` delivers to session `sid` until it is gone from this node or `stop`.
+/// How a feed ended.
+enum Fed {
+    /// The session is gone from this node, or stopped.
+    Done,
+    /// The consumer was deleted.
+    Deleted,
+    /// The consumer stopped answering (its NATS server lost).
+    Lost,
+}
+
+/// Hands what `consumer` delivers to session `sid` until it is gone from this node or `stop`,
+/// or the consumer stops answering.
 async fn feed(
-    hub: Weak<Hub>,
-    acks: mpsc::UnboundedSender<async_nats::Subject>,
+    hub: &Weak<Hub>,
+    acks: &mpsc::UnboundedSender<async_nats::Subject>,
     sid: u64,
-    consumer: consumer::PullConsumer,
-    stop: CancellationToken,
-) {
+    consumer: &consumer::PullConsumer,
+    stop: &CancellationToken,
+) -> Fed {
     let messages = consumer
         .stream()
         .max_messages_per_batch(MAILBOX_MESSAGES / 4)
@@ -319,7 +418,7 @@ async fn feed(
         Ok(messages) => messages,
         Err(e) => {
             warn!(error = %e, "cannot read a session's queue");
-            return;
+            return Fed::Lost;
         }
     };
     loop {
@@ -328,18 +427,23 @@ async fn feed(
             _ = stop.cancelled() => None,
         };
         let message = match next {
-            None => break,
+            None => return Fed::Done,
             Some(Ok(message)) => message,
             Some(Err(e)) => {
                 use consumer::pull::MessagesErrorKind as Kind;
-                if matches!(e.kind(), Kind::ConsumerDeleted) {
-                    break;
+                match e.kind() {
+                    Kind::ConsumerDeleted => return Fed::Deleted,
+                    Kind::MissingHeartbeat | Kind::NoResponders => return Fed::Lost,
+                    _ => {
+                        debug!(error = %e, "a session's queue");
+                        continue;
+                    }
                 }
-                debug!(error = %e, "a session's queue");
-                continue;
             }
         };
-        let Some(hub) = hub.upgrade() else { break };
+        let Some(hub) = hub.upgrade() else {
+            return Fed::Done;
+        };
         let reply = message.reply.clone();
         let acks = acks.clone();
         let receipt = Receipt::new(move || {
@@ -351,7 +455,7 @@ async fn feed(
         match decode_delivery(message.subject.as_str(), payload) {
             Some(delivered) => {
                 if !hub.feed(sid, delivered, receipt) {
-                    break;
+                    return Fed::Done;
                 }
             }
             None => receipt.acknowledge(),
@@ -362,7 +466,25 @@ async fn feed(
 impl Durable for Queues {
     fn load(&self, client_id: &str) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
         let client_id = client_id.to_owned();
-        Box::pin(async move { self.pg.session(&client_id, now_ms()).await })
+        Box::pin(async move {
+            let Some(stored) = self.pg.session(&client_id, now_ms()).await? else {
+                return Ok(None);
+            };
+            // Were a queue of it lost, it is replayed from a little before its client left
+            // (or before its node last said it held it).
+            let left = stored.parted_ms.unwrap_or_else(|| {
+                let refreshed = stored
+                    .expires_ms
+                    .saturating_sub(self.expiry.as_millis() as u64);
+                refreshed.saturating_sub(self.refresh_period().as_millis() as u64)
+            });
+            let since = left.saturating_sub(REPLAY_MARGIN.as_millis() as u64);
+            let mut hints = crate::sync::lock(&self.since);
+            for (filter, _) in stored.record.filters.iter().filter(|(_, qos)| *qos > 0) {
+                hints.insert((client_id.clone(), filter.clone()), since);
+            }
+            Ok(Some(stored.record))
+        })
     }
 
     fn save(&self, client_id: &str, record: SessionRecord) {
@@ -370,10 +492,12 @@ impl Durable for Queues {
     }
 
     fn part(&self, client_id: &str) {
+        self.forget_hints(client_id);
         let _ = self.writes.send(Write::Part(client_id.to_owned()));
     }
 
     fn discard(&self, client_id: &str) {
+        self.forget_hints(client_id);
         let _ = self.writes.send(Write::Discard(client_id.to_owned()));
     }
 
@@ -403,11 +527,18 @@ impl Durable for Queues {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let (client_id, filter) = (client_id.to_owned(), filter.to_owned());
         Box::pin(async move {
+            // Only a queue the session had when it was stored is replayed; a new
+            // subscription starts from now.
+            let key = (client_id.clone(), filter.clone());
+            let since = crate::sync::lock(&self.since).remove(&key);
             for subject in filter_subjects(TOPIC_PREFIX, &filter) {
                 let name = consumer_name(&client_id, &subject);
-                let consumer = self.bind(&name, &subject).await?;
-                let (hub, acks) = (self.hub.clone(), self.acks.clone());
-                tokio::spawn(feed(hub, acks, sid, consumer, stop.clone()));
+                let consumer = self.bind(&name, &subject, since).await?;
+                let Some(me) = self.me.upgrade() else {
+                    return Err(StoreError::Unavailable("shutting down".into()));
+                };
+                let names = (client_id.clone(), filter.clone(), subject);
+                tokio::spawn(me.feed(sid, names, consumer, stop.clone()));
             }
             Ok(())
         })

@@ -255,6 +255,15 @@ impl Hub {
         true
     }
 
+    /// Whether session `sid` is here with `filter`'s queue open (a queue deleted under it was
+    /// lost, not closed).
+    pub fn queue_open(&self, sid: u64, filter: &str) -> bool {
+        let state = lock(&self.state);
+        let entry = state.sessions.get(&sid);
+        let queues = entry.and_then(|e| e.queues.as_ref());
+        queues.is_some_and(|q| q.open.iter().any(|f| f == filter))
+    }
+
     /// A durable session's connection ended: the entry goes (its queues keep the rest).
     pub(super) fn part_durable(&self, state: &mut State, sid: u64) {
         if let (Some(entry), Some(durable)) = (state.remove(sid), self.durable.get()) {

@@ -17,6 +17,7 @@ mod sessions;
 
 pub use calls::{Created, Locked, Outgoing, Versioned};
 pub use push::PushLease;
+pub use sessions::StoredSession;
 
 use super::{Conversation, StoreError};
 use crate::sync::lock;
@@ -65,7 +66,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
             client_id text PRIMARY KEY,
             record text NOT NULL,
             node text,
-            expires_ms bigint NOT NULL
+            expires_ms bigint NOT NULL,
+            parted_ms bigint
         );
         CREATE INDEX sessions_by_node ON sessions (node);
         CREATE INDEX sessions_by_expiry ON sessions (expires_ms);",

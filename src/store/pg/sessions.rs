@@ -4,7 +4,16 @@
 //! that died expire one expiry after it stopped doing so.
 
 use super::{unavailable, Pg};
+use crate::model::call::now_ms;
 use crate::store::{SessionRecord, StoreError};
+
+/// A session as stored, with when its client left (if it did while its node ran) and when it
+/// expires.
+pub struct StoredSession {
+    pub record: SessionRecord,
+    pub parted_ms: Option<u64>,
+    pub expires_ms: u64,
+}
 
 fn encode(record: &SessionRecord) -> Result<String, StoreError> {
     serde_json::to_string(record).map_err(|e| StoreError::Corrupt(format!("session: {e}")))
@@ -20,19 +29,24 @@ impl Pg {
         &self,
         client_id: &str,
         now_ms: u64,
-    ) -> Result<Option<SessionRecord>, StoreError> {
+    ) -> Result<Option<StoredSession>, StoreError> {
         let mut conn = self.conn().await?;
-        let sql = "SELECT record FROM sessions WHERE client_id = $1 AND expires_ms > $2";
+        let sql = "SELECT record, parted_ms, expires_ms FROM sessions
+                   WHERE client_id = $1 AND expires_ms > $2";
         let statement = conn.prepare(sql).await?;
         let row = (conn.client()?)
             .query_opt(&statement, &[&client_id, &(now_ms as i64)])
             .await
             .map_err(unavailable)?;
-        let text = row.map(|r| r.try_get::<_, String>(0)).transpose();
-        text.map_err(unavailable)?
-            .as_deref()
-            .map(decode)
-            .transpose()
+        let Some(row) = row else { return Ok(None) };
+        let text: String = row.try_get(0).map_err(unavailable)?;
+        let parted: Option<i64> = row.try_get(1).map_err(unavailable)?;
+        let expires: i64 = row.try_get(2).map_err(unavailable)?;
+        Ok(Some(StoredSession {
+            record: decode(&text)?,
+            parted_ms: parted.map(|ms| ms as u64),
+            expires_ms: expires as u64,
+        }))
     }
 
     /// Writes a session held live by `node`.
@@ -47,7 +61,7 @@ impl Pg {
         let sql = "INSERT INTO sessions (client_id, record, node, expires_ms)
                    VALUES ($1, $2, $3, $4)
                    ON CONFLICT (client_id) DO UPDATE
-                   SET record = $2, node = $3, expires_ms = $4";
+                   SET record = $2, node = $3, expires_ms = $4, parted_ms = NULL";
         let statement = conn.prepare(sql).await?;
         let params: [super::calls::Param; 4] =
             [&client_id, &encode(record)?, &node, &(expires_ms as i64)];
@@ -67,11 +81,14 @@ impl Pg {
         expires_ms: u64,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let sql = "UPDATE sessions SET node = NULL, expires_ms = $3
+        let sql = "UPDATE sessions SET node = NULL, expires_ms = $3, parted_ms = $4
                    WHERE client_id = $1 AND node = $2";
         let statement = conn.prepare(sql).await?;
         (conn.client()?)
-            .execute(&statement, &[&client_id, &node, &(expires_ms as i64)])
+            .execute(
+                &statement,
+                &[&client_id, &node, &(expires_ms as i64), &(now_ms() as i64)],
+            )
             .await
             .map_err(unavailable)?;
         Ok(())
