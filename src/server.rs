@@ -112,7 +112,7 @@ async fn join_cluster(
     options: &ClusterOptions,
     store: &Store,
     hub: &std::sync::Arc<Hub>,
-    expiry: std::time::Duration,
+    sessions: &crate::config::SessionsConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Publisher, std::sync::Arc<Cluster>)> {
     let nats = crate::cluster::connect_nats(options)
@@ -143,7 +143,7 @@ async fn join_cluster(
         cluster.pg.clone(),
         &options.node_id,
         options.nats.len(),
-        expiry,
+        sessions,
         hub,
         shutdown.clone(),
     )
@@ -196,14 +196,9 @@ impl Server {
                 (Publisher::new(std::sync::Arc::new(bus)), None)
             }
             Some(options) => {
-                let (publisher, cluster) = join_cluster(
-                    options,
-                    &store,
-                    &hub,
-                    settings.config.sessions.expiry(),
-                    &shutdown,
-                )
-                .await?;
+                let (publisher, cluster) =
+                    join_cluster(options, &store, &hub, &settings.config.sessions, &shutdown)
+                        .await?;
                 (publisher, Some(cluster))
             }
         };

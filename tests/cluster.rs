@@ -763,3 +763,44 @@ async fn a_lost_queue_is_replayed_from_the_stream() {
     );
     until_numbered(&mut phone, 2).await;
 }
+
+/// A persistent session's queue in the cluster is bounded as on one node: a phone back after
+/// long gets the newest messages, told first how many older ones were dropped.
+#[tokio::test]
+async fn the_queue_bound_holds_in_the_cluster() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("callbus.toml");
+    let config =
+        callbus::config::DEFAULT_CONFIG.replace("queue_messages = 1000", "queue_messages = 5");
+    std::fs::write(&path, config).expect("config");
+    let path = path.to_str().expect("UTF-8 path");
+    let cluster = Cluster::start_with(2, &["--config", path]).await;
+    let topic = "users/bob/notifications";
+    let mut phone = (cluster.node(0))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(granted(&phone.subscribe(&[topic]).await[0]));
+    leave(phone).await;
+    const SENT: u64 = 30;
+    for n in 0..SENT {
+        // Answered once the stream holds it.
+        assert_eq!(
+            notify(cluster.node(1), "bob", n).await,
+            StatusCode::ACCEPTED
+        );
+    }
+    let mut phone = (cluster.node(1))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    let overflow = phone.recv().await.json();
+    assert_eq!(overflow["code"], "queue_overflow", "{overflow}");
+    assert!(
+        overflow["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("25 ")),
+        "{overflow}"
+    );
+    for n in SENT - 5..SENT {
+        assert_eq!(phone.recv().await.json()["payload"]["n"], n);
+    }
+}

@@ -58,6 +58,8 @@ pub struct Queues {
     client: async_nats::Client,
     pg: Arc<Pg>,
     expiry: Duration,
+    /// Most messages a queue keeps for its session; older ones are dropped on resume.
+    bound: u64,
     hub: Weak<Hub>,
     writes: mpsc::UnboundedSender<Write>,
     acks: mpsc::UnboundedSender<async_nats::Subject>,
@@ -127,10 +129,11 @@ impl Queues {
         pg: Arc<Pg>,
         node_id: &str,
         servers: usize,
-        expiry: Duration,
+        sessions: &crate::config::SessionsConfig,
         hub: &Arc<Hub>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Queues>> {
+        let expiry = sessions.expiry();
         let js = jetstream::new(client.clone());
         let known = client.server_info().connect_urls.len();
         let replicas = servers.max(known);
@@ -145,6 +148,7 @@ impl Queues {
             client,
             pg,
             expiry,
+            bound: sessions.queue_messages as u64,
             hub: Arc::downgrade(hub),
             writes,
             acks,
@@ -354,7 +358,7 @@ impl Queues {
     ) {
         let name = consumer.cached_info().name.clone();
         loop {
-            match feed(&self.hub, &self.acks, sid, &consumer, &stop).await {
+            match feed(&self.hub, &self.acks, (sid, self.bound), &consumer, &stop).await {
                 Fed::Done => return,
                 // Deleted: by this node (closed), or by the node the session moved to.
                 Fed::Deleted => {
@@ -399,11 +403,12 @@ enum Fed {
 }
 
 /// Hands what `consumer` delivers to session `sid` until it is gone from this node or `stop`,
-/// or the consumer stops answering.
+/// or the consumer stops answering. A backlog past `bound` messages (a session back after long)
+/// loses its oldest, and the session is told how many.
 async fn feed(
     hub: &Weak<Hub>,
     acks: &mpsc::UnboundedSender<async_nats::Subject>,
-    sid: u64,
+    (sid, bound): (u64, u64),
     consumer: &consumer::PullConsumer,
     stop: &CancellationToken,
 ) -> Fed {
@@ -421,6 +426,7 @@ async fn feed(
             return Fed::Lost;
         }
     };
+    let mut dropped = 0;
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
@@ -444,6 +450,17 @@ async fn feed(
         let Some(hub) = hub.upgrade() else {
             return Fed::Done;
         };
+        let behind = message.info().map(|info| info.pending).unwrap_or(0);
+        if behind >= bound {
+            dropped += 1;
+            if let Some(reply) = &message.reply {
+                let _ = acks.send(reply.clone());
+            }
+            continue;
+        }
+        if dropped > 0 {
+            hub.overflowed(sid, std::mem::take(&mut dropped));
+        }
         let reply = message.reply.clone();
         let acks = acks.clone();
         let receipt = Receipt::new(move || {

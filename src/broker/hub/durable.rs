@@ -255,6 +255,32 @@ impl Hub {
         true
     }
 
+    /// Tells session `sid` that `dropped` messages of its queue were dropped, oldest first,
+    /// at the queue's bound while it was away.
+    pub fn overflowed(&self, sid: u64, dropped: u64) {
+        crate::metrics::SESSION_QUEUE_DROPPED.add(dropped);
+        let state = lock(&self.state);
+        let Some(entry) = state.sessions.get(&sid) else {
+            return;
+        };
+        if let Link::Live { sender, .. } = &entry.link {
+            let detail = format!(
+                "{dropped} messages were dropped while you were away (the session's queue is bounded)"
+            );
+            let about = crate::bridge::message::ErrorRef::default();
+            let code = crate::bridge::message::ErrorCode::QueueOverflow;
+            let event = crate::bridge::message::error_event(code, &detail, &about);
+            let topic = crate::model::topic::notifications_topic(&entry.identity.user_id);
+            sender.deliver(super::Event::Deliver {
+                topic: bytes::Bytes::from(topic),
+                payload: bytes::Bytes::from(event),
+                qos: QoS::AtLeastOnce,
+                event: None,
+                receipt: None,
+            });
+        }
+    }
+
     /// Whether session `sid` is here with `filter`'s queue open (a queue deleted under it was
     /// lost, not closed).
     pub fn queue_open(&self, sid: u64, filter: &str) -> bool {
