@@ -535,27 +535,35 @@ fn persistent(options: &mut rumqttc::MqttOptions) {
     options.set_clean_session(false);
 }
 
+/// bob's phone: a persistent session subscribed to his notifications through `node`, then
+/// away.
+async fn phone_away(node: &Proc) {
+    let mut phone = node
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(!phone.session_present);
+    let topic = "users/bob/notifications";
+    assert!(granted(&phone.subscribe(&[topic]).await[0]));
+    leave(phone).await;
+}
+
+/// Notifies bob of each of `numbers` through `node`.
+async fn notify_bob(node: &Proc, numbers: std::ops::Range<u64>) {
+    for n in numbers {
+        assert_eq!(notify(node, "bob", n).await, StatusCode::ACCEPTED);
+    }
+}
+
 /// A phone's persistent session (`clean_session = 0`) lives in the cluster, not on a node: it
 /// resumes on another node with what was published meanwhile, and a delivery left
 /// unacknowledged on a node that is then killed comes again on the next one.
 #[tokio::test]
 async fn a_persistent_session_resumes_on_another_node_with_nothing_lost() {
     let mut cluster = Cluster::start(3).await;
-    let topic = "users/bob/notifications";
 
     // Subscribed through node 1, then away.
-    let mut phone = (cluster.node(0))
-        .connect_with(Via::Tcp, "bob", "phone", persistent)
-        .await;
-    assert!(!phone.session_present);
-    assert!(granted(&phone.subscribe(&[topic]).await[0]));
-    leave(phone).await;
-    for n in 0..3 {
-        assert_eq!(
-            notify(cluster.node(2), "bob", n).await,
-            StatusCode::ACCEPTED
-        );
-    }
+    phone_away(cluster.node(0)).await;
+    notify_bob(cluster.node(2), 0..3).await;
 
     // Back through node 2 over WebSocket, with no SUBSCRIBE: what was published meanwhile,
     // in order, then live traffic.
@@ -734,18 +742,8 @@ async fn until_numbered(client: &mut Client, n: u64) {
 #[tokio::test]
 async fn a_lost_queue_is_replayed_from_the_stream() {
     let cluster = Cluster::start(2).await;
-    let topic = "users/bob/notifications";
-    let mut phone = (cluster.node(0))
-        .connect_with(Via::Tcp, "bob", "phone", persistent)
-        .await;
-    assert!(granted(&phone.subscribe(&[topic]).await[0]));
-    leave(phone).await;
-    for n in 0..2 {
-        assert_eq!(
-            notify(cluster.node(1), "bob", n).await,
-            StatusCode::ACCEPTED
-        );
-    }
+    phone_away(cluster.node(0)).await;
+    notify_bob(cluster.node(1), 0..2).await;
     assert_eq!(lose_every_queue(&cluster).await, 1);
 
     let mut phone = (cluster.node(1))
@@ -775,20 +773,9 @@ async fn the_queue_bound_holds_in_the_cluster() {
     std::fs::write(&path, config).expect("config");
     let path = path.to_str().expect("UTF-8 path");
     let cluster = Cluster::start_with(2, &["--config", path]).await;
-    let topic = "users/bob/notifications";
-    let mut phone = (cluster.node(0))
-        .connect_with(Via::Tcp, "bob", "phone", persistent)
-        .await;
-    assert!(granted(&phone.subscribe(&[topic]).await[0]));
-    leave(phone).await;
+    phone_away(cluster.node(0)).await;
     const SENT: u64 = 30;
-    for n in 0..SENT {
-        // Answered once the stream holds it.
-        assert_eq!(
-            notify(cluster.node(1), "bob", n).await,
-            StatusCode::ACCEPTED
-        );
-    }
+    notify_bob(cluster.node(1), 0..SENT).await; // each answered once the stream holds it
     let mut phone = (cluster.node(1))
         .connect_with(Via::Tcp, "bob", "phone", persistent)
         .await;

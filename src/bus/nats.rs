@@ -81,13 +81,21 @@ impl Interest for NatsBus {
     }
 }
 
+impl NatsBus {
+    /// The subject, this bus's sequence number and the payload (with its envelope) of
+    /// `message`.
+    fn wrap(&self, message: &Message) -> Result<(String, u64, Bytes), BusError> {
+        let topic = message.topic_str().ok_or(BusError::Closed)?;
+        let subject = topic_subject(TOPIC_PREFIX, topic);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        Ok((subject, seq, envelope::encode(seq, message)))
+    }
+}
+
 impl Bus for NatsBus {
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            let topic = message.topic_str().ok_or(BusError::Closed)?;
-            let subject = topic_subject(TOPIC_PREFIX, topic);
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let payload = envelope::encode(seq, &message);
+            let (subject, _, payload) = self.wrap(&message)?;
             // Waits while the client's outgoing queue is full (backpressure); while NATS is
             // unreachable the client keeps it until it reconnects.
             self.client.publish(subject, payload).await.map_err(|e| {
@@ -104,10 +112,7 @@ impl Bus for NatsBus {
     /// other publish.
     fn publish_durable(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            let topic = message.topic_str().ok_or(BusError::Closed)?;
-            let subject = topic_subject(TOPIC_PREFIX, topic);
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let payload = envelope::encode(seq, &message);
+            let (subject, seq, payload) = self.wrap(&message)?;
             // Sent again (the stream keeps one copy: same message id) while the stream
             // elects a new leader, as it does when a NATS server is lost.
             let id = format!("{:016x}-{seq}", self.instance);
