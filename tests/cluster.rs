@@ -580,6 +580,12 @@ async fn a_persistent_session_resumes_on_another_node_with_nothing_lost() {
         assert_eq!(got.qos, rumqttc::QoS::AtLeastOnce);
         assert_eq!(got.json()["payload"]["n"], n);
     }
+    // Its queue brought them; the bus carried no second copy to node 2.
+    let carried = cluster
+        .node(1)
+        .metric("callbus_cluster_received_total")
+        .await;
+    assert_eq!(carried, 0);
     leave(phone).await;
 
     // On node 2 a delivery is left unacknowledged; node 2 is killed.

@@ -149,7 +149,9 @@ impl Hub {
             } else {
                 QoS::AtLeastOnce
             };
-            state.routes.subscribe(sid, filter, qos);
+            state
+                .routes
+                .subscribe(sid, filter, qos, qos == QoS::AtLeastOnce);
         }
         self.save(&state, sid);
         info!(client = %client_id, "persistent session fetched from the cluster");

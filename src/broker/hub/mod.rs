@@ -192,8 +192,10 @@ impl Hub {
     /// returns.
     pub(crate) fn subscribe(&self, sid: u64, filter: &str, qos: QoS) {
         let mut state = lock(&self.state);
-        if state.sessions.contains_key(&sid) {
-            state.routes.subscribe(sid, filter, qos);
+        if let Some(entry) = state.sessions.get(&sid) {
+            // A cluster's persistent session gets QoS 1 from its queue, not the bus.
+            let fed = entry.queues.is_some() && qos == QoS::AtLeastOnce;
+            state.routes.subscribe(sid, filter, qos, fed);
             self.save(&state, sid);
         }
     }

@@ -43,7 +43,7 @@ impl Hub {
                 } else {
                     QoS::AtLeastOnce
                 };
-                state.routes.subscribe(sid, filter, qos);
+                state.routes.subscribe(sid, filter, qos, false);
             }
         }
         if !state.sessions.is_empty() {

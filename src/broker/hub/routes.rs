@@ -3,7 +3,7 @@
 //! A bus that routes by interest is told when a filter gains its first holder and loses its
 //! last one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::broker::codec::QoS;
@@ -16,73 +16,76 @@ pub(super) struct Routes {
     exact: HashMap<String, Vec<(u64, QoS)>>,
     /// Wildcard filters and their QoS, per session.
     wildcard: HashMap<u64, Vec<(String, QoS)>>,
-    /// How many sessions hold each wildcard filter.
-    wildcard_holders: HashMap<String, usize>,
     /// Exact filters per session, for teardown.
     held: HashMap<u64, Vec<String>>,
+    /// How many subscriptions of each filter the bus must carry here: all but those fed by
+    /// their session's own queue (cluster mode's persistent sessions).
+    carried: HashMap<String, usize>,
+    /// Subscriptions (session, filter) fed by their session's queue.
+    fed: HashSet<(u64, String)>,
     interest: Option<Arc<dyn Interest>>,
 }
 
 impl Routes {
     /// Reports interest changes to `interest` from now on, starting with every filter held.
     pub(super) fn set_interest(&mut self, interest: Arc<dyn Interest>) {
-        for filter in self.exact.keys().chain(self.wildcard_holders.keys()) {
+        for filter in self.carried.keys() {
             interest.add(filter);
         }
         self.interest = Some(interest);
     }
 
-    /// Routes `filter` to `sid` (subscribing again replaces the QoS).
-    pub(super) fn subscribe(&mut self, sid: u64, filter: &str, qos: QoS) {
+    /// Routes `filter` to `sid` (subscribing again replaces the QoS). With `fed`, the
+    /// session's own queue brings it what matches, so the bus need not.
+    pub(super) fn subscribe(&mut self, sid: u64, filter: &str, qos: QoS, fed: bool) {
         self.unsubscribe(sid, filter);
         if has_wildcard(filter) {
             self.wildcard
                 .entry(sid)
                 .or_default()
                 .push((filter.to_owned(), qos));
-            let holders = self.wildcard_holders.entry(filter.to_owned()).or_default();
-            *holders += 1;
-            if *holders == 1 {
-                self.interest_changed(filter, true);
-            }
         } else {
             self.held.entry(sid).or_default().push(filter.to_owned());
             let sids = self.exact.entry(filter.to_owned()).or_default();
             sids.push((sid, qos));
-            if sids.len() == 1 {
-                self.interest_changed(filter, true);
+        }
+        if fed {
+            self.fed.insert((sid, filter.to_owned()));
+            return;
+        }
+        let carried = self.carried.entry(filter.to_owned()).or_default();
+        *carried += 1;
+        if *carried == 1 {
+            if let Some(interest) = &self.interest {
+                interest.add(filter);
             }
         }
     }
 
-    fn interest_changed(&self, filter: &str, held: bool) {
-        match &self.interest {
-            Some(interest) if held => interest.add(filter),
-            Some(interest) => interest.remove(filter),
-            None => {}
+    /// `sid` no longer holds `filter`.
+    fn released(&mut self, sid: u64, filter: &str) {
+        if self.fed.remove(&(sid, filter.to_owned())) {
+            return;
         }
-    }
-
-    fn drop_wildcard(&mut self, filter: &str) {
-        if let Some(holders) = self.wildcard_holders.get_mut(filter) {
-            *holders -= 1;
-            if *holders == 0 {
-                self.wildcard_holders.remove(filter);
-                self.interest_changed(filter, false);
+        if let Some(carried) = self.carried.get_mut(filter) {
+            *carried -= 1;
+            if *carried == 0 {
+                self.carried.remove(filter);
+                if let Some(interest) = &self.interest {
+                    interest.remove(filter);
+                }
             }
         }
     }
 
     pub(super) fn unsubscribe(&mut self, sid: u64, filter: &str) {
+        let mut dropped = false;
         if let Some(filters) = self.wildcard.get_mut(&sid) {
             let before = filters.len();
             filters.retain(|(f, _)| f != filter);
-            let dropped = filters.len() < before;
+            dropped = filters.len() < before;
             if filters.is_empty() {
                 self.wildcard.remove(&sid);
-            }
-            if dropped {
-                self.drop_wildcard(filter);
             }
         }
         if let Some(filters) = self.held.get_mut(&sid) {
@@ -91,25 +94,34 @@ impl Routes {
                 self.held.remove(&sid);
             }
         }
-        self.drop_exact(sid, filter);
+        dropped |= self.drop_exact(sid, filter);
+        if dropped {
+            self.released(sid, filter);
+        }
     }
 
-    fn drop_exact(&mut self, sid: u64, filter: &str) {
-        if let Some(sids) = self.exact.get_mut(filter) {
-            sids.retain(|(s, _)| *s != sid);
-            if sids.is_empty() {
-                self.exact.remove(filter);
-                self.interest_changed(filter, false);
-            }
+    /// Whether `sid` held exactly `filter`.
+    fn drop_exact(&mut self, sid: u64, filter: &str) -> bool {
+        let Some(sids) = self.exact.get_mut(filter) else {
+            return false;
+        };
+        let before = sids.len();
+        sids.retain(|(s, _)| *s != sid);
+        let dropped = sids.len() < before;
+        if sids.is_empty() {
+            self.exact.remove(filter);
         }
+        dropped
     }
 
     pub(super) fn remove_session(&mut self, sid: u64) {
         for (filter, _) in self.wildcard.remove(&sid).unwrap_or_default() {
-            self.drop_wildcard(&filter);
+            self.released(sid, &filter);
         }
         for filter in self.held.remove(&sid).unwrap_or_default() {
-            self.drop_exact(sid, &filter);
+            if self.drop_exact(sid, &filter) {
+                self.released(sid, &filter);
+            }
         }
     }
 
@@ -165,9 +177,9 @@ mod tests {
     #[test]
     fn exact_and_wildcard_routes() {
         let mut r = Routes::default();
-        r.subscribe(1, "chat/c1", QoS::AtLeastOnce);
-        r.subscribe(2, "chat/+", QoS::AtMostOnce);
-        r.subscribe(2, "#", QoS::AtLeastOnce);
+        r.subscribe(1, "chat/c1", QoS::AtLeastOnce, false);
+        r.subscribe(2, "chat/+", QoS::AtMostOnce, false);
+        r.subscribe(2, "#", QoS::AtLeastOnce, false);
         let mut m = r.matches("chat/c1");
         m.sort_by_key(|(s, _)| *s);
         assert_eq!(m, vec![(1, QoS::AtLeastOnce), (2, QoS::AtLeastOnce)]);
@@ -176,6 +188,7 @@ mod tests {
         r.remove_session(2);
         assert!(r.matches("chat/c1").is_empty());
         assert!(r.exact.is_empty() && r.wildcard.is_empty() && r.held.is_empty());
+        assert!(r.carried.is_empty() && r.fed.is_empty());
     }
 
     #[derive(Default)]
@@ -193,19 +206,24 @@ mod tests {
     #[test]
     fn interest_follows_the_first_and_last_holder() {
         let mut r = Routes::default();
-        r.subscribe(1, "chat/c1", QoS::AtLeastOnce);
+        r.subscribe(1, "chat/c1", QoS::AtLeastOnce, false);
         let recorded = Arc::new(Recorded::default());
         r.set_interest(recorded.clone());
-        r.subscribe(2, "chat/c1", QoS::AtMostOnce);
-        r.subscribe(2, "#", QoS::AtLeastOnce);
-        r.subscribe(3, "#", QoS::AtLeastOnce);
+        r.subscribe(2, "chat/c1", QoS::AtMostOnce, false);
+        r.subscribe(2, "#", QoS::AtLeastOnce, false);
+        r.subscribe(3, "#", QoS::AtLeastOnce, false);
+        // Fed by its own queue: routed here, but asks nothing of the bus.
+        r.subscribe(4, "users/u4/notifications", QoS::AtLeastOnce, true);
+        assert_eq!(r.holders("users/u4/notifications").len(), 1);
         assert_eq!(r.holders("chat/c1").len(), 2);
         assert_eq!(r.holders("#").len(), 2);
         r.unsubscribe(1, "chat/c1");
         r.remove_session(2);
         r.unsubscribe(3, "#");
         r.remove_session(3);
+        r.remove_session(4);
         let log = crate::sync::lock(&recorded.0).clone();
         assert_eq!(log, ["+chat/c1", "+#", "-chat/c1", "-#"]);
+        assert!(r.carried.is_empty() && r.fed.is_empty());
     }
 }
