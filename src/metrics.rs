@@ -118,6 +118,11 @@ pub static SESSION_QUEUE_DROPPED: Metric = Metric::new(
     "counter",
     "Messages dropped (oldest first) from stored sessions' queues at their bound.",
 );
+pub static DELIVERIES_TOO_LARGE: Metric = Metric::new(
+    "callbus_mqtt_deliveries_too_large_total",
+    "counter",
+    "Messages not sent to an MQTT 5 client because they exceeded its Maximum Packet Size.",
+);
 pub static BUS_PUBLISHER_WAITS: Metric = Metric::new(
     "callbus_bus_publisher_waits_total",
     "counter",
@@ -166,7 +171,7 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 26] = [
+const ALL: [&Metric; 27] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -183,6 +188,7 @@ const ALL: [&Metric; 26] = [
     &SESSIONS_STORED,
     &SESSIONS_EXPIRED,
     &SESSION_QUEUE_DROPPED,
+    &DELIVERIES_TOO_LARGE,
     &BUS_PUBLISHER_WAITS,
     &BUS_LOST,
     &BUS_PUBLISHED,

@@ -125,15 +125,22 @@ async fn still_serving(s: &TestServer) {
 }
 
 #[tokio::test]
-async fn unsupported_protocol_levels_get_the_proper_connack() {
+async fn refusals_answer_in_the_clients_protocol() {
     let s = TestServer::start().await;
-    // MQTT 3.1: CONNACK return code 1 (unacceptable protocol version). MQTT 5: a v5 CONNACK
-    // with reason 0x84 (unsupported protocol version) and no properties. Then the socket closes.
-    let answers: [(u8, &[u8]); 2] = [(3, &[0x20, 2, 0, 1]), (5, &[0x20, 3, 0, 0x84, 0])];
-    for (level, answer) in answers {
+    // MQTT 3.1 (and any level but 4 and 5): CONNACK return code 1 (unacceptable protocol
+    // version). A bad token: 3.1.1 return code 5 (not authorized); MQTT 5 reason 0x86 (bad
+    // user name or password) with no properties. Then the socket closes.
+    let good = s.token("alice");
+    let answers: [(u8, &str, &[u8]); 4] = [
+        (3, &good, &[0x20, 2, 0, 1]),
+        (6, &good, &[0x20, 2, 0, 1]),
+        (4, "nope", &[0x20, 2, 0, 5]),
+        (5, "nope", &[0x20, 3, 0, 0x86, 0]),
+    ];
+    for (level, password, answer) in answers {
         let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
         stream
-            .write_all(&raw_connect(level, 30, &s.token("alice")))
+            .write_all(&raw_connect(level, 30, password))
             .await
             .unwrap();
         assert_eq!(read_to_close(&mut stream).await, answer, "level {level}");
@@ -143,7 +150,7 @@ async fn unsupported_protocol_levels_get_the_proper_connack() {
 #[tokio::test]
 async fn a_refusal_waits_for_the_whole_connect() {
     let s = TestServer::start().await;
-    let connect = raw_connect(5, 30, &s.token("alice"));
+    let connect = raw_connect(5, 30, "not-a-token");
     let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
     // The fixed header and protocol level first, as a client writing field by field does.
     stream.write_all(&connect[..10]).await.unwrap();
@@ -155,7 +162,7 @@ async fn a_refusal_waits_for_the_whole_connect() {
     );
     // The rest still goes through, and the refusal follows it.
     stream.write_all(&connect[10..]).await.unwrap();
-    assert_eq!(read_to_close(&mut stream).await, [0x20, 3, 0, 0x84, 0]);
+    assert_eq!(read_to_close(&mut stream).await, [0x20, 3, 0, 0x86, 0]);
 }
 
 #[tokio::test]

@@ -68,8 +68,8 @@ impl Bridge {
     }
 
     /// Decides one SUBSCRIBE filter.
-    pub fn may_subscribe(&self, who: &Identity, filter: &str) -> bool {
-        acl::authorize_subscribe(who, filter, self.is_member(who)).is_ok()
+    pub fn may_subscribe(&self, who: &Identity, filter: &str) -> Result<(), acl::Denied> {
+        acl::authorize_subscribe(who, filter, self.is_member(who))
     }
 
     /// Decides a CONNECT's Last Will: it must be a publish the client could make itself (chat

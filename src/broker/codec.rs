@@ -1,4 +1,5 @@
-//! MQTT 3.1.1 framing for the client-facing listeners, on rumqttc's packet codec.
+//! MQTT 3.1.1 framing for the client-facing listeners, on rumqttc's packet codec (MQTT 5 is
+//! turned into it and back in [`super::v5`]).
 
 use bytes::BytesMut;
 pub(crate) use rumqttc::mqttbytes::v4::{
@@ -6,6 +7,15 @@ pub(crate) use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode, UnsubAck,
 };
 pub(crate) use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
+
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// MQTT 3.1.1
+    V4,
+    /// MQTT 5
+    V5,
+}
 
 /// Decodes the next whole packet from `buf`, or `None` if more bytes are needed.
 pub(crate) fn decode(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>, CodecError> {

@@ -1,5 +1,5 @@
-//! Admission: the first packet of a connection must be an MQTT 3.1.1 CONNECT with a valid JWT
-//! as its password, within the connect timeout. Refusals get their CONNACK only once the whole
+//! Admission: the first packet of a connection must be an MQTT 3.1.1 or 5 CONNECT with a valid
+//! JWT as its password, within the connect timeout. Refusals get their CONNACK only once the whole
 //! CONNECT has arrived, so a client that sends it over several frames is still reading when the
 //! answer comes (otherwise it sees a broken pipe instead of the reason).
 
@@ -8,7 +8,8 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::info;
 
-use super::codec::{self, ConnAck, ConnectReturnCode, Packet, Protocol};
+use super::codec::{self, ConnAck, ConnectReturnCode, Packet, Protocol, Version};
+use super::v5::{self, Refused};
 use super::{namespaced_client_id, Gateway, Transport};
 use crate::auth::Identity;
 use crate::ids::{is_valid_id, random_hex};
@@ -29,6 +30,52 @@ pub(super) struct Admitted {
     pub will: Option<(String, bytes::Bytes)>,
     /// Bytes that arrived after the CONNECT.
     pub inbuf: BytesMut,
+    /// The protocol the client speaks.
+    pub version: Version,
+    /// MQTT 5: the keepalive the client asked for, the largest packet it accepts, and whether
+    /// its client id was made up here (CONNACK says which).
+    pub asked_keepalive: u16,
+    pub max_packet_out: Option<u32>,
+    pub assigned_id: bool,
+}
+
+/// A CONNECT of either version, as admission needs it.
+struct Hello {
+    version: Version,
+    client_id: String,
+    clean: bool,
+    keep_alive: u16,
+    login: Option<(String, String)>,
+    will: Option<(String, bytes::Bytes, bool)>,
+    max_packet_out: Option<u32>,
+}
+
+impl Hello {
+    fn v4(c: rumqttc::mqttbytes::v4::Connect) -> Hello {
+        Hello {
+            version: Version::V4,
+            client_id: c.client_id,
+            clean: c.clean_session,
+            keep_alive: c.keep_alive,
+            login: c.login.map(|l| (l.username, l.password)),
+            will: c.last_will.map(|w| (w.topic, w.message, w.retain)),
+            max_packet_out: None,
+        }
+    }
+
+    /// A v5 session is kept after the connection only with a Session Expiry Interval, and
+    /// resumed only without Clean Start.
+    fn v5(c: v5::Connect) -> Hello {
+        Hello {
+            version: Version::V5,
+            client_id: c.client_id,
+            clean: c.clean_start || c.session_expiry == 0,
+            keep_alive: c.keep_alive,
+            login: c.login,
+            will: c.will,
+            max_packet_out: c.max_packet_size,
+        }
+    }
 }
 
 /// Whether there is room for one more connection.
@@ -41,12 +88,38 @@ pub(super) struct Room {
 
 /// Why a connection was not admitted.
 enum Refusal {
-    /// Answer with this CONNACK, then close.
-    Code(ConnectReturnCode),
-    /// MQTT 5 client: answer with a v5 CONNACK "unsupported protocol version" (0x84).
-    V5Unsupported,
+    /// Answer with a CONNACK saying this, in the client's version, then close.
+    Code(Version, Refused),
+    /// A protocol level callbus does not speak (3.1 and older): a 3.1.1 CONNACK.
+    Level,
     /// Close without an answer (not MQTT, or no CONNECT in time).
     Silent,
+}
+
+/// The 3.1.1 return code for a refusal (3.1.1 tells fewer reasons apart).
+fn v4_code(refused: Refused) -> ConnectReturnCode {
+    match refused {
+        Refused::BadCredentials | Refused::NotAuthorized => ConnectReturnCode::NotAuthorized,
+        Refused::BadClientId => ConnectReturnCode::BadClientId,
+        Refused::Busy | Refused::RateExceeded | Refused::Unavailable => {
+            ConnectReturnCode::ServiceUnavailable
+        }
+    }
+}
+
+/// Writes the CONNACK that refuses a connection (3.1.1 or 5) into `out`.
+pub(super) fn refuse(version: Version, refused: Refused, out: &mut BytesMut) {
+    match version {
+        Version::V4 => codec::encode(Packet::ConnAck(ConnAck::new(v4_code(refused), false)), out),
+        Version::V5 => v5::answer(
+            v5::Answer::ConnAck {
+                present: false,
+                refused: Some(refused),
+                properties: None,
+            },
+            out,
+        ),
+    }
 }
 
 /// Reads and decides the CONNECT. On refusal the answer is written and `None` returned.
@@ -57,35 +130,43 @@ pub(super) async fn admit<T: Transport>(
 ) -> Option<Admitted> {
     let mut inbuf = BytesMut::with_capacity(1024);
     let decided = match read_connect(gateway, transport, &mut inbuf).await {
-        Ok(connect) => decide(gateway, &connect, room).map(|(identity, client_id)| {
-            let max = gateway.limits().max_keepalive_secs;
-            let keepalive = match connect.keep_alive {
-                0 => max,
-                k => k.min(max),
-            };
-            let will = connect.last_will.map(|w| (w.topic, w.message));
-            (identity, client_id, keepalive, connect.clean_session, will)
-        }),
+        Ok(hello) => {
+            decide(gateway, &hello, room).map(|(identity, client_id)| (hello, identity, client_id))
+        }
         Err(refusal) => Err(refusal),
     };
     match decided {
-        Ok((identity, client_id, keepalive, clean, will)) => Some(Admitted {
-            client_id: namespaced_client_id(&identity.user_id, &client_id),
-            device: client_id,
-            identity: Arc::new(identity),
-            keepalive,
-            clean,
-            will,
-            inbuf,
-        }),
+        Ok((hello, identity, client_id)) => {
+            let max = gateway.limits().max_keepalive_secs;
+            let keepalive = match hello.keep_alive {
+                0 => max,
+                k => k.min(max),
+            };
+            Some(Admitted {
+                client_id: namespaced_client_id(&identity.user_id, &client_id),
+                assigned_id: client_id != hello.client_id,
+                device: client_id,
+                identity: Arc::new(identity),
+                keepalive,
+                clean: hello.clean,
+                will: hello.will.map(|(topic, message, _)| (topic, message)),
+                inbuf,
+                version: hello.version,
+                asked_keepalive: hello.keep_alive,
+                max_packet_out: hello.max_packet_out,
+            })
+        }
         Err(refusal) => {
             let mut out = BytesMut::new();
             match refusal {
-                Refusal::Code(code) => {
-                    codec::encode(Packet::ConnAck(ConnAck::new(code, false)), &mut out)
-                }
-                // CONNACK, remaining length 3: no session, reason 0x84, no properties.
-                Refusal::V5Unsupported => out.extend_from_slice(&[0x20, 3, 0, 0x84, 0]),
+                Refusal::Code(version, refused) => refuse(version, refused, &mut out),
+                Refusal::Level => codec::encode(
+                    Packet::ConnAck(ConnAck::new(
+                        ConnectReturnCode::RefusedProtocolVersion,
+                        false,
+                    )),
+                    &mut out,
+                ),
                 Refusal::Silent => return None,
             }
             metrics::CONNECTS_REFUSED.inc();
@@ -97,47 +178,49 @@ pub(super) async fn admit<T: Transport>(
 
 /// Decides a CONNECT: room for it, a valid token, a valid client id (an empty one gets a
 /// generated id), and room among the user's connections. Returns who connects and the id.
-fn decide(
-    gateway: &Gateway,
-    connect: &rumqttc::mqttbytes::v4::Connect,
-    room: Room,
-) -> Result<(Identity, String), Refusal> {
-    let unavailable = Err(Refusal::Code(ConnectReturnCode::ServiceUnavailable));
+fn decide(gateway: &Gateway, hello: &Hello, room: Room) -> Result<(Identity, String), Refusal> {
+    let refuse = |refused| Err(Refusal::Code(hello.version, refused));
     if !room.slot {
         tracing::warn!("connection limit reached, refusing");
-        return unavailable;
+        return refuse(Refused::Busy);
     }
     if !room.within_rate {
         info!("too many new connections from this address, refusing");
         metrics::CONNECTS_OVER_RATE.inc();
-        return unavailable;
+        return refuse(Refused::RateExceeded);
     }
-    let login = connect.login.as_ref();
+    let login = hello.login.as_ref();
     let identity = gateway
         .inner
         .bridge
         .authenticate(
-            login.map(|l| l.username.as_str()),
-            login.map(|l| l.password.as_str()),
+            login.map(|(user, _)| user.as_str()),
+            login.map(|(_, password)| password.as_str()),
         )
         .map_err(|e| {
             info!(reason = %e, "CONNECT refused");
-            Refusal::Code(ConnectReturnCode::NotAuthorized)
+            let refused = match e {
+                crate::bridge::ConnectRefused::UsernameMismatch => Refused::NotAuthorized,
+                _ => Refused::BadCredentials,
+            };
+            Refusal::Code(hello.version, refused)
         })?;
-    if let Some(will) = &connect.last_will {
+    if let Some((topic, message, retain)) = &hello.will {
         let bridge = &gateway.inner.bridge;
-        if let Err(why) = bridge.check_will(&identity, &will.topic, &will.message, will.retain) {
-            info!(reason = %why, topic = %will.topic.escape_debug(), "Last Will refused");
-            return Err(Refusal::Code(ConnectReturnCode::NotAuthorized));
+        if let Err(why) = bridge.check_will(&identity, topic, message, *retain) {
+            info!(reason = %why, topic = %topic.escape_debug(), "Last Will refused");
+            return refuse(Refused::NotAuthorized);
         }
     }
-    let client_id = if connect.client_id.is_empty() && connect.clean_session {
+    // MQTT 5 gives an empty client id one in any case; 3.1.1 only to a clean session.
+    let may_assign = hello.clean || hello.version == Version::V5;
+    let client_id = if hello.client_id.is_empty() && may_assign {
         format!("auto-{}", random_hex::<8>())
-    } else if is_valid_id(&connect.client_id) {
-        connect.client_id.clone()
+    } else if is_valid_id(&hello.client_id) {
+        hello.client_id.clone()
     } else {
-        info!(client_id = %connect.client_id.escape_debug(), "bad client id");
-        return Err(Refusal::Code(ConnectReturnCode::BadClientId));
+        info!(client_id = %hello.client_id.escape_debug(), "bad client id");
+        return refuse(Refused::BadClientId);
     };
     // A connection that takes over one of the user's client ids replaces it: no new room.
     let hub = &gateway.inner.hub;
@@ -146,36 +229,47 @@ fn decide(
     if hub.live_devices(&identity.user_id) >= max && !hub.is_live(&broker_id) {
         info!(user = %identity.user_id, max, "too many connections for this user, refusing");
         metrics::CONNECTS_OVER_USER_LIMIT.inc();
-        return unavailable;
+        return refuse(Refused::Busy);
     }
     Ok((identity, client_id))
 }
 
-/// Reads the first packet, which must be a whole CONNECT for MQTT 3.1.1.
+/// Reads the first packet, which must be a whole CONNECT for MQTT 3.1.1 or 5.
 async fn read_connect<T: Transport>(
     gateway: &Gateway,
     transport: &mut T,
     buf: &mut BytesMut,
-) -> Result<rumqttc::mqttbytes::v4::Connect, Refusal> {
+) -> Result<Hello, Refusal> {
     let deadline = Instant::now() + gateway.limits().connect_timeout();
     let max = gateway.limits().max_payload_size;
     loop {
         if let Some(refusal) = unsupported_level(buf, max) {
             return Err(refusal);
         }
-        match codec::decode(buf, max) {
-            Ok(Some(Packet::Connect(c))) if c.protocol == Protocol::V4 => return Ok(c),
-            Ok(Some(Packet::Connect(_))) => {
-                return Err(Refusal::Code(ConnectReturnCode::RefusedProtocolVersion))
+        if codec::connect_protocol_level(buf) == Some(5) {
+            match v5::read_connect(buf, max) {
+                Ok(Some(connect)) => return Ok(Hello::v5(connect)),
+                Ok(None) => {}
+                Err(e) => {
+                    info!(error = %e, "malformed CONNECT");
+                    return Err(Refusal::Silent);
+                }
             }
-            Ok(Some(_)) => {
-                info!("first packet is not CONNECT");
-                return Err(Refusal::Silent);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                info!(error = %e, "malformed CONNECT");
-                return Err(Refusal::Silent);
+        } else {
+            match codec::decode(buf, max) {
+                Ok(Some(Packet::Connect(c))) if c.protocol == Protocol::V4 => {
+                    return Ok(Hello::v4(c))
+                }
+                Ok(Some(Packet::Connect(_))) => return Err(Refusal::Level),
+                Ok(Some(_)) => {
+                    info!("first packet is not CONNECT");
+                    return Err(Refusal::Silent);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    info!(error = %e, "malformed CONNECT");
+                    return Err(Refusal::Silent);
+                }
             }
         }
         tokio::select! {
@@ -192,10 +286,11 @@ async fn read_connect<T: Transport>(
     }
 }
 
-/// A refusal for a CONNECT of another protocol level, once all of it is in `buf`.
+/// A refusal for a CONNECT of a protocol level callbus does not speak, once all of it is in
+/// `buf`.
 fn unsupported_level(buf: &[u8], max: usize) -> Option<Refusal> {
     let level = codec::connect_protocol_level(buf)?;
-    if level == 4 {
+    if level == 4 || level == 5 {
         return None;
     }
     match codec::packet_len(buf) {
@@ -204,9 +299,5 @@ fn unsupported_level(buf: &[u8], max: usize) -> Option<Refusal> {
         _ => return None, // wait for the rest of it
     }
     info!(level, "unsupported protocol level");
-    Some(if level == 5 {
-        Refusal::V5Unsupported
-    } else {
-        Refusal::Code(ConnectReturnCode::RefusedProtocolVersion)
-    })
+    Some(Refusal::Level)
 }

@@ -14,6 +14,7 @@ mod rate;
 mod session;
 pub mod tcp;
 mod throttle;
+mod v5;
 pub mod ws;
 
 use bytes::{Bytes, BytesMut};

@@ -272,6 +272,9 @@ pub fn raw_connect_with(
     var.push(level);
     var.push(0b0100_0000 | if clean { 0b10 } else { 0 }); // password flag, clean session
     var.extend_from_slice(&keep_alive.to_be_bytes());
+    if level == 5 {
+        var.push(0); // no properties
+    }
     var.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     var.extend_from_slice(client_id.as_bytes());
     var.extend_from_slice(&(password.len() as u16).to_be_bytes());

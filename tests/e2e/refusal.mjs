@@ -1,5 +1,5 @@
 // MQTT.js in Node against callbus over WebSocket: a refused CONNECT must reach the client as
-// its CONNACK reason (MQTT 5 "unsupported protocol version", MQTT 3.1.1 "not authorized"),
+// its CONNACK reason (MQTT 5 "bad user name or password", MQTT 3.1.1 "not authorized"),
 // not as a broken pipe. Prints one line per case; exits non-zero if a case fails.
 import mqtt from "mqtt";
 
@@ -21,9 +21,19 @@ function attempt(options) {
 
 const cases = [
   {
-    name: "MQTT 5 is refused with reason 0x84",
-    options: { protocolVersion: 5, username: "alice", password: token, clientId: "v5-refusal" },
-    expect: (r) => r.code === 0x84,
+    name: "MQTT 5 with a bad token is refused with reason 0x86",
+    options: { protocolVersion: 5, username: "alice", password: "not-a-token", clientId: "v5-refusal" },
+    expect: (r) => r.code === 0x86,
+  },
+  {
+    name: "MQTT 5 with a username that is not the token's subject is refused with reason 0x87",
+    options: { protocolVersion: 5, username: "mallory", password: token, clientId: "v5-mismatch" },
+    expect: (r) => r.code === 0x87,
+  },
+  {
+    name: "MQTT 5 with a good token connects",
+    options: { protocolVersion: 5, username: "alice", password: token, clientId: "v5-ok" },
+    expect: (r) => r.connected === true,
   },
   {
     name: "a bad token is refused with code 5",

@@ -182,6 +182,11 @@ impl Hub {
         Ok(hub)
     }
 
+    /// How long a persistent session is kept after its connection ends.
+    pub(crate) fn session_expiry(&self) -> Duration {
+        self.sessions.expiry()
+    }
+
     fn may_receive(&self, who: &Identity, topic: &str) -> bool {
         acl::may_receive(who, topic, |cid| {
             self.store.conversations.is_member(cid, &who.user_id)

@@ -4,9 +4,12 @@
 use tracing::{debug, info, warn};
 
 use super::{End, Session};
+use crate::bridge::acl::Denied;
 use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
 use crate::bridge::PublishOutcome;
+use crate::broker::codec::Version;
 use crate::broker::codec::{Packet, Publish, QoS, SubAck, SubscribeReasonCode};
+use crate::broker::v5;
 use crate::bus::Message;
 use crate::metrics;
 use crate::model::topic::notifications_topic;
@@ -44,15 +47,33 @@ impl Session<'_> {
             } => {
                 debug!(topic = %publish.topic, code = code.as_str(), %detail, "publish refused");
                 metrics::PUBLISHES_REFUSED.inc();
-                self.report(code, &detail, &about).await;
                 self.violations += 1;
+                if self.version == Version::V5 && publish.qos == QoS::AtLeastOnce {
+                    // MQTT 5 says no in the PUBACK itself.
+                    let refused = match code {
+                        ErrorCode::Forbidden => v5::PublishRefused::NotAuthorized,
+                        ErrorCode::BadPayload => v5::PublishRefused::PayloadInvalid,
+                        _ => v5::PublishRefused::Rule,
+                    };
+                    let reason = format!("{}: {detail}", code.as_str());
+                    let pkid = publish.pkid;
+                    self.answer(v5::Answer::PubAck {
+                        pkid,
+                        refused,
+                        reason,
+                    });
+                } else {
+                    // v3.1.1 (and a v5 QoS 0 publish) has no negative acknowledgement: the
+                    // refusal is an `error` event on the sender's own notifications topic.
+                    self.report(code, &detail, &about).await;
+                    self.acknowledge(publish.qos, publish.pkid);
+                }
                 if self.violations >= self.gateway.limits().violation_limit {
                     return Err(End::Violations);
                 }
+                return Ok(());
             }
         }
-        // v3.1.1 has no negative acknowledgement: every publish is acknowledged, and a refusal
-        // is reported as an `error` event on the sender's own notifications topic.
         self.acknowledge(publish.qos, publish.pkid);
         Ok(())
     }
@@ -93,11 +114,19 @@ impl Session<'_> {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let max = self.gateway.limits().max_subscriptions;
         for filter in subscribe.filters {
+            let allowed = inner.bridge.may_subscribe(&self.identity, &filter.path);
             if !inner.hub.has_room(self.registration.id, &filter.path, max) {
                 info!(filter = %filter.path, max, "subscription limit reached");
                 metrics::SUBSCRIPTIONS_OVER_LIMIT.inc();
-                codes.push(SubscribeReasonCode::Failure);
-            } else if inner.bridge.may_subscribe(&self.identity, &filter.path) {
+                codes.push(v5::Granted::Quota);
+            } else if let Err(denied) = allowed {
+                debug!(filter = %filter.path, %denied, "subscription refused");
+                metrics::SUBSCRIPTIONS_REFUSED.inc();
+                codes.push(match denied {
+                    Denied::Malformed => v5::Granted::FilterInvalid,
+                    _ => v5::Granted::NotAuthorized,
+                });
+            } else {
                 // callbus delivers at most QoS 1.
                 let qos = match filter.qos {
                     QoS::AtMostOnce => QoS::AtMostOnce,
@@ -105,11 +134,7 @@ impl Session<'_> {
                 };
                 // Routed from now on: anything the bus delivers after this SUBACK arrives.
                 inner.hub.subscribe(self.registration.id, &filter.path, qos);
-                codes.push(SubscribeReasonCode::Success(qos));
-            } else {
-                debug!(filter = %filter.path, "subscription refused");
-                metrics::SUBSCRIPTIONS_REFUSED.inc();
-                codes.push(SubscribeReasonCode::Failure);
+                codes.push(v5::Granted::Yes(qos));
             }
         }
         if self.persistent {
@@ -119,6 +144,19 @@ impl Session<'_> {
         }
         // A bus that routes by interest (cluster mode) has the new filters in effect first.
         inner.publisher.settled().await;
-        self.send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
+        let pkid = subscribe.pkid;
+        match self.version {
+            Version::V4 => {
+                let codes = codes.into_iter().map(|granted| match granted {
+                    v5::Granted::Yes(qos) => SubscribeReasonCode::Success(qos),
+                    _ => SubscribeReasonCode::Failure,
+                });
+                self.send(Packet::SubAck(SubAck::new(pkid, codes.collect())));
+            }
+            Version::V5 => self.answer(v5::Answer::SubAck {
+                pkid,
+                granted: codes,
+            }),
+        }
     }
 }

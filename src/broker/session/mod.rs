@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::codec::Version;
 use super::codec::{
     self, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, QoS, UnsubAck,
 };
@@ -23,6 +24,7 @@ use super::hub::{
     Event, Mailbox, Parting, Queued, Registered, Registration, Resumed, MAILBOX_MESSAGES,
 };
 use super::throttle::TokenBucket;
+use super::v5;
 use super::{Gateway, Transport};
 use crate::auth::Identity;
 use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
@@ -33,14 +35,18 @@ use crate::model::topic::notifications_topic;
 /// to hand it back.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
+/// Bytes of a v5 PUBLISH besides its topic and payload, at most (fixed header, lengths,
+/// packet id, an empty property length).
+const PUBLISH_OVERHEAD: usize = 12;
+
 /// Mailbox events written per wake-up before the output is flushed.
 const EVENTS_PER_FLUSH: usize = 64;
 
 /// Runs an admitted connection to its end.
-pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admitted: Admitted) {
+pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, mut admitted: Admitted) {
     tracing::Span::current().record("client", admitted.client_id.as_str());
     let hub = &gateway.inner.hub;
-    let will = admitted.will;
+    let will = admitted.will.take();
     let (identity, client_id) = (&admitted.identity, &admitted.client_id);
     hub.claim(client_id).await;
     if let Err(e) = hub.fetch(identity, client_id, admitted.clean).await {
@@ -48,8 +54,7 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         // it afresh and losing what it holds.
         warn!(error = %e, "cannot read the stored session");
         let mut out = BytesMut::new();
-        let refusal = ConnAck::new(ConnectReturnCode::ServiceUnavailable, false);
-        codec::encode(Packet::ConnAck(refusal), &mut out);
+        super::connect::refuse(admitted.version, v5::Refused::Unavailable, &mut out);
         let _ = transport.write(out.freeze()).await;
         transport.close().await;
         return;
@@ -72,11 +77,13 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         registration: attached.registration,
         mailbox: attached.mailbox,
         persistent: !admitted.clean,
-        device: admitted.device,
+        device: admitted.device.clone(),
+        version: admitted.version,
+        max_packet_out: admitted.max_packet_out,
         inflight: VecDeque::new(),
         acked_event: 0,
-        identity: admitted.identity,
-        inbuf: admitted.inbuf,
+        identity: admitted.identity.clone(),
+        inbuf: std::mem::take(&mut admitted.inbuf),
         outbuf: BytesMut::with_capacity(1024),
         next_pkid: 0,
         // MQTT: the server may close after one and a half keepalive periods of silence.
@@ -87,10 +94,20 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         throttled_until: None,
     };
     let present = attached.resumed.is_some();
-    session.send(Packet::ConnAck(ConnAck::new(
-        ConnectReturnCode::Success,
-        present,
-    )));
+    match admitted.version {
+        Version::V4 => session.send(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            present,
+        ))),
+        Version::V5 => {
+            let properties = connack_properties(gateway, &admitted);
+            session.answer(v5::Answer::ConnAck {
+                present,
+                refused: None,
+                properties: Some(properties),
+            });
+        }
+    }
     info!(user = %session.identity.user_id, role = ?session.identity.role, present, "connected");
     metrics::CONNECTIONS_TOTAL.inc();
     metrics::CONNECTIONS_OPEN.inc();
@@ -106,6 +123,11 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, admit
         Ok(()) => session.run(&mut transport).await,
         Err(end) => end,
     };
+    // MQTT 5: the server says why it ends a session.
+    if let (Version::V5, Some(ending)) = (session.version, end.ending()) {
+        session.answer(v5::Answer::Disconnect(ending));
+        let _ = session.flush(&mut transport).await;
+    }
     // MQTT: the Last Will goes out when the connection ends without DISCONNECT.
     if let (Some((topic, payload)), false) = (will, matches!(end, End::Disconnect)) {
         session.publish_will(&topic, &payload).await;
@@ -139,7 +161,7 @@ enum End {
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
     #[error("malformed packet: {0}")]
-    Malformed(codec::CodecError),
+    Malformed(String),
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
     #[error("keepalive expired")]
@@ -156,6 +178,45 @@ enum End {
     Shutdown,
 }
 
+impl End {
+    /// The MQTT 5 DISCONNECT reason for a session callbus ends (none when the client ended it).
+    fn ending(&self) -> Option<v5::Ending> {
+        Some(match self {
+            End::Disconnect | End::Closed | End::Io(_) => return None,
+            End::Malformed(_) => v5::Ending::Malformed,
+            End::Protocol(_) => v5::Ending::Protocol,
+            End::Idle => v5::Ending::KeepAlive,
+            End::Violations => v5::Ending::RateTooHigh,
+            End::Bus => v5::Ending::Unavailable,
+            End::TooSlow => v5::Ending::Quota,
+            End::Replaced => v5::Ending::TakenOver,
+            End::Shutdown => v5::Ending::ShuttingDown,
+        })
+    }
+}
+
+/// What a v5 CONNACK announces: the limits this connection gets.
+fn connack_properties(
+    gateway: &Gateway,
+    admitted: &Admitted,
+) -> rumqttc::v5::mqttbytes::v5::ConnAckProperties {
+    let limits = gateway.limits();
+    let expiry = gateway
+        .inner
+        .hub
+        .session_expiry()
+        .as_secs()
+        .min(u64::from(u32::MAX)) as u32;
+    v5::connack_properties(
+        limits.max_payload_size,
+        MAILBOX_MESSAGES.min(usize::from(u16::MAX)) as u16,
+        (admitted.keepalive != admitted.asked_keepalive).then_some(admitted.keepalive),
+        (!admitted.clean).then_some(expiry),
+        admitted.assigned_id.then(|| admitted.device.clone()),
+        admitted.identity.role == crate::auth::Role::Admin,
+    )
+}
+
 struct Session<'g> {
     gateway: &'g Gateway,
     registration: Registration,
@@ -164,6 +225,10 @@ struct Session<'g> {
     persistent: bool,
     /// The client id the client chose: its device, for calls bound to a device.
     device: String,
+    /// The protocol the client speaks.
+    version: Version,
+    /// MQTT 5: the largest packet the client accepts (larger deliveries are not sent).
+    max_packet_out: Option<u32>,
     /// Sent at QoS 1 and not yet acknowledged (persistent sessions only), oldest first.
     inflight: VecDeque<Queued>,
     /// The highest durable event-log sequence the client acknowledged.
@@ -246,7 +311,11 @@ impl Session<'_> {
                     break;
                 }
             }
-            match codec::decode(&mut self.inbuf, max).map_err(End::Malformed)? {
+            let decoded = match self.version {
+                Version::V4 => codec::decode(&mut self.inbuf, max).map_err(|e| e.to_string()),
+                Version::V5 => v5::decode(&mut self.inbuf, max).map_err(|e| e.0),
+            };
+            match decoded.map_err(End::Malformed)? {
                 Some(packet) => self.on_packet(packet).await?,
                 None => break,
             }
@@ -269,7 +338,14 @@ impl Session<'_> {
                         warn!(error = %e, "unsubscription not made durable");
                     }
                 }
-                self.send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
+                let pkid = unsubscribe.pkid;
+                match self.version {
+                    Version::V4 => self.send(Packet::UnsubAck(UnsubAck::new(pkid))),
+                    Version::V5 => {
+                        let count = unsubscribe.topics.len();
+                        self.answer(v5::Answer::UnsubAck { pkid, count })
+                    }
+                }
             }
             Packet::PingReq => self.send(Packet::PingResp),
             Packet::PubRel(rel) => self.send(Packet::PubComp(PubComp::new(rel.pkid))),
@@ -312,7 +388,15 @@ impl Session<'_> {
     }
 
     fn send(&mut self, packet: Packet) {
-        codec::encode(packet, &mut self.outbuf);
+        match self.version {
+            Version::V4 => codec::encode(packet, &mut self.outbuf),
+            Version::V5 => v5::encode(packet, &mut self.outbuf),
+        }
+    }
+
+    /// Writes what only MQTT 5 can say.
+    fn answer(&mut self, answer: v5::Answer) {
+        v5::answer(answer, &mut self.outbuf);
     }
 
     fn acknowledge(&mut self, qos: QoS, pkid: u16) {
@@ -336,6 +420,15 @@ impl Session<'_> {
         let Ok(name) = std::str::from_utf8(&topic) else {
             return Ok(());
         };
+        // MQTT 5: a packet larger than the client accepts is not sent (nor kept).
+        let size = name.len() + payload.len() + PUBLISH_OVERHEAD;
+        if self.max_packet_out.is_some_and(|max| size > max as usize) {
+            metrics::DELIVERIES_TOO_LARGE.inc();
+            if let Some(receipt) = &receipt {
+                receipt.acknowledge();
+            }
+            return Ok(());
+        }
         let mut publish = Publish::from_bytes(name, qos, payload.clone());
         if qos != QoS::AtMostOnce {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);

@@ -1,0 +1,346 @@
+//! MQTT 5 on the same listeners as 3.1.1. A v5 session's packets are read with rumqttc's v5
+//! codec and turned into their 3.1.1 counterparts, so the session's logic is one for both;
+//! what only v5 can say (reason codes, CONNACK properties, a server's DISCONNECT) is written
+//! by [`Answer`]. Properties callbus does not act on are dropped on the way in; a topic alias,
+//! which callbus does not offer (Topic Alias Maximum 0), is a protocol error.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5 as wire;
+use rumqttc::v5::mqttbytes::QoS as WireQoS;
+
+use super::codec::QoS;
+
+/// A packet that cannot be read, or that a v5 client may not send.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Malformed(pub String);
+
+fn qos_in(q: WireQoS) -> QoS {
+    match q {
+        WireQoS::AtMostOnce => QoS::AtMostOnce,
+        WireQoS::AtLeastOnce => QoS::AtLeastOnce,
+        WireQoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn qos_out(q: QoS) -> WireQoS {
+    match q {
+        QoS::AtMostOnce => WireQoS::AtMostOnce,
+        QoS::AtLeastOnce => WireQoS::AtLeastOnce,
+        QoS::ExactlyOnce => WireQoS::ExactlyOnce,
+    }
+}
+
+/// A v5 CONNECT, as admission needs it.
+pub(crate) struct Connect {
+    pub client_id: String,
+    pub clean_start: bool,
+    pub keep_alive: u16,
+    pub login: Option<(String, String)>,
+    pub will: Option<(String, Bytes, bool)>,
+    /// Seconds; 0 (or absent) ends the session with the connection.
+    pub session_expiry: u32,
+    /// The largest packet the client accepts.
+    pub max_packet_size: Option<u32>,
+}
+
+/// Reads a v5 CONNECT (the first packet of a v5 connection).
+pub(crate) fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, Malformed> {
+    match wire::Packet::read(buf, Some(max as u32)) {
+        Ok(wire::Packet::Connect(connect, will, login)) => {
+            let props = connect.properties.unwrap_or_default();
+            let will = match will {
+                Some(w) => Some((topic_text(w.topic)?, w.message, w.retain)),
+                None => None,
+            };
+            Ok(Some(Connect {
+                client_id: connect.client_id,
+                clean_start: connect.clean_start,
+                keep_alive: connect.keep_alive,
+                login: login.map(|l| (l.username, l.password)),
+                will,
+                session_expiry: props.session_expiry_interval.unwrap_or(0),
+                max_packet_size: props.max_packet_size,
+            }))
+        }
+        Ok(_) => Err(Malformed("first packet is not CONNECT".into())),
+        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(Malformed(e.to_string())),
+    }
+}
+
+fn topic_text(topic: Bytes) -> Result<String, Malformed> {
+    String::from_utf8(topic.to_vec()).map_err(|_| Malformed("topic is not UTF-8".into()))
+}
+
+/// Reads the next v5 packet as its 3.1.1 counterpart, or `None` if more bytes are needed.
+pub(crate) fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<v4::Packet>, Malformed> {
+    let packet = match wire::Packet::read(buf, Some(max as u32)) {
+        Ok(packet) => packet,
+        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(Malformed(e.to_string())),
+    };
+    Ok(Some(match packet {
+        wire::Packet::Publish(p) => {
+            if p.properties
+                .as_ref()
+                .is_some_and(|p| p.topic_alias.is_some())
+            {
+                return Err(Malformed("topic alias (Topic Alias Maximum is 0)".into()));
+            }
+            let mut publish =
+                v4::Publish::from_bytes(topic_text(p.topic)?, qos_in(p.qos), p.payload);
+            publish.pkid = p.pkid;
+            publish.dup = p.dup;
+            publish.retain = p.retain;
+            v4::Packet::Publish(publish)
+        }
+        wire::Packet::Subscribe(s) => {
+            let filters = (s.filters.into_iter())
+                .map(|f| v4::SubscribeFilter::new(f.path, qos_in(f.qos)))
+                .collect();
+            v4::Packet::Subscribe(v4::Subscribe {
+                pkid: s.pkid,
+                filters,
+            })
+        }
+        wire::Packet::Unsubscribe(u) => v4::Packet::Unsubscribe(v4::Unsubscribe {
+            pkid: u.pkid,
+            topics: u.filters,
+        }),
+        wire::Packet::PubAck(a) => v4::Packet::PubAck(v4::PubAck::new(a.pkid)),
+        wire::Packet::PubRec(a) => v4::Packet::PubRec(v4::PubRec::new(a.pkid)),
+        wire::Packet::PubRel(a) => v4::Packet::PubRel(v4::PubRel::new(a.pkid)),
+        wire::Packet::PubComp(a) => v4::Packet::PubComp(v4::PubComp::new(a.pkid)),
+        wire::Packet::PingReq(_) => v4::Packet::PingReq,
+        wire::Packet::Disconnect(_) => v4::Packet::Disconnect,
+        wire::Packet::Connect(..) => {
+            let login = v4::Login::new("", "");
+            let connect = v4::Connect::new(String::new());
+            v4::Packet::Connect(v4::Connect {
+                login: Some(login),
+                ..connect
+            })
+        }
+        // AUTH (no enhanced authentication is offered) and server-only packets.
+        _ => v4::Packet::PingResp,
+    }))
+}
+
+/// Writes a 3.1.1 packet the session made as its v5 counterpart.
+pub(crate) fn encode(packet: v4::Packet, out: &mut BytesMut) {
+    let packet = match packet {
+        v4::Packet::Publish(p) => {
+            let mut publish = wire::Publish::new(p.topic, qos_out(p.qos), p.payload, None);
+            publish.pkid = p.pkid;
+            publish.dup = p.dup;
+            wire::Packet::Publish(publish)
+        }
+        v4::Packet::PubAck(a) => wire::Packet::PubAck(wire::PubAck::new(a.pkid, None)),
+        v4::Packet::PubRec(a) => wire::Packet::PubRec(wire::PubRec::new(a.pkid, None)),
+        v4::Packet::PubComp(a) => wire::Packet::PubComp(wire::PubComp::new(a.pkid, None)),
+        v4::Packet::PingResp => wire::Packet::PingResp(wire::PingResp),
+        other => {
+            tracing::warn!(packet = ?other, "no v5 form for this packet");
+            return;
+        }
+    };
+    write(&packet, out);
+}
+
+fn write(packet: &wire::Packet, out: &mut BytesMut) {
+    if let Err(e) = packet.write(out, None) {
+        tracing::warn!(error = %e, "could not encode an outgoing v5 packet");
+    }
+}
+
+/// Why a v5 CONNECT is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// 0x86: a bad or missing token.
+    BadCredentials,
+    /// 0x87: a username that is not the token's subject, or a Last Will not allowed.
+    NotAuthorized,
+    /// 0x85
+    BadClientId,
+    /// 0x89: a connection limit.
+    Busy,
+    /// 0x9F
+    RateExceeded,
+    /// 0x88: the server cannot serve it now (a stored session unreadable).
+    Unavailable,
+}
+
+/// A SUBSCRIBE filter's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Granted {
+    Yes(QoS),
+    /// 0x87
+    NotAuthorized,
+    /// 0x8F
+    FilterInvalid,
+    /// 0x97: past the connection's subscription limit.
+    Quota,
+}
+
+/// Why a PUBLISH was refused (PUBACK reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PublishRefused {
+    /// 0x87 (a malformed topic too: the ACL refuses it)
+    NotAuthorized,
+    /// 0x99
+    PayloadInvalid,
+    /// 0x83: a rule of callbus's own (call state, retained messages).
+    Rule,
+}
+
+/// Why callbus ends a session (DISCONNECT reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    TakenOver,
+    ShuttingDown,
+    RateTooHigh,
+    Quota,
+    KeepAlive,
+    Malformed,
+    Protocol,
+    Unavailable,
+}
+
+/// What the server says in v5 that 3.1.1 cannot.
+pub(crate) enum Answer {
+    ConnAck {
+        present: bool,
+        refused: Option<Refused>,
+        properties: Option<wire::ConnAckProperties>,
+    },
+    SubAck {
+        pkid: u16,
+        granted: Vec<Granted>,
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
+    PubAck {
+        pkid: u16,
+        refused: PublishRefused,
+        reason: String,
+    },
+    Disconnect(Ending),
+}
+
+/// Writes `answer`.
+pub(crate) fn answer(answer: Answer, out: &mut BytesMut) {
+    let packet = match answer {
+        Answer::ConnAck {
+            present,
+            refused,
+            properties,
+        } => {
+            use wire::ConnectReturnCode as C;
+            let code = match refused {
+                None => C::Success,
+                Some(Refused::BadCredentials) => C::BadUserNamePassword,
+                Some(Refused::NotAuthorized) => C::NotAuthorized,
+                Some(Refused::BadClientId) => C::ClientIdentifierNotValid,
+                Some(Refused::Busy) => C::ServerBusy,
+                Some(Refused::RateExceeded) => C::ConnectionRateExceeded,
+                Some(Refused::Unavailable) => C::ServerUnavailable,
+            };
+            wire::Packet::ConnAck(wire::ConnAck {
+                session_present: present,
+                code,
+                properties,
+            })
+        }
+        Answer::SubAck { pkid, granted } => {
+            use wire::SubscribeReasonCode as S;
+            let codes = granted.into_iter().map(|g| match g {
+                Granted::Yes(q) => S::Success(qos_out(q)),
+                Granted::NotAuthorized => S::NotAuthorized,
+                Granted::FilterInvalid => S::TopicFilterInvalid,
+                Granted::Quota => S::QuotaExceeded,
+            });
+            wire::Packet::SubAck(wire::SubAck {
+                pkid,
+                return_codes: codes.collect(),
+                properties: None,
+            })
+        }
+        Answer::UnsubAck { pkid, count } => wire::Packet::UnsubAck(wire::UnsubAck {
+            pkid,
+            reasons: vec![wire::UnsubAckReason::Success; count],
+            properties: None,
+        }),
+        Answer::PubAck {
+            pkid,
+            refused,
+            reason,
+        } => {
+            use wire::PubAckReason as R;
+            let code = match refused {
+                PublishRefused::NotAuthorized => R::NotAuthorized,
+                PublishRefused::PayloadInvalid => R::PayloadFormatInvalid,
+                PublishRefused::Rule => R::ImplementationSpecificError,
+            };
+            wire::Packet::PubAck(wire::PubAck {
+                pkid,
+                reason: code,
+                properties: Some(wire::PubAckProperties {
+                    reason_string: Some(reason),
+                    user_properties: Vec::new(),
+                }),
+            })
+        }
+        Answer::Disconnect(ending) => {
+            use wire::DisconnectReasonCode as D;
+            let code = match ending {
+                Ending::TakenOver => D::SessionTakenOver,
+                Ending::ShuttingDown => D::ServerShuttingDown,
+                Ending::RateTooHigh => D::MessageRateTooHigh,
+                Ending::Quota => D::QuotaExceeded,
+                Ending::KeepAlive => D::KeepAliveTimeout,
+                Ending::Malformed => D::MalformedPacket,
+                Ending::Protocol => D::ProtocolError,
+                Ending::Unavailable => D::ServerBusy,
+            };
+            // Reason code and an empty property length, by hand: rumqttc writes a reason
+            // without properties in a form its own reader refuses.
+            out.extend_from_slice(&[0xE0, 2, code as u8, 0]);
+            return;
+        }
+    };
+    write(&packet, out);
+}
+
+/// The CONNACK properties callbus announces: its limits, and what it does not offer.
+pub(crate) fn connack_properties(
+    max_packet: usize,
+    receive_max: u16,
+    keep_alive: Option<u16>,
+    session_expiry: Option<u32>,
+    assigned_id: Option<String>,
+    wildcards: bool,
+) -> wire::ConnAckProperties {
+    wire::ConnAckProperties {
+        session_expiry_interval: session_expiry,
+        receive_max: Some(receive_max),
+        max_qos: Some(1),
+        retain_available: Some(0),
+        max_packet_size: Some(max_packet.min(u32::MAX as usize) as u32),
+        assigned_client_identifier: assigned_id,
+        topic_alias_max: Some(0),
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: Some(u8::from(wildcards)),
+        subscription_identifiers_available: Some(0),
+        shared_subscription_available: Some(0),
+        server_keep_alive: keep_alive,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}

@@ -1,0 +1,286 @@
+//! MQTT 5 on the same listeners as 3.1.1, through rumqttc's v5 client: v5 and v3 clients
+//! talk to each other; refusals are reason codes (SUBACK 0x87 / 0x8F, PUBACK 0x87 / 0x99 with
+//! a reason string, no `error` event); CONNACK announces callbus's limits; a session taken
+//! over is told so (DISCONNECT 0x8E); a Session Expiry Interval makes a session persistent.
+
+mod common;
+
+use bytes::Bytes;
+use callbus::auth::Role;
+use common::{granted, TestServer, Via, WAIT};
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, DisconnectReasonCode, Packet, PubAckReason, Publish, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions, StateError};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// A real MQTT 5 client (rumqttc v5) with its event loop on a task.
+struct V5 {
+    client: AsyncClient,
+    connack: ConnAck,
+    events: mpsc::UnboundedReceiver<Result<Packet, ConnectionError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for V5 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl V5 {
+    async fn connect(
+        s: &TestServer,
+        user: &str,
+        client_id: &str,
+        configure: impl FnOnce(&mut MqttOptions),
+    ) -> V5 {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", s.mqtt.port());
+        options.set_credentials(user, s.token(user));
+        configure(&mut options);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if tx.send(Ok(packet)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        let first = tokio::time::timeout(WAIT, events.recv()).await;
+        let connack = match first.expect("CONNACK in time").expect("event loop alive") {
+            Ok(Packet::ConnAck(connack)) => connack,
+            other => panic!("expected CONNACK, got {other:?}"),
+        };
+        V5 {
+            client,
+            connack,
+            events,
+            task,
+        }
+    }
+
+    /// The next packet from callbus (or the connection's end), bounded.
+    async fn next(&mut self) -> Result<Packet, ConnectionError> {
+        let next = tokio::time::timeout(WAIT, self.events.recv()).await;
+        next.expect("a packet in time").expect("event loop alive")
+    }
+
+    async fn publish_received(&mut self) -> Publish {
+        loop {
+            match self.next().await {
+                Ok(Packet::Publish(p)) => return p,
+                Ok(_) => {}
+                Err(e) => panic!("connection ended: {e:?}"),
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
+        let client = self.client.clone();
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("SUBSCRIBE");
+        loop {
+            if let Packet::SubAck(ack) = self.next().await.expect("SUBACK") {
+                return ack.return_codes[0];
+            }
+        }
+    }
+
+    async fn publish_acked(&mut self, topic: &str, payload: Value) -> (PubAckReason, String) {
+        let client = self.client.clone();
+        let payload = payload.to_string();
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("PUBLISH");
+        loop {
+            // Its own chat message may come back first.
+            if let Packet::PubAck(ack) = self.next().await.expect("PUBACK") {
+                let reason = ack.properties.and_then(|p| p.reason_string);
+                return (ack.reason, reason.unwrap_or_default());
+            }
+        }
+    }
+}
+
+fn json_of(publish: &Publish) -> Value {
+    serde_json::from_slice(&publish.payload).expect("JSON payload")
+}
+
+#[tokio::test]
+async fn v5_and_v3_clients_talk_to_each_other() {
+    let s = TestServer::start().await;
+    s.set_members("c1", &["alice", "bob"]).await;
+    let mut alice = V5::connect(&s, "alice", "alice-v5", |_| {}).await;
+    assert_eq!(
+        alice.subscribe("chat/c1").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let mut bob = s.connect(Via::Ws, "bob").await;
+    assert!(granted(&bob.subscribe(&["chat/c1"]).await[0]));
+
+    bob.publish_json("chat/c1", json!({"type": "message", "text": "from v3"}))
+        .await;
+    let got = alice.publish_received().await;
+    assert_eq!(got.topic, Bytes::from_static(b"chat/c1"));
+    let got = json_of(&got);
+    assert_eq!(
+        (got["text"].as_str(), got["sender_id"].as_str()),
+        (Some("from v3"), Some("bob"))
+    );
+
+    let sent = json!({"type": "message", "text": "from v5", "sender_id": "mallory"});
+    let (reason, _) = alice.publish_acked("chat/c1", sent).await;
+    assert_eq!(reason, PubAckReason::Success);
+    assert_eq!(bob.recv().await.json()["text"], "from v3", "its own, first");
+    let got = bob.recv().await.json();
+    assert_eq!(got["text"], "from v5");
+    assert_eq!(
+        got["sender_id"], "alice",
+        "stamped whatever the client claims"
+    );
+}
+
+#[tokio::test]
+async fn refusals_are_reason_codes() {
+    let s = TestServer::start().await;
+    s.set_members("c1", &["alice", "bob"]).await;
+    let mut alice = V5::connect(&s, "alice", "alice-v5", |_| {}).await;
+    assert_eq!(
+        alice.subscribe("users/alice/notifications").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    // Someone else's notifications: not authorized. A shared subscription (not offered):
+    // invalid.
+    assert_eq!(
+        alice.subscribe("users/bob/notifications").await,
+        SubscribeReasonCode::NotAuthorized
+    );
+    assert_eq!(
+        alice.subscribe("$share/group/chat/c1").await,
+        SubscribeReasonCode::TopicFilterInvalid
+    );
+    // A topic only callbus publishes to; a chat payload the bridge rejects.
+    let (reason, text) = alice
+        .publish_acked("users/bob/notifications", json!({"type": "message"}))
+        .await;
+    assert_eq!(reason, PubAckReason::NotAuthorized, "{text}");
+    assert!(text.starts_with("forbidden: "), "{text}");
+    let (reason, text) = alice.publish_acked("chat/c1", json!([1, 2])).await;
+    assert_eq!(reason, PubAckReason::PayloadFormatInvalid, "{text}");
+    assert!(text.starts_with("bad_payload: "), "{text}");
+    // A v5 client learns from the PUBACK, not from an `error` event: the next thing on its
+    // notifications topic is what callbus sends it next.
+    let service = s.token_with("app", Role::Service);
+    let body = json!({"user_id": "alice", "payload": {"n": 1}});
+    let (status, _) = s.post("/api/notifications/", &service, body).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
+    let next = json_of(&alice.publish_received().await);
+    assert_eq!(next["type"], "notification.created", "{next}");
+}
+
+#[tokio::test]
+async fn connack_announces_the_limits() {
+    let s = TestServer::start().await;
+    let alice = V5::connect(&s, "alice", "", |_| {}).await;
+    let props = alice
+        .connack
+        .properties
+        .clone()
+        .expect("CONNACK properties");
+    assert_eq!(props.retain_available, Some(0));
+    assert_eq!(props.topic_alias_max, Some(0));
+    assert_eq!(props.wildcard_subscription_available, Some(0));
+    assert_eq!(props.shared_subscription_available, Some(0));
+    assert_eq!(props.max_qos, Some(1));
+    assert!(props.max_packet_size.is_some_and(|m| m >= 64 * 1024));
+    let assigned = props.assigned_client_identifier.expect("an assigned id");
+    assert!(assigned.starts_with("auto-"), "{assigned}");
+    // An admin may use wildcards.
+    let token = s.token_with("ops", Role::Admin);
+    let mut options = MqttOptions::new("console", "127.0.0.1", s.mqtt.port());
+    options.set_credentials("ops", token);
+    let (_client, mut eventloop) = AsyncClient::new(options, 10);
+    let connack = loop {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(connack)))) => break connack,
+            Ok(Ok(_)) => {}
+            other => panic!("no CONNACK: {other:?}"),
+        }
+    };
+    let props = connack.properties.expect("CONNACK properties");
+    assert_eq!(props.wildcard_subscription_available, Some(1));
+}
+
+#[tokio::test]
+async fn a_session_taken_over_is_told_so() {
+    let s = TestServer::start().await;
+    let mut old = V5::connect(&s, "alice", "phone", |_| {}).await;
+    let _new = V5::connect(&s, "alice", "phone", |_| {}).await;
+    // rumqttc reports a server's DISCONNECT as the end of the connection, with its reason.
+    loop {
+        match old.next().await {
+            Ok(_) => {}
+            Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                reason_code, ..
+            })) => {
+                assert_eq!(reason_code, DisconnectReasonCode::SessionTakenOver);
+                break;
+            }
+            Err(e) => panic!("closed without DISCONNECT: {e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_session_expiry_interval_keeps_the_session() {
+    let s = TestServer::start().await;
+    let persistent = |o: &mut MqttOptions| {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(3600));
+    };
+    let mut phone = V5::connect(&s, "mia", "phone", persistent).await;
+    assert!(!phone.connack.session_present);
+    let expiry = phone.connack.properties.as_ref();
+    // Capped by the configured expiry (600 s by default).
+    assert_eq!(expiry.and_then(|p| p.session_expiry_interval), Some(600));
+    assert_eq!(
+        phone.subscribe("users/mia/notifications").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    phone.client.disconnect().await.expect("DISCONNECT");
+    loop {
+        if phone.next().await.is_err() {
+            break; // closed once the session is stored
+        }
+    }
+    let service = s.token_with("app", Role::Service);
+    let body = json!({"user_id": "mia", "payload": {"n": 7}});
+    let (status, _) = s.post("/api/notifications/", &service, body).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
+
+    let mut phone = V5::connect(&s, "mia", "phone", persistent).await;
+    assert!(phone.connack.session_present);
+    assert_eq!(json_of(&phone.publish_received().await)["payload"]["n"], 7);
+
+    // Without an expiry interval a v5 session ends with its connection.
+    let clean = V5::connect(&s, "mia", "tablet", |o| {
+        o.set_clean_start(false);
+    })
+    .await;
+    assert!(!clean.connack.session_present);
+}
