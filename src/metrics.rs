@@ -118,6 +118,11 @@ pub static SESSION_QUEUE_DROPPED: Metric = Metric::new(
     "counter",
     "Messages dropped (oldest first) from stored sessions' queues at their bound.",
 );
+pub static CONNECTIONS_V5: Metric = Metric::new(
+    "callbus_mqtt5_connections_total",
+    "counter",
+    "MQTT client sessions accepted that speak MQTT 5 (the rest speak 3.1.1).",
+);
 pub static DELIVERIES_TOO_LARGE: Metric = Metric::new(
     "callbus_mqtt_deliveries_too_large_total",
     "counter",
@@ -171,7 +176,7 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 27] = [
+const ALL: [&Metric; 28] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -188,6 +193,7 @@ const ALL: [&Metric; 27] = [
     &SESSIONS_STORED,
     &SESSIONS_EXPIRED,
     &SESSION_QUEUE_DROPPED,
+    &CONNECTIONS_V5,
     &DELIVERIES_TOO_LARGE,
     &BUS_PUBLISHER_WAITS,
     &BUS_LOST,

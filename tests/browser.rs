@@ -1,5 +1,5 @@
 //! The demo page in Debian's headless Chromium (npm playwright-core): two pages complete a real
-//! WebRTC video call over callbus, then a reject and an end path (tests/e2e/call.mjs); and a
+//! WebRTC video call over callbus with MQTT.js speaking MQTT 5, then a reject and an end path (tests/e2e/call.mjs); and a
 //! page that loses its connection while called resumes its session and completes the call
 //! (tests/e2e/resume.mjs). Needs `/usr/bin/chromium` and `npm ci`; `.ci/run` installs both.
 
@@ -21,6 +21,8 @@ async fn two_browsers_complete_a_video_call() {
     println!("{stdout}");
     assert!(stdout.contains("bob decodes video frames"));
     assert!(stdout.contains("e2e: all checks passed"));
+    // The demo page speaks MQTT 5 (MQTT.js `protocolVersion: 5`).
+    assert!(s.metric("callbus_mqtt5_connections_total").await >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

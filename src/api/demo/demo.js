@@ -50,7 +50,8 @@ function connect() {
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/mqtt`;
   const client = mqtt.connect(url, {
     username: state.me, password: state.token, clientId: state.deviceId,
-    protocolVersion: 4, keepalive: 30, clean: false, reconnectPeriod: 2000,
+    protocolVersion: 5, keepalive: 30, reconnectPeriod: 2000,
+    clean: false, properties: { sessionExpiryInterval: 600 }, // kept through a blink
   });
   state.client = client;
   client.on("connect", () => {

@@ -110,6 +110,9 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, mut a
     }
     info!(user = %session.identity.user_id, role = ?session.identity.role, present, "connected");
     metrics::CONNECTIONS_TOTAL.inc();
+    if session.version == Version::V5 {
+        metrics::CONNECTIONS_V5.inc();
+    }
     metrics::CONNECTIONS_OPEN.inc();
     let end = match attached.resumed {
         Some(resumed) => session.replay(resumed),
