@@ -85,7 +85,20 @@ async fn mosquitto_pub(
     topic: &str,
     msg: &str,
 ) -> std::process::Output {
+    mosquitto_pub_with(s, &[], user, password, topic, msg).await
+}
+
+/// `mosquitto_pub` with `extra` arguments first (`-V 5` for MQTT 5).
+async fn mosquitto_pub_with(
+    s: &TestServer,
+    extra: &[&str],
+    user: &str,
+    password: &str,
+    topic: &str,
+    msg: &str,
+) -> std::process::Output {
     Command::new("mosquitto_pub")
+        .args(extra)
         .args(["-h", "127.0.0.1", "-p", &s.mqtt.port().to_string()])
         .args([
             "-u", user, "-P", password, "-q", "1", "-t", topic, "-m", msg,
@@ -93,6 +106,80 @@ async fn mosquitto_pub(
         .output()
         .await
         .expect("mosquitto_pub")
+}
+
+/// What a finished mosquitto client printed, both streams.
+fn printed(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    format!("{stdout}{}", String::from_utf8_lossy(&out.stderr))
+}
+
+/// `mosquitto_pub -V 5` and `mosquitto_sub -V 5` show callbus's reason codes: a publish to a
+/// topic only callbus writes fails "Not authorized" with callbus's reason string; a filter
+/// outside the ACL is denied (SUBACK 135); a bad token is "Bad User Name or Password"; and a
+/// v5 subscriber receives what a v3 publisher sent.
+#[tokio::test]
+async fn mosquitto_v5_clients_see_reason_codes() {
+    let s = TestServer::start().await;
+    s.set_members("c1", &["alice", "bob"]).await;
+    let token = s.token("alice");
+    let v5 = ["-V", "5", "-d"];
+    let msg = r#"{"type":"message"}"#;
+    let out = mosquitto_pub_with(&s, &v5, "alice", &token, "users/bob/notifications", msg).await;
+    let text = printed(&out);
+    assert!(text.contains("received PUBACK (Mid: 1, RC:135)"), "{text}");
+    assert!(text.contains("Publish 1 failed: Not authorized"), "{text}");
+    assert!(
+        text.contains("forbidden: only callbus publishes to this topic"),
+        "{text}"
+    );
+
+    let out = mosquitto_pub_with(&s, &v5, "alice", "not-a-token", "chat/c1", msg).await;
+    let text = printed(&out);
+    assert!(text.contains("received CONNACK (134)"), "{text}");
+    assert!(text.contains("Bad User Name or Password"), "{text}");
+
+    let port = s.mqtt.port().to_string();
+    let denied = Command::new("mosquitto_sub")
+        .args(["-V", "5", "-d", "-h", "127.0.0.1", "-p", &port, "-W", "5"])
+        .args([
+            "-u",
+            "alice",
+            "-P",
+            &token,
+            "-q",
+            "1",
+            "-t",
+            "users/bob/notifications",
+        ])
+        .output()
+        .await
+        .expect("mosquitto_sub");
+    let text = printed(&denied);
+    assert!(text.contains("Subscribed (mid: 1): 135"), "{text}");
+    assert!(
+        text.contains("All subscription requests were denied"),
+        "{text}"
+    );
+
+    let mut sub = Sub::spawn(&s, "alice", &token, &["chat/c1"], &["-V", "5"]);
+    sub.until(|l| l.contains("received SUBACK")).await;
+    let bob = s.token("bob");
+    let out = mosquitto_pub(
+        &s,
+        "bob",
+        &bob,
+        "chat/c1",
+        r#"{"type":"message","text":"v3"}"#,
+    )
+    .await;
+    assert!(out.status.success(), "{}", printed(&out));
+    let (topic, message) = sub.message().await;
+    assert_eq!(topic, "chat/c1");
+    assert_eq!(
+        (message["text"].as_str(), message["sender_id"].as_str()),
+        (Some("v3"), Some("bob"))
+    );
 }
 
 #[tokio::test]
