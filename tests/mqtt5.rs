@@ -284,3 +284,31 @@ async fn a_session_expiry_interval_keeps_the_session() {
     .await;
     assert!(!clean.connack.session_present);
 }
+
+/// A Session Expiry Interval shorter than the configured expiry is honoured: the session is
+/// dropped that long after its connection ends.
+#[tokio::test]
+async fn a_short_session_expiry_interval_is_honoured() {
+    let s = TestServer::start().await;
+    let short = |o: &mut MqttOptions| {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(1));
+    };
+    let phone = V5::connect(&s, "mia", "phone", short).await;
+    let granted = phone.connack.properties.as_ref();
+    assert_eq!(granted.and_then(|p| p.session_expiry_interval), Some(1));
+    phone.client.disconnect().await.expect("DISCONNECT");
+    drop(phone);
+    // The hub sweeps stored sessions every few seconds; wait (bounded) until it drops it.
+    let mut expired = 0;
+    for _ in 0..150 {
+        expired = s.metric("callbus_sessions_expired_total").await;
+        if expired > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(expired, 1, "the session was not dropped");
+    let phone = V5::connect(&s, "mia", "phone", short).await;
+    assert!(!phone.connack.session_present);
+}

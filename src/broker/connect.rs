@@ -37,6 +37,8 @@ pub(super) struct Admitted {
     pub asked_keepalive: u16,
     pub max_packet_out: Option<u32>,
     pub assigned_id: bool,
+    /// MQTT 5: the Session Expiry Interval asked for, in seconds.
+    pub session_expiry: Option<u32>,
 }
 
 /// A CONNECT of either version, as admission needs it.
@@ -48,6 +50,7 @@ struct Hello {
     login: Option<(String, String)>,
     will: Option<(String, bytes::Bytes, bool)>,
     max_packet_out: Option<u32>,
+    session_expiry: Option<u32>,
 }
 
 impl Hello {
@@ -60,6 +63,7 @@ impl Hello {
             login: c.login.map(|l| (l.username, l.password)),
             will: c.last_will.map(|w| (w.topic, w.message, w.retain)),
             max_packet_out: None,
+            session_expiry: None,
         }
     }
 
@@ -74,6 +78,7 @@ impl Hello {
             login: c.login,
             will: c.will,
             max_packet_out: c.max_packet_size,
+            session_expiry: Some(c.session_expiry),
         }
     }
 }
@@ -154,6 +159,7 @@ pub(super) async fn admit<T: Transport>(
                 version: hello.version,
                 asked_keepalive: hello.keep_alive,
                 max_packet_out: hello.max_packet_out,
+                session_expiry: hello.session_expiry,
             })
         }
         Err(refusal) => {

@@ -45,7 +45,7 @@ const SWEEP_BATCH: i64 = 256;
 
 enum Write {
     Save(String, SessionRecord),
-    Part(String),
+    Part(String, Duration),
     Discard(String),
     Close(String, String),
     Settle(oneshot::Sender<Result<(), StoreError>>),
@@ -180,8 +180,8 @@ impl Queues {
                     pg.put_session(&client_id, &record, &self.node_id, expires)
                         .await
                 }
-                Write::Part(client_id) => {
-                    let expires = self.expires_ms();
+                Write::Part(client_id, expiry) => {
+                    let expires = now_ms() + expiry.min(self.expiry).as_millis() as u64;
                     let pg = &self.pg;
                     pg.part_session(&client_id, &self.node_id, expires).await
                 }
@@ -508,9 +508,9 @@ impl Durable for Queues {
         let _ = self.writes.send(Write::Save(client_id.to_owned(), record));
     }
 
-    fn part(&self, client_id: &str) {
+    fn part(&self, client_id: &str, expiry: Duration) {
         self.forget_hints(client_id);
-        let _ = self.writes.send(Write::Part(client_id.to_owned()));
+        let _ = self.writes.send(Write::Part(client_id.to_owned(), expiry));
     }
 
     fn discard(&self, client_id: &str) {

@@ -30,8 +30,8 @@ pub trait Durable: Send + Sync + 'static {
     /// Records the session as held by this node. Applied in order with the other writes; does
     /// not block.
     fn save(&self, client_id: &str, record: SessionRecord);
-    /// Its client left this node: the session expires unless it comes back in time.
-    fn part(&self, client_id: &str);
+    /// Its client left this node: the session expires after `expiry` unless it comes back.
+    fn part(&self, client_id: &str, expiry: std::time::Duration);
     /// Forgets the session and its queues.
     fn discard(&self, client_id: &str);
     /// Drops the queue of one filter.
@@ -295,7 +295,7 @@ impl Hub {
     /// A durable session's connection ended: the entry goes (its queues keep the rest).
     pub(super) fn part_durable(&self, state: &mut State, sid: u64) {
         if let (Some(entry), Some(durable)) = (state.remove(sid), self.durable.get()) {
-            durable.part(&entry.client_id);
+            durable.part(&entry.client_id, entry.expiry);
         }
     }
 

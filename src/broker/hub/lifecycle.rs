@@ -123,7 +123,7 @@ impl Hub {
         match &mut entry.link {
             Link::Live { sender, conn } if entry.persistent => {
                 sender.send(Event::Replaced);
-                let mut stored = Stored::new(*conn, Instant::now() + self.sessions.expiry());
+                let mut stored = Stored::new(*conn, Instant::now() + entry.expiry);
                 stored.waiting.push(done);
                 entry.link = Link::Away(Box::new(stored));
             }
@@ -160,6 +160,7 @@ impl Hub {
             delivered_through: 0,
             attached_ms: crate::model::call::now_ms(),
             queues: (persistent && self.durable.get().is_some()).then(super::durable::Queues::new),
+            expiry: self.sessions.expiry(),
         };
         state.sessions.insert(sid, entry);
         sid
@@ -191,7 +192,7 @@ impl Hub {
                     self.part_durable(&mut state, sid);
                     return;
                 }
-                let mut stored = Stored::new(conn, Instant::now() + self.sessions.expiry());
+                let mut stored = Stored::new(conn, Instant::now() + entry.expiry);
                 if let Some(parting) = parting {
                     entry.delivered_through = entry.delivered_through.max(parting.acked_event);
                     stored.part(parting, unsent, &self.sessions);

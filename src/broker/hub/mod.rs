@@ -65,6 +65,8 @@ struct Entry {
     attached_ms: u64,
     /// Cluster mode, a persistent session: the queues feeding its QoS 1 subscriptions.
     queues: Option<Box<durable::Queues>>,
+    /// How long a persistent session is kept after its connection ends.
+    expiry: Duration,
 }
 
 #[derive(Default)]
@@ -182,9 +184,17 @@ impl Hub {
         Ok(hub)
     }
 
-    /// How long a persistent session is kept after its connection ends.
+    /// How long a persistent session is kept after its connection ends, at most.
     pub(crate) fn session_expiry(&self) -> Duration {
         self.sessions.expiry()
+    }
+
+    /// Keeps session `sid` for `expiry` after its connection ends (at most the configured
+    /// expiry): an MQTT 5 client's Session Expiry Interval.
+    pub(crate) fn set_expiry(&self, sid: u64, expiry: Duration) {
+        if let Some(entry) = lock(&self.state).sessions.get_mut(&sid) {
+            entry.expiry = expiry.min(self.sessions.expiry());
+        }
     }
 
     fn may_receive(&self, who: &Identity, topic: &str) -> bool {
@@ -462,7 +472,7 @@ impl Hub {
         if entry.queues.is_some() {
             self.part_durable(state, sid);
         } else if entry.persistent {
-            let stored = Stored::new(*conn, Instant::now() + self.sessions.expiry());
+            let stored = Stored::new(*conn, Instant::now() + entry.expiry);
             entry.link = Link::Away(Box::new(stored));
         } else {
             state.remove(sid);

@@ -71,6 +71,11 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, mut a
             }
         }
     };
+    // MQTT 5: the session is kept as long as the client asked, up to the configured expiry.
+    if let (Some(secs), false) = (admitted.session_expiry, admitted.clean) {
+        let sid = attached.registration.id;
+        hub.set_expiry(sid, Duration::from_secs(u64::from(secs)));
+    }
     let limits = gateway.limits();
     let mut session = Session {
         gateway,
@@ -204,12 +209,9 @@ fn connack_properties(
     admitted: &Admitted,
 ) -> rumqttc::v5::mqttbytes::v5::ConnAckProperties {
     let limits = gateway.limits();
-    let expiry = gateway
-        .inner
-        .hub
-        .session_expiry()
-        .as_secs()
-        .min(u64::from(u32::MAX)) as u32;
+    let most = gateway.inner.hub.session_expiry().as_secs();
+    let most = most.min(u64::from(u32::MAX)) as u32;
+    let expiry = admitted.session_expiry.unwrap_or(most).min(most);
     v5::connack_properties(
         limits.max_payload_size,
         MAILBOX_MESSAGES.min(usize::from(u16::MAX)) as u16,
