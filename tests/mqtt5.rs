@@ -312,3 +312,70 @@ async fn a_short_session_expiry_interval_is_honoured() {
     let phone = V5::connect(&s, "mia", "phone", short).await;
     assert!(!phone.connack.session_present);
 }
+
+/// Message Expiry: a v5 publisher's interval reaches v5 subscribers (counting down), and
+/// callbus sets one on a call's ring, so a phone back after the call stopped ringing is not
+/// rung for it (it gets the missed call instead).
+#[tokio::test]
+async fn expired_messages_are_not_delivered() {
+    let s = TestServer::start_custom(callbus::config::DEFAULT_CONFIG, |st| {
+        st.ring_timeout = std::time::Duration::from_secs(1)
+    })
+    .await;
+    s.set_members("c1", &["alice", "bob", "mia"]).await;
+    let mut bob = V5::connect(&s, "bob", "bob-v5", |_| {}).await;
+    assert_eq!(
+        bob.subscribe("chat/c1").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let alice = V5::connect(&s, "alice", "alice-v5", |_| {}).await;
+    let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        message_expiry_interval: Some(60),
+        ..Default::default()
+    };
+    let text = json!({"type": "message", "text": "soon stale"}).to_string();
+    alice
+        .client
+        .publish_with_properties("chat/c1", QoS::AtLeastOnce, false, text, properties)
+        .await
+        .expect("PUBLISH");
+    let got = bob.publish_received().await;
+    let left = got
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval);
+    assert!(left.is_some_and(|l| (58..=60).contains(&l)), "{left:?}");
+
+    // mia's phone is away when alice calls her; it is back after the ring timed out.
+    let persistent = |o: &mut MqttOptions| {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(600));
+    };
+    let mut phone = V5::connect(&s, "mia", "phone", persistent).await;
+    assert_eq!(
+        phone.subscribe("users/mia/notifications").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    phone.client.disconnect().await.expect("DISCONNECT");
+    while phone.next().await.is_ok() {} // closed once the session is stored
+    let (status, call) = s.initiate("alice", json!("mia"), "voice").await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{call}");
+    let id = call["id"].as_u64().expect("id");
+    let (path, token) = (format!("/api/calls/{id}/"), s.token("mia"));
+    let mut status = Value::Null;
+    for _ in 0..100 {
+        status = s.get(&path, &token).await.1["status"].clone();
+        if status != "ringing" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, "missed");
+    let mut phone = V5::connect(&s, "mia", "phone", persistent).await;
+    assert!(phone.connack.session_present);
+    let first = json_of(&phone.publish_received().await);
+    assert_ne!(
+        first["payload"]["verb"], "incoming_voice_call",
+        "rang for a call that is over: {first}"
+    );
+}

@@ -74,14 +74,19 @@ fn topic_text(topic: Bytes) -> Result<String, Malformed> {
     String::from_utf8(topic.to_vec()).map_err(|_| Malformed("topic is not UTF-8".into()))
 }
 
-/// Reads the next v5 packet as its 3.1.1 counterpart, or `None` if more bytes are needed.
-pub(crate) fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<v4::Packet>, Malformed> {
+/// Reads the next v5 packet as its 3.1.1 counterpart, with a PUBLISH's Message Expiry
+/// Interval (seconds), or `None` if more bytes are needed.
+pub(crate) fn decode(
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<(v4::Packet, Option<u32>)>, Malformed> {
     let packet = match wire::Packet::read(buf, Some(max as u32)) {
         Ok(packet) => packet,
         Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
         Err(e) => return Err(Malformed(e.to_string())),
     };
-    Ok(Some(match packet {
+    let mut expiry = None;
+    let packet = match packet {
         wire::Packet::Publish(p) => {
             if p.properties
                 .as_ref()
@@ -89,6 +94,10 @@ pub(crate) fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<v4::Packet
             {
                 return Err(Malformed("topic alias (Topic Alias Maximum is 0)".into()));
             }
+            expiry = p
+                .properties
+                .as_ref()
+                .and_then(|p| p.message_expiry_interval);
             let mut publish =
                 v4::Publish::from_bytes(topic_text(p.topic)?, qos_in(p.qos), p.payload);
             publish.pkid = p.pkid;
@@ -125,18 +134,14 @@ pub(crate) fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<v4::Packet
         }
         // AUTH (no enhanced authentication is offered) and server-only packets.
         _ => v4::Packet::PingResp,
-    }))
+    };
+    Ok(Some((packet, expiry)))
 }
 
 /// Writes a 3.1.1 packet the session made as its v5 counterpart.
 pub(crate) fn encode(packet: v4::Packet, out: &mut BytesMut) {
     let packet = match packet {
-        v4::Packet::Publish(p) => {
-            let mut publish = wire::Publish::new(p.topic, qos_out(p.qos), p.payload, None);
-            publish.pkid = p.pkid;
-            publish.dup = p.dup;
-            wire::Packet::Publish(publish)
-        }
+        v4::Packet::Publish(p) => return encode_publish(p, None, out),
         v4::Packet::PubAck(a) => wire::Packet::PubAck(wire::PubAck::new(a.pkid, None)),
         v4::Packet::PubRec(a) => wire::Packet::PubRec(wire::PubRec::new(a.pkid, None)),
         v4::Packet::PubComp(a) => wire::Packet::PubComp(wire::PubComp::new(a.pkid, None)),
@@ -147,6 +152,18 @@ pub(crate) fn encode(packet: v4::Packet, out: &mut BytesMut) {
         }
     };
     write(&packet, out);
+}
+
+/// Writes a PUBLISH with its Message Expiry Interval (seconds left).
+pub(crate) fn encode_publish(p: v4::Publish, expiry: Option<u32>, out: &mut BytesMut) {
+    let properties = expiry.map(|secs| wire::PublishProperties {
+        message_expiry_interval: Some(secs),
+        ..Default::default()
+    });
+    let mut publish = wire::Publish::new(p.topic, qos_out(p.qos), p.payload, properties);
+    publish.pkid = p.pkid;
+    publish.dup = p.dup;
+    write(&wire::Packet::Publish(publish), out);
 }
 
 fn write(packet: &wire::Packet, out: &mut BytesMut) {

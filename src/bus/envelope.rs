@@ -2,8 +2,9 @@
 //! (rumqttd): a small header in front of the payload, added by the bus on publish and removed
 //! before delivery, so clients never see it.
 //!
-//! Layout: `seq` (u64, big endian), the event-log sequence (u64; 0 = none), the audience as a
-//! count (u8; 0 = every subscriber) of length-prefixed (u8) user ids, then the payload.
+//! Layout: `seq` (u64, big endian), the event-log sequence (u64; 0 = none), the expiry (u64
+//! Unix ms; 0 = none), the audience as a count (u8; 0 = every subscriber) of length-prefixed
+//! (u8) user ids, then the payload.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -17,7 +18,7 @@ pub(super) struct Decoded {
 
 /// Header size for `audience` (for accounting).
 pub(super) fn header_len(audience: &Audience) -> usize {
-    17 + match audience {
+    25 + match audience {
         Audience::Subscribers => 0,
         Audience::Users(users) => users.iter().map(|u| 1 + u.len()).sum(),
     }
@@ -30,6 +31,7 @@ pub(super) fn encode(seq: u64, message: &Message) -> Bytes {
     let mut out = BytesMut::with_capacity(header_len(audience) + payload.len());
     out.put_u64(seq);
     out.put_u64(message.event.unwrap_or(0));
+    out.put_u64(message.expires_at_ms.unwrap_or(0));
     match audience {
         Audience::Subscribers => out.put_u8(0),
         Audience::Users(users) => {
@@ -51,8 +53,9 @@ pub(super) fn encode(seq: u64, message: &Message) -> Bytes {
 pub(super) fn decode(topic: Bytes, mut raw: Bytes) -> Option<Decoded> {
     let seq = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
     let event = u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
-    let count = *raw.get(16)?;
-    let mut pos = 17;
+    let expires = u64::from_be_bytes(raw.get(16..24)?.try_into().ok()?);
+    let count = *raw.get(24)?;
+    let mut pos = 25;
     let audience = if count == 0 {
         Audience::Subscribers
     } else {
@@ -73,6 +76,7 @@ pub(super) fn decode(topic: Bytes, mut raw: Bytes) -> Option<Decoded> {
             payload,
             audience,
             event: (event != 0).then_some(event),
+            expires_at_ms: (expires != 0).then_some(expires),
         },
     })
 }
@@ -84,10 +88,15 @@ mod tests {
     #[test]
     fn round_trips() {
         let users = Audience::Users(vec!["a".to_owned(), "bob-7".to_owned()].into());
-        for (audience, event) in [(Audience::Subscribers, None), (users, Some(9))] {
+        let cases = [
+            (Audience::Subscribers, None, None),
+            (users, Some(9), Some(1_700)),
+        ];
+        for (audience, event, expires_at_ms) in cases {
             let message = Message {
                 audience: audience.clone(),
                 event,
+                expires_at_ms,
                 ..Message::new("chat/1", &b"{\"x\":1}"[..])
             };
             let raw = encode(42, &message);

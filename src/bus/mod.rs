@@ -45,6 +45,9 @@ pub struct Message {
     /// Set on events the REST layer made and logged durably: their sequence in the event log,
     /// so a persistent session can be replayed from the log after a restart.
     pub event: Option<u64>,
+    /// When it stops being worth delivering (Unix ms): MQTT 5's Message Expiry Interval, and
+    /// callbus's own on a call's ring (not rung once the call stopped ringing).
+    pub expires_at_ms: Option<u64>,
 }
 
 impl Message {
@@ -55,7 +58,21 @@ impl Message {
             payload: payload.into(),
             audience: Audience::Subscribers,
             event: None,
+            expires_at_ms: None,
         }
+    }
+
+    /// The same message, expiring at `expires_at_ms` (Unix ms).
+    pub fn expiring(self, expires_at_ms: Option<u64>) -> Self {
+        Self {
+            expires_at_ms,
+            ..self
+        }
+    }
+
+    /// Whether it expired by `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| at <= now_ms)
     }
 
     /// A durable event (logged under sequence `event`) for every subscriber of `topic`.

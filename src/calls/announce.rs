@@ -29,6 +29,7 @@ impl Calls {
             user_id: user_id.to_owned(),
             payload,
             seq,
+            expires_at_ms: None,
         })
     }
 
@@ -53,10 +54,25 @@ impl Calls {
     /// Logs the events of a change (inside its critical section) and queues them for
     /// [`Calls::commit_and_announce`].
     pub(super) fn enqueue(&self, events: Vec<(String, Value)>) -> Result<u64, StoreError> {
+        self.enqueue_expiring(events, None)
+    }
+
+    /// Like [`Calls::enqueue`], for events not worth delivering after `expires_at_ms`.
+    pub(super) fn enqueue_expiring(
+        &self,
+        events: Vec<(String, Value)>,
+        expires_at_ms: Option<u64>,
+    ) -> Result<u64, StoreError> {
         let logged = events
             .iter()
-            .map(|(uid, event)| self.log(uid, event))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(uid, event)| {
+                let logged = self.log(uid, event)?;
+                Ok(Logged {
+                    expires_at_ms,
+                    ..logged
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let mut outbox = lock(&self.inner.outbox);
         outbox.next_seq += 1;
         let seq = outbox.next_seq;
@@ -95,6 +111,7 @@ impl Calls {
             Some(seq) => Message::logged(topic, event.payload.clone(), seq),
             None => Message::new(topic, event.payload.clone()),
         };
+        let message = message.expiring(event.expires_at_ms);
         let publisher = &self.inner.publisher;
         let published = match self.inner.cluster {
             Some(_) => publisher.publish_durable(message).await,

@@ -14,6 +14,8 @@ pub(super) struct Logged {
     /// Its sequence in the event log; none when the user had no persistent session (nobody
     /// to replay it to after a restart, so it was not logged).
     pub seq: Option<u64>,
+    /// Not worth delivering after this (Unix ms): a call's ring.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// Events waiting for their change to be durable; published strictly in sequence.

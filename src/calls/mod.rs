@@ -387,8 +387,10 @@ impl Calls {
                 .enqueue(&push::ringing(&call, devices))?;
         }
         live.add(&call);
+        // The ring: not rung once the call stopped ringing (MQTT 5 clients are told when).
         let event = events::incoming_call(&call, caller);
-        let seq = self.enqueue(vec![(call.receiver.id.clone(), event)])?;
+        let ring = Some(call.ring_deadline_ms);
+        let seq = self.enqueue_expiring(vec![(call.receiver.id.clone(), event)], ring)?;
         Ok((seq, call))
     }
 

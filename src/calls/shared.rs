@@ -88,7 +88,11 @@ impl Calls {
         let make = |id| {
             let call = super::new_call(id, caller, &req, now, self.inner.limits.ring_timeout);
             let incoming = events::incoming_call(&call, caller);
-            let out = outgoing(vec![(call.receiver.id.clone(), incoming)]);
+            let mut out = outgoing(vec![(call.receiver.id.clone(), incoming)]);
+            // The ring: not rung once the call stopped ringing.
+            for ring in &mut out {
+                ring.expires_ms = Some(call.ring_deadline_ms);
+            }
             let job = devices.map(|devices| push::ringing(&call, devices));
             (call, out, job)
         };
@@ -162,6 +166,7 @@ impl Calls {
                 user_id: event.user_id.clone(),
                 payload: event.payload.clone(),
                 seq: None,
+                expires_at_ms: event.expires_ms,
             };
             published = self.publish(&logged).await;
             if !published {
@@ -208,6 +213,7 @@ fn outgoing(events: Vec<(String, serde_json::Value)>) -> Vec<Outgoing> {
     let each = events.into_iter().map(|(user_id, event)| Outgoing {
         user_id,
         payload: event.to_string(),
+        expires_ms: None,
     });
     each.collect()
 }

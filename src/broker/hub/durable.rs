@@ -226,6 +226,7 @@ impl Hub {
             receipt.acknowledge();
             return true;
         }
+        let expires_at_ms = message.expires_at_ms;
         match &mut entry.link {
             Link::Live { sender, .. } => {
                 let delivered = sender.deliver(super::Event::Deliver {
@@ -234,6 +235,7 @@ impl Hub {
                     qos: QoS::AtLeastOnce,
                     event: None,
                     receipt: Some(receipt),
+                    expires_at_ms,
                 });
                 if !delivered {
                     warn!(session = sid, "session fell too far behind; dropping it");
@@ -250,6 +252,7 @@ impl Hub {
                     pkid: None,
                     event: None,
                     receipt: Some(receipt),
+                    expires_at_ms,
                 },
                 &self.sessions,
             ),
@@ -279,6 +282,7 @@ impl Hub {
                 qos: QoS::AtLeastOnce,
                 event: None,
                 receipt: None,
+                expires_at_ms: None,
             });
         }
     }

@@ -209,6 +209,7 @@ impl Hub {
                         qos: QoS::AtLeastOnce,
                         event: m.event,
                         receipt: m.receipt,
+                        expires_at_ms: m.expires_at_ms,
                     });
                 }
             }

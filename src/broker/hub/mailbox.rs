@@ -27,6 +27,8 @@ pub(crate) enum Event {
         event: Option<u64>,
         /// Set when it came from the session's durable queue: handed back once acknowledged.
         receipt: Option<super::Receipt>,
+        /// Not delivered after this (Unix ms).
+        expires_at_ms: Option<u64>,
     },
     /// A newer connection of the same user took this client id.
     Replaced,
@@ -159,12 +161,14 @@ impl Mailbox {
                     qos: QoS::AtLeastOnce,
                     event,
                     receipt,
+                    expires_at_ms,
                 } => Some(Queued {
                     topic,
                     payload,
                     pkid: None,
                     event,
                     receipt,
+                    expires_at_ms,
                 }),
                 _ => None,
             })

@@ -433,6 +433,7 @@ impl Hub {
                         qos,
                         event: message.event,
                         receipt: None,
+                        expires_at_ms: message.expires_at_ms,
                     });
                     if !delivered {
                         too_slow.push(sid);
@@ -446,6 +447,7 @@ impl Hub {
                         pkid: None,
                         event: message.event,
                         receipt: None,
+                        expires_at_ms: message.expires_at_ms,
                     };
                     stored.push(queued, &self.sessions);
                 }

@@ -123,6 +123,7 @@ impl Hub {
                     pkid: None,
                     event: Some(seq),
                     receipt: None,
+                    expires_at_ms: None,
                 })
                 .collect(),
             Err(e) => {

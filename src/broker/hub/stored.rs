@@ -19,6 +19,8 @@ pub(crate) struct Queued {
     pub event: Option<u64>,
     /// Set when it came from a durable queue: handed back once acknowledged.
     pub receipt: Option<super::Receipt>,
+    /// Not delivered after this (Unix ms).
+    pub expires_at_ms: Option<u64>,
 }
 
 /// What a session that ends hands back to the hub.
@@ -112,6 +114,11 @@ impl Stored {
     pub(super) fn resume(mut self, logged: Vec<Queued>) -> Resumed {
         let mut queue = logged;
         queue.extend(std::mem::take(&mut self.queue));
+        // What expired while the client was away is not delivered.
+        let now = crate::model::call::now_ms();
+        let live = |m: &Queued| m.expires_at_ms.is_none_or(|at| at > now);
+        queue.retain(live);
+        self.inflight.retain(live);
         Resumed {
             inflight: std::mem::take(&mut self.inflight),
             queue,

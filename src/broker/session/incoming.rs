@@ -15,7 +15,13 @@ use crate::metrics;
 use crate::model::topic::notifications_topic;
 
 impl Session<'_> {
-    pub(super) async fn on_publish(&mut self, publish: Publish) -> Result<(), End> {
+    pub(super) async fn on_publish(
+        &mut self,
+        publish: Publish,
+        expiry: Option<u32>,
+    ) -> Result<(), End> {
+        let expires_at_ms =
+            expiry.map(|secs| crate::model::call::now_ms() + u64::from(secs) * 1000);
         let inner = &self.gateway.inner;
         let outcome = if publish.retain {
             PublishOutcome::Refuse {
@@ -33,6 +39,7 @@ impl Session<'_> {
             PublishOutcome::Deliver(messages) => {
                 metrics::PUBLISHES_RELAYED.inc();
                 for message in messages {
+                    let message = message.expiring(expires_at_ms);
                     inner
                         .publisher
                         .publish(message)

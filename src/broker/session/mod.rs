@@ -317,21 +317,24 @@ impl Session<'_> {
                 }
             }
             let decoded = match self.version {
-                Version::V4 => codec::decode(&mut self.inbuf, max).map_err(|e| e.to_string()),
+                Version::V4 => codec::decode(&mut self.inbuf, max)
+                    .map(|p| p.map(|p| (p, None)))
+                    .map_err(|e| e.to_string()),
                 Version::V5 => v5::decode(&mut self.inbuf, max).map_err(|e| e.0),
             };
             match decoded.map_err(End::Malformed)? {
-                Some(packet) => self.on_packet(packet).await?,
+                Some((packet, expiry)) => self.on_packet(packet, expiry).await?,
                 None => break,
             }
         }
         Ok(())
     }
 
-    async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
+    /// Handles one packet; `expiry` is a v5 PUBLISH's Message Expiry Interval (seconds).
+    async fn on_packet(&mut self, packet: Packet, expiry: Option<u32>) -> Result<(), End> {
         let sid = self.registration.id;
         match packet {
-            Packet::Publish(publish) => self.on_publish(publish).await?,
+            Packet::Publish(publish) => self.on_publish(publish, expiry).await?,
             Packet::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe) => {
                 let hub = &self.gateway.inner.hub;
@@ -384,7 +387,18 @@ impl Session<'_> {
                 qos,
                 event,
                 receipt,
-            } => self.deliver(topic, payload, qos, event, receipt),
+                expires_at_ms,
+            } => {
+                let message = Queued {
+                    topic,
+                    payload,
+                    pkid: None,
+                    event,
+                    receipt,
+                    expires_at_ms,
+                };
+                self.deliver(qos, message)
+            }
             Event::Replaced => Err(End::Replaced),
             Event::TooSlow => Err(End::TooSlow),
             Event::BusClosed => Err(End::Bus),
@@ -414,42 +428,43 @@ impl Session<'_> {
 
     /// Writes a message the hub routed here. A persistent session keeps QoS 1 messages until
     /// the client acknowledges them; one that lets too many wait is ended (and kept).
-    fn deliver(
-        &mut self,
-        topic: Bytes,
-        payload: Bytes,
-        qos: QoS,
-        event: Option<u64>,
-        receipt: Option<crate::broker::hub::Receipt>,
-    ) -> Result<(), End> {
-        let Ok(name) = std::str::from_utf8(&topic) else {
+    fn deliver(&mut self, qos: QoS, mut message: Queued) -> Result<(), End> {
+        let Ok(name) = std::str::from_utf8(&message.topic) else {
             return Ok(());
         };
-        // MQTT 5: a packet larger than the client accepts is not sent (nor kept).
-        let size = name.len() + payload.len() + PUBLISH_OVERHEAD;
-        if self.max_packet_out.is_some_and(|max| size > max as usize) {
-            metrics::DELIVERIES_TOO_LARGE.inc();
-            if let Some(receipt) = &receipt {
+        // MQTT 5: a packet larger than the client accepts is not sent (nor kept). And nothing
+        // is sent once it expired.
+        let size = name.len() + message.payload.len() + PUBLISH_OVERHEAD;
+        let too_large = self.max_packet_out.is_some_and(|max| size > max as usize);
+        let now = crate::model::call::now_ms();
+        let expired = message.expires_at_ms.is_some_and(|at| at <= now);
+        if too_large || expired {
+            if too_large {
+                metrics::DELIVERIES_TOO_LARGE.inc();
+            }
+            if let Some(receipt) = &message.receipt {
                 receipt.acknowledge();
             }
             return Ok(());
         }
-        let mut publish = Publish::from_bytes(name, qos, payload.clone());
+        let mut publish = Publish::from_bytes(name, qos, message.payload.clone());
         if qos != QoS::AtMostOnce {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             publish.pkid = self.next_pkid;
-            if self.persistent {
-                let pkid = Some(publish.pkid);
-                self.inflight.push_back(Queued {
-                    topic,
-                    payload,
-                    pkid,
-                    event,
-                    receipt,
-                });
-            }
         }
-        self.send(Packet::Publish(publish));
+        // MQTT 5 tells the client how long the message has left.
+        let left = message.expires_at_ms.map(|at| (at - now).div_ceil(1000));
+        match (self.version, left) {
+            (Version::V5, Some(secs)) => {
+                let secs = secs.min(u64::from(u32::MAX)) as u32;
+                v5::encode_publish(publish.clone(), Some(secs), &mut self.outbuf);
+            }
+            _ => self.send(Packet::Publish(publish.clone())),
+        }
+        if qos != QoS::AtMostOnce && self.persistent {
+            message.pkid = Some(publish.pkid);
+            self.inflight.push_back(message);
+        }
         metrics::MESSAGES_SENT.inc();
         if self.inflight.len() > MAILBOX_MESSAGES {
             return Err(End::TooSlow);
@@ -478,10 +493,18 @@ impl Session<'_> {
             );
             let event = error_event(ErrorCode::QueueOverflow, &detail, &ErrorRef::default());
             let topic = Bytes::from(notifications_topic(&self.identity.user_id));
-            self.deliver(topic, Bytes::from(event), QoS::AtLeastOnce, None, None)?;
+            let message = Queued {
+                topic,
+                payload: Bytes::from(event),
+                pkid: None,
+                event: None,
+                receipt: None,
+                expires_at_ms: None,
+            };
+            self.deliver(QoS::AtLeastOnce, message)?;
         }
         for m in resumed.queue {
-            self.deliver(m.topic, m.payload, QoS::AtLeastOnce, m.event, m.receipt)?;
+            self.deliver(QoS::AtLeastOnce, m)?;
         }
         Ok(())
     }

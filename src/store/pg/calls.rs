@@ -18,12 +18,13 @@ const LOCK: &str = "SELECT pg_advisory_lock($1)::text = ''";
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";
 const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
 const READ_EVENTS: &str =
-    "SELECT id, user_id, payload FROM call_events WHERE call_id = $1 ORDER BY id";
+    "SELECT id, user_id, payload, expires_ms FROM call_events WHERE call_id = $1 ORDER BY id";
 const READ_CALL: &str = "SELECT record, version FROM calls WHERE id = $1";
 const UPDATE_CALL: &str =
     "UPDATE calls SET live = $2, status = $3, version = $4, record = $5 WHERE id = $1";
-const INSERT_EVENTS: &str = "INSERT INTO call_events (call_id, user_id, payload)
-     SELECT $1, u, p FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS e(u, p, n)
+const INSERT_EVENTS: &str = "INSERT INTO call_events (call_id, user_id, payload, expires_ms)
+     SELECT $1, u, p, x FROM unnest($2::text[], $3::text[], $4::bigint[])
+         WITH ORDINALITY AS e(u, p, x, n)
      ORDER BY n
      RETURNING id";
 /// Both parties' locks, in the order given (sorted by the caller, so racing initiates cannot
@@ -53,6 +54,8 @@ pub struct Versioned {
 pub struct Outgoing {
     pub user_id: String,
     pub payload: String,
+    /// Not worth delivering after this (Unix ms): a call's ring.
+    pub expires_ms: Option<u64>,
 }
 
 /// What creating a call found (returned once per initiate, never stored).
@@ -113,9 +116,11 @@ impl<'a> Locked<'a> {
         )
         .map_err(unavailable)?;
         for row in events {
+            let expires: Option<i64> = row.try_get(3).map_err(unavailable)?;
             let event = Outgoing {
                 user_id: row.try_get(1).map_err(unavailable)?,
                 payload: row.try_get(2).map_err(unavailable)?,
+                expires_ms: expires.map(|ms| ms as u64),
             };
             locked
                 .pending
@@ -218,7 +223,11 @@ async fn insert_events(
 ) -> Result<Vec<i64>, StoreError> {
     let users: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
     let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
-    let params: [Param; 3] = [&call_id, &users, &payloads];
+    let expiries: Vec<Option<i64>> = events
+        .iter()
+        .map(|e| e.expires_ms.map(|ms| ms as i64))
+        .collect();
+    let params: [Param; 4] = [&call_id, &users, &payloads, &expiries];
     let rows = tx.query(insert, &params).await.map_err(unavailable)?;
     let mut ids = rows
         .iter()

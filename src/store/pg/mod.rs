@@ -82,6 +82,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         );
         CREATE INDEX push_jobs_by_call ON push_jobs (call_id, id);",
     ),
+    (6, "ALTER TABLE call_events ADD COLUMN expires_ms bigint"),
 ];
 
 /// Advisory locks: calls take their id (the one-bigint form), users `(1, hash)` and
