@@ -164,15 +164,19 @@ async fn refusals_are_reason_codes() {
         alice.subscribe("users/alice/notifications").await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
-    // Someone else's notifications: not authorized. A shared subscription (not offered):
-    // invalid.
+    // Someone else's notifications: not authorized. A shared subscription, or a user's
+    // wildcard: not offered.
     assert_eq!(
         alice.subscribe("users/bob/notifications").await,
         SubscribeReasonCode::NotAuthorized
     );
     assert_eq!(
         alice.subscribe("$share/group/chat/c1").await,
-        SubscribeReasonCode::TopicFilterInvalid
+        SubscribeReasonCode::SharedSubscriptionsNotSupported
+    );
+    assert_eq!(
+        alice.subscribe("chat/+").await,
+        SubscribeReasonCode::WildcardSubscriptionsNotSupported
     );
     // A topic only callbus publishes to; a chat payload the bridge rejects.
     let (reason, text) = alice

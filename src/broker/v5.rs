@@ -197,6 +197,10 @@ pub(crate) enum Granted {
     NotAuthorized,
     /// 0x8F
     FilterInvalid,
+    /// 0xA2: a user's wildcard filter (only admins may use wildcards).
+    NoWildcards,
+    /// 0x9E
+    NoSharedSubscriptions,
     /// 0x97: past the connection's subscription limit.
     Quota,
 }
@@ -278,6 +282,8 @@ pub(crate) fn answer(answer: Answer, out: &mut BytesMut) {
                 Granted::Yes(q) => S::Success(qos_out(q)),
                 Granted::NotAuthorized => S::NotAuthorized,
                 Granted::FilterInvalid => S::TopicFilterInvalid,
+                Granted::NoWildcards => S::WildcardSubscriptionsNotSupported,
+                Granted::NoSharedSubscriptions => S::SharedSubscriptionsNotSupported,
                 Granted::Quota => S::QuotaExceeded,
             });
             wire::Packet::SubAck(wire::SubAck {

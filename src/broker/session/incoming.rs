@@ -12,7 +12,7 @@ use crate::broker::codec::{Packet, Publish, QoS, SubAck, SubscribeReasonCode};
 use crate::broker::v5;
 use crate::bus::Message;
 use crate::metrics;
-use crate::model::topic::notifications_topic;
+use crate::model::topic::{has_wildcard, notifications_topic};
 
 impl Session<'_> {
     pub(super) async fn on_publish(
@@ -129,8 +129,11 @@ impl Session<'_> {
             } else if let Err(denied) = allowed {
                 debug!(filter = %filter.path, %denied, "subscription refused");
                 metrics::SUBSCRIPTIONS_REFUSED.inc();
+                let path = filter.path.as_str();
                 codes.push(match denied {
+                    _ if path.starts_with("$share/") => v5::Granted::NoSharedSubscriptions,
                     Denied::Malformed => v5::Granted::FilterInvalid,
+                    _ if has_wildcard(path) => v5::Granted::NoWildcards,
                     _ => v5::Granted::NotAuthorized,
                 });
             } else {
