@@ -13,14 +13,15 @@ use crate::model::call::{Call, CallType, Party, Status};
 /// Largest packet, as the default configuration.
 const MAX_PACKET: usize = 128 * 1024;
 
-/// The byte stream into a session: `data[0]` picks how the rest is cut into reads (partial and
-/// concatenated packets), and every whole packet is decoded as a session decodes it, then
-/// encoded again as a session answers.
+/// The byte stream into a session: `data[0]` picks the protocol (its high bit: MQTT 5) and how
+/// the rest is cut into reads (partial and concatenated packets), and every whole packet is
+/// decoded as a session of that protocol decodes it, then encoded again as it answers.
 pub fn mqtt_stream(data: &[u8]) {
-    let Some((&cut, bytes)) = data.split_first() else {
+    let Some((&first, bytes)) = data.split_first() else {
         return;
     };
-    fuzz_codec(bytes, usize::from(cut).max(1), MAX_PACKET);
+    let mqtt5 = first & 0x80 != 0;
+    fuzz_codec(bytes, usize::from(first & 0x7f).max(1), MAX_PACKET, mqtt5);
 }
 
 fn party(id: &str) -> Party {

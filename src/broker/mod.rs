@@ -41,19 +41,35 @@ pub trait Transport: Send + 'static {
     fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-/// Decodes `bytes` fed in reads of `cut` bytes as a session does, re-encoding each packet (for
-/// the fuzz targets: see [`crate::fuzzing`]).
+/// Decodes `bytes` fed in reads of `cut` bytes as a session of MQTT 3.1.1 (or 5) does,
+/// re-encoding each packet (for the fuzz targets: see [`crate::fuzzing`]).
 #[doc(hidden)]
-pub fn fuzz_codec(bytes: &[u8], cut: usize, max: usize) {
+pub fn fuzz_codec(bytes: &[u8], cut: usize, max: usize, mqtt5: bool) {
+    let version = match mqtt5 {
+        true => codec::Version::V5,
+        false => codec::Version::V4,
+    };
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     for read in bytes.chunks(cut) {
         buf.extend_from_slice(read);
         let _ = codec::connect_protocol_level(&buf);
         let _ = codec::packet_len(&buf);
+        if version == codec::Version::V5 {
+            let mut copy = buf.clone();
+            let _ = v5::read_connect(&mut copy, max);
+        }
         loop {
-            match codec::decode(&mut buf, max) {
-                Ok(Some(packet)) => codec::encode(packet, &mut out),
+            let decoded = match version {
+                codec::Version::V4 => codec::decode(&mut buf, max).map(|p| p.map(|p| (p, None))),
+                codec::Version::V5 => v5::decode(&mut buf, max)
+                    .map_err(|_| rumqttc::mqttbytes::Error::MalformedPacket),
+            };
+            match decoded {
+                Ok(Some((packet, _))) => match version {
+                    codec::Version::V4 => codec::encode(packet, &mut out),
+                    codec::Version::V5 => v5::encode(packet, &mut out),
+                },
                 Ok(None) => break,
                 // A session closes the connection here.
                 Err(_) => return,
