@@ -383,3 +383,25 @@ async fn expired_messages_are_not_delivered() {
         "rang for a call that is over: {first}"
     );
 }
+
+/// A server shutting down tells its v5 clients so (DISCONNECT 0x8B).
+#[tokio::test]
+async fn shutting_down_is_said() {
+    let mut s = TestServer::start().await;
+    let mut alice = V5::connect(&s, "alice", "alice-v5", |_| {}).await;
+    let server = s.server.take().expect("the server");
+    let stopping = tokio::spawn(server.stop());
+    loop {
+        match alice.next().await {
+            Ok(_) => {}
+            Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                reason_code, ..
+            })) => {
+                assert_eq!(reason_code, DisconnectReasonCode::ServerShuttingDown);
+                break;
+            }
+            Err(e) => panic!("closed without DISCONNECT: {e:?}"),
+        }
+    }
+    stopping.await.expect("stopped");
+}
