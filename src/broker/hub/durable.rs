@@ -226,17 +226,14 @@ impl Hub {
             receipt.acknowledge();
             return true;
         }
-        let expires_at_ms = message.expires_at_ms;
+        let queued = Queued {
+            receipt: Some(receipt),
+            event: None,
+            ..Queued::from_bus(&message)
+        };
         match &mut entry.link {
             Link::Live { sender, .. } => {
-                let delivered = sender.deliver(super::Event::Deliver {
-                    topic: message.topic,
-                    payload: message.payload,
-                    qos: QoS::AtLeastOnce,
-                    event: None,
-                    receipt: Some(receipt),
-                    expires_at_ms,
-                });
+                let delivered = sender.deliver(super::Event::Deliver(QoS::AtLeastOnce, queued));
                 if !delivered {
                     warn!(session = sid, "session fell too far behind; dropping it");
                     crate::metrics::SESSIONS_DROPPED_SLOW.inc();
@@ -245,17 +242,7 @@ impl Hub {
                 }
             }
             // Between a connection and the next one taking the session over.
-            Link::Away(stored) => stored.push(
-                Queued {
-                    topic: message.topic,
-                    payload: message.payload,
-                    pkid: None,
-                    event: None,
-                    receipt: Some(receipt),
-                    expires_at_ms,
-                },
-                &self.sessions,
-            ),
+            Link::Away(stored) => stored.push(queued, &self.sessions),
         }
         true
     }
@@ -276,14 +263,8 @@ impl Hub {
             let code = crate::bridge::message::ErrorCode::QueueOverflow;
             let event = crate::bridge::message::error_event(code, &detail, &about);
             let topic = crate::model::topic::notifications_topic(&entry.identity.user_id);
-            sender.deliver(super::Event::Deliver {
-                topic: bytes::Bytes::from(topic),
-                payload: bytes::Bytes::from(event),
-                qos: QoS::AtLeastOnce,
-                event: None,
-                receipt: None,
-                expires_at_ms: None,
-            });
+            let queued = Queued::new(topic.into(), event.into());
+            sender.deliver(super::Event::Deliver(QoS::AtLeastOnce, queued));
         }
     }
 

@@ -203,14 +203,7 @@ impl Hub {
             Link::Live { sender, .. } => {
                 let inflight = parting.map(|p| p.inflight).unwrap_or_default();
                 for m in inflight.into_iter().chain(unsent) {
-                    sender.deliver(Event::Deliver {
-                        topic: m.topic,
-                        payload: m.payload,
-                        qos: QoS::AtLeastOnce,
-                        event: m.event,
-                        receipt: m.receipt,
-                        expires_at_ms: m.expires_at_ms,
-                    });
+                    sender.deliver(Event::Deliver(QoS::AtLeastOnce, Queued { pkid: None, ..m }));
                 }
             }
             Link::Away(stored) if stored.conn == conn => {

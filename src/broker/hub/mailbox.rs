@@ -1,7 +1,6 @@
 //! A live session's mailbox: one stream of [`Event`]s from the hub. Deliveries are bounded
 //! (messages and bytes); control events (replaced, shutdown) always get through.
 
-use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -18,18 +17,8 @@ pub(crate) const MAILBOX_BYTES: usize = 8 * 1024 * 1024;
 /// What a session is told.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// Write this message to the client.
-    Deliver {
-        topic: Bytes,
-        payload: Bytes,
-        qos: QoS,
-        /// The durable event-log sequence, for events the REST layer made.
-        event: Option<u64>,
-        /// Set when it came from the session's durable queue: handed back once acknowledged.
-        receipt: Option<super::Receipt>,
-        /// Not delivered after this (Unix ms).
-        expires_at_ms: Option<u64>,
-    },
+    /// Write this message to the client at this QoS.
+    Deliver(QoS, Queued),
     /// A newer connection of the same user took this client id.
     Replaced,
     /// The session fell too far behind its mailbox and was dropped.
@@ -75,7 +64,7 @@ impl Sender {
     /// Queues a delivery; false if the mailbox is over its bound (the client stopped reading).
     pub(super) fn deliver(&self, event: Event) -> bool {
         let len = match &event {
-            Event::Deliver { payload, .. } => payload.len(),
+            Event::Deliver(_, message) => message.payload.len(),
             _ => 0,
         };
         let mut inner = lock(&self.shared.inner);
@@ -139,8 +128,8 @@ impl Mailbox {
             // The hub's sender is gone: the session is gone from the hub.
             return inner.closed.then_some(Event::Shutdown);
         };
-        if let Event::Deliver { payload, .. } = &event {
-            inner.bytes -= payload.len();
+        if let Event::Deliver(_, message) = &event {
+            inner.bytes -= message.payload.len();
         }
         if inner.queue.is_empty() && inner.queue.capacity() > 64 {
             inner.queue = VecDeque::new(); // give a burst's memory back
@@ -155,21 +144,7 @@ impl Mailbox {
         std::mem::take(&mut inner.queue)
             .into_iter()
             .filter_map(|event| match event {
-                Event::Deliver {
-                    topic,
-                    payload,
-                    qos: QoS::AtLeastOnce,
-                    event,
-                    receipt,
-                    expires_at_ms,
-                } => Some(Queued {
-                    topic,
-                    payload,
-                    pkid: None,
-                    event,
-                    receipt,
-                    expires_at_ms,
-                }),
+                Event::Deliver(QoS::AtLeastOnce, message) => Some(message),
                 _ => None,
             })
             .collect()

@@ -427,29 +427,14 @@ impl Hub {
             }
             match &mut entry.link {
                 Link::Live { sender, .. } => {
-                    let delivered = sender.deliver(Event::Deliver {
-                        topic: message.topic.clone(),
-                        payload: message.payload.clone(),
-                        qos,
-                        event: message.event,
-                        receipt: None,
-                        expires_at_ms: message.expires_at_ms,
-                    });
+                    let delivered = sender.deliver(Event::Deliver(qos, Queued::from_bus(&message)));
                     if !delivered {
                         too_slow.push(sid);
                     }
                 }
                 // A client that is away gets what it subscribed to at QoS 1 when it is back.
                 Link::Away(stored) if qos == QoS::AtLeastOnce => {
-                    let queued = Queued {
-                        topic: message.topic.clone(),
-                        payload: message.payload.clone(),
-                        pkid: None,
-                        event: message.event,
-                        receipt: None,
-                        expires_at_ms: message.expires_at_ms,
-                    };
-                    stored.push(queued, &self.sessions);
+                    stored.push(Queued::from_bus(&message), &self.sessions);
                 }
                 Link::Away(_) => {}
             }

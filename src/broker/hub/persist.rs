@@ -118,12 +118,8 @@ impl Hub {
             Ok(events) => events
                 .into_iter()
                 .map(|(seq, payload)| Queued {
-                    topic: bytes::Bytes::from(topic.clone()),
-                    payload: bytes::Bytes::from(payload),
-                    pkid: None,
                     event: Some(seq),
-                    receipt: None,
-                    expires_at_ms: None,
+                    ..Queued::new(topic.clone().into(), payload.into())
                 })
                 .collect(),
             Err(e) => {

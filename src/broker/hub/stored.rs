@@ -61,6 +61,29 @@ pub(super) struct Stored {
     pub waiting: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
+impl Queued {
+    /// A message not yet sent.
+    pub(crate) fn new(topic: Bytes, payload: Bytes) -> Queued {
+        Queued {
+            topic,
+            payload,
+            pkid: None,
+            event: None,
+            receipt: None,
+            expires_at_ms: None,
+        }
+    }
+
+    /// A message the bus delivered.
+    pub(crate) fn from_bus(message: &crate::bus::Message) -> Queued {
+        Queued {
+            event: message.event,
+            expires_at_ms: message.expires_at_ms,
+            ..Queued::new(message.topic.clone(), message.payload.clone())
+        }
+    }
+}
+
 impl Stored {
     pub(super) fn new(conn: u64, expires_at: Instant) -> Self {
         metrics::SESSIONS_STORED.inc();

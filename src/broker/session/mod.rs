@@ -381,24 +381,7 @@ impl Session<'_> {
 
     fn on_event(&mut self, event: Event) -> Result<(), End> {
         match event {
-            Event::Deliver {
-                topic,
-                payload,
-                qos,
-                event,
-                receipt,
-                expires_at_ms,
-            } => {
-                let message = Queued {
-                    topic,
-                    payload,
-                    pkid: None,
-                    event,
-                    receipt,
-                    expires_at_ms,
-                };
-                self.deliver(qos, message)
-            }
+            Event::Deliver(qos, message) => self.deliver(qos, message),
             Event::Replaced => Err(End::Replaced),
             Event::TooSlow => Err(End::TooSlow),
             Event::BusClosed => Err(End::Bus),
@@ -493,15 +476,7 @@ impl Session<'_> {
             );
             let event = error_event(ErrorCode::QueueOverflow, &detail, &ErrorRef::default());
             let topic = Bytes::from(notifications_topic(&self.identity.user_id));
-            let message = Queued {
-                topic,
-                payload: Bytes::from(event),
-                pkid: None,
-                event: None,
-                receipt: None,
-                expires_at_ms: None,
-            };
-            self.deliver(QoS::AtLeastOnce, message)?;
+            self.deliver(QoS::AtLeastOnce, Queued::new(topic, Bytes::from(event)))?;
         }
         for m in resumed.queue {
             self.deliver(QoS::AtLeastOnce, m)?;
