@@ -405,3 +405,60 @@ async fn shutting_down_is_said() {
     }
     stopping.await.expect("stopped");
 }
+
+/// Raw MQTT 5 bytes, for what a well-behaved client library will not send: a malformed filter
+/// gets SUBACK 0x8F, the session goes on.
+#[tokio::test]
+async fn a_malformed_filter_gets_0x8f() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let mut stream = tokio::net::TcpStream::connect(s.mqtt).await.expect("TCP");
+    let connect = common::raw_connect(5, 30, &s.token("alice"));
+    stream.write_all(&connect).await.expect("CONNECT");
+    // SUBSCRIBE, packet id 1, no properties, filter "a/#/b" at QoS 1.
+    let filter = b"a/#/b";
+    let mut subscribe = vec![0x82, (2 + 1 + 2 + filter.len() + 1) as u8, 0, 1, 0];
+    subscribe.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(filter);
+    subscribe.push(1);
+    stream.write_all(&subscribe).await.expect("SUBSCRIBE");
+    // CONNACK (with properties), then SUBACK: 0x90, length 4, packet id 1, no properties,
+    // reason 0x8F.
+    let mut read = Vec::new();
+    let suback = [0x90, 4, 0, 1, 0, 0x8F];
+    let mut buf = [0u8; 512];
+    while !read.windows(suback.len()).any(|w| w == suback) {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("SUBACK in time")
+            .expect("read");
+        assert!(n > 0, "closed; got {read:02x?}");
+        read.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A message larger than the v5 client's Maximum Packet Size is not sent to it; what fits is.
+#[tokio::test]
+async fn deliveries_respect_the_clients_maximum_packet_size() {
+    let s = TestServer::start().await;
+    s.set_members("c1", &["alice", "bob"]).await;
+    let mut bob = V5::connect(&s, "bob", "bob-v5", |o| {
+        o.set_max_packet_size(Some(2048));
+    })
+    .await;
+    assert_eq!(
+        bob.subscribe("chat/c1").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let mut alice = s.connect(Via::Tcp, "alice").await;
+    let big = "x".repeat(4096);
+    alice
+        .publish_json("chat/c1", json!({"type": "message", "text": big}))
+        .await;
+    alice
+        .publish_json("chat/c1", json!({"type": "message", "text": "small"}))
+        .await;
+    let got = json_of(&bob.publish_received().await);
+    assert_eq!(got["text"], "small", "the large one was sent");
+    assert_eq!(s.metric("callbus_mqtt_deliveries_too_large_total").await, 1);
+}
