@@ -123,6 +123,11 @@ pub static CONNECTIONS_V5: Metric = Metric::new(
     "counter",
     "MQTT client sessions accepted that speak MQTT 5 (the rest speak 3.1.1).",
 );
+pub static DELIVERIES_HELD: Metric = Metric::new(
+    "callbus_mqtt_deliveries_held_total",
+    "counter",
+    "QoS 1 messages held back because an MQTT 5 client had its Receive Maximum unacknowledged.",
+);
 pub static DELIVERIES_TOO_LARGE: Metric = Metric::new(
     "callbus_mqtt_deliveries_too_large_total",
     "counter",
@@ -176,7 +181,7 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 28] = [
+const ALL: [&Metric; 29] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -194,6 +199,7 @@ const ALL: [&Metric; 28] = [
     &SESSIONS_EXPIRED,
     &SESSION_QUEUE_DROPPED,
     &CONNECTIONS_V5,
+    &DELIVERIES_HELD,
     &DELIVERIES_TOO_LARGE,
     &BUS_PUBLISHER_WAITS,
     &BUS_LOST,

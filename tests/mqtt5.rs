@@ -462,3 +462,46 @@ async fn deliveries_respect_the_clients_maximum_packet_size() {
     assert_eq!(got["text"], "small", "the large one was sent");
     assert_eq!(s.metric("callbus_mqtt_deliveries_too_large_total").await, 1);
 }
+
+/// A v5 client's Receive Maximum bounds what callbus sends it unacknowledged: the rest waits
+/// (counted) and follows, in order, as acknowledgements come.
+#[tokio::test]
+async fn the_clients_receive_maximum_is_respected() {
+    let s = TestServer::start().await;
+    s.set_members("c1", &["alice", "bob"]).await;
+    let mut bob = V5::connect(&s, "bob", "bob-v5", |o| {
+        o.set_receive_maximum(Some(2));
+        o.set_manual_acks(true);
+    })
+    .await;
+    assert_eq!(
+        bob.subscribe("chat/c1").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let mut alice = s.connect(Via::Tcp, "alice").await;
+    let texts: Vec<String> = (0..5)
+        .map(|n| json!({"type": "message", "n": n}).to_string())
+        .collect();
+    alice.publish_all("chat/c1", texts).await;
+    let mut got = vec![bob.publish_received().await, bob.publish_received().await];
+    // Two unacknowledged: the other three wait.
+    let mut held = 0;
+    for _ in 0..100 {
+        held = s.metric("callbus_mqtt_deliveries_held_total").await;
+        if held >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(held, 3);
+    while got.len() < 5 {
+        let oldest = got.len() - 2;
+        bob.client.ack(&got[oldest]).await.expect("PUBACK");
+        got.push(bob.publish_received().await);
+    }
+    let order: Vec<u64> = got
+        .iter()
+        .map(|p| json_of(p)["n"].as_u64().unwrap_or(99))
+        .collect();
+    assert_eq!(order, [0, 1, 2, 3, 4]);
+}

@@ -39,6 +39,8 @@ pub(super) struct Admitted {
     pub assigned_id: bool,
     /// MQTT 5: the Session Expiry Interval asked for, in seconds.
     pub session_expiry: Option<u32>,
+    /// MQTT 5: how many QoS 1 deliveries the client takes unacknowledged at once.
+    pub receive_max: Option<u16>,
 }
 
 /// A CONNECT of either version, as admission needs it.
@@ -51,6 +53,7 @@ struct Hello {
     will: Option<(String, bytes::Bytes, bool)>,
     max_packet_out: Option<u32>,
     session_expiry: Option<u32>,
+    receive_max: Option<u16>,
 }
 
 impl Hello {
@@ -64,6 +67,7 @@ impl Hello {
             will: c.last_will.map(|w| (w.topic, w.message, w.retain)),
             max_packet_out: None,
             session_expiry: None,
+            receive_max: None,
         }
     }
 
@@ -79,6 +83,7 @@ impl Hello {
             will: c.will,
             max_packet_out: c.max_packet_size,
             session_expiry: Some(c.session_expiry),
+            receive_max: c.receive_max,
         }
     }
 }
@@ -160,6 +165,7 @@ pub(super) async fn admit<T: Transport>(
                 asked_keepalive: hello.keep_alive,
                 max_packet_out: hello.max_packet_out,
                 session_expiry: hello.session_expiry,
+                receive_max: hello.receive_max,
             })
         }
         Err(refusal) => {

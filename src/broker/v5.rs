@@ -43,6 +43,8 @@ pub(crate) struct Connect {
     pub session_expiry: u32,
     /// The largest packet the client accepts.
     pub max_packet_size: Option<u32>,
+    /// How many QoS 1 messages the client takes unacknowledged at once.
+    pub receive_max: Option<u16>,
 }
 
 /// Reads a v5 CONNECT (the first packet of a v5 connection).
@@ -62,6 +64,7 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Conn
                 will,
                 session_expiry: props.session_expiry_interval.unwrap_or(0),
                 max_packet_size: props.max_packet_size,
+                receive_max: props.receive_maximum,
             }))
         }
         Ok(_) => Err(Malformed("first packet is not CONNECT".into())),

@@ -179,7 +179,11 @@ impl Hub {
             return;
         };
         let (unsent, parting) = match parting {
-            Some((mut mailbox, parting)) => (mailbox.drain(), Some(parting)),
+            Some((mut mailbox, mut parting)) => {
+                let mut unsent = std::mem::take(&mut parting.unsent);
+                unsent.extend(mailbox.drain());
+                (unsent, Some(parting))
+            }
             None => (Vec::new(), None),
         };
         match &mut entry.link {

@@ -31,6 +31,8 @@ pub(crate) struct Parting {
     pub last_pkid: u16,
     /// The highest event-log sequence the client acknowledged.
     pub acked_event: u64,
+    /// Not sent yet (held back by the client's Receive Maximum), oldest first.
+    pub unsent: Vec<Queued>,
 }
 
 /// What a resumed session starts from.

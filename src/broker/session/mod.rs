@@ -86,6 +86,9 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, mut a
         version: admitted.version,
         max_packet_out: admitted.max_packet_out,
         inflight: VecDeque::new(),
+        receive_max: admitted.receive_max.map_or(usize::MAX, usize::from),
+        outstanding: 0,
+        held: VecDeque::new(),
         acked_event: 0,
         identity: admitted.identity.clone(),
         inbuf: std::mem::take(&mut admitted.inbuf),
@@ -146,12 +149,14 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, mut a
         inflight,
         next_pkid,
         acked_event,
+        held,
         ..
     } = session;
     let parting = Parting {
         inflight: inflight.into(),
         last_pkid: next_pkid,
         acked_event,
+        unsent: held.into_iter().map(|(_, m)| m).collect(),
     };
     registration.close(mailbox, parting);
     metrics::CONNECTIONS_OPEN.dec();
@@ -236,6 +241,12 @@ struct Session<'g> {
     max_packet_out: Option<u32>,
     /// Sent at QoS 1 and not yet acknowledged (persistent sessions only), oldest first.
     inflight: VecDeque<Queued>,
+    /// MQTT 5 Receive Maximum: QoS 1 messages the client takes unacknowledged at once; past
+    /// it, deliveries wait in `held` until acknowledgements come.
+    receive_max: usize,
+    /// QoS 1 messages sent and not yet acknowledged (any session).
+    outstanding: usize,
+    held: VecDeque<(QoS, Queued)>,
     /// The highest durable event-log sequence the client acknowledged.
     acked_event: u64,
     identity: Arc<Identity>,
@@ -358,6 +369,13 @@ impl Session<'_> {
             Packet::PingReq => self.send(Packet::PingResp),
             Packet::PubRel(rel) => self.send(Packet::PubComp(PubComp::new(rel.pkid))),
             Packet::PubAck(ack) => {
+                self.outstanding = self.outstanding.saturating_sub(1);
+                while self.outstanding < self.receive_max {
+                    let Some((qos, message)) = self.held.pop_front() else {
+                        break;
+                    };
+                    self.deliver(qos, message)?;
+                }
                 if let Some(i) = self.inflight.iter().position(|m| m.pkid == Some(ack.pkid)) {
                     let Some(acked) = self.inflight.remove(i) else {
                         return Ok(());
@@ -412,6 +430,14 @@ impl Session<'_> {
     /// Writes a message the hub routed here. A persistent session keeps QoS 1 messages until
     /// the client acknowledges them; one that lets too many wait is ended (and kept).
     fn deliver(&mut self, qos: QoS, mut message: Queued) -> Result<(), End> {
+        if qos != QoS::AtMostOnce && self.outstanding >= self.receive_max {
+            metrics::DELIVERIES_HELD.inc();
+            self.held.push_back((qos, message));
+            if self.held.len() > MAILBOX_MESSAGES {
+                return Err(End::TooSlow);
+            }
+            return Ok(());
+        }
         let Ok(name) = std::str::from_utf8(&message.topic) else {
             return Ok(());
         };
@@ -434,6 +460,7 @@ impl Session<'_> {
         if qos != QoS::AtMostOnce {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             publish.pkid = self.next_pkid;
+            self.outstanding += 1;
         }
         // MQTT 5 tells the client how long the message has left.
         let left = message.expires_at_ms.map(|at| (at - now).div_ceil(1000));
@@ -466,6 +493,7 @@ impl Session<'_> {
             let mut publish = Publish::from_bytes(name, QoS::AtLeastOnce, message.payload.clone());
             publish.pkid = pkid;
             publish.dup = true;
+            self.outstanding += 1;
             self.send(Packet::Publish(publish));
             self.inflight.push_back(message);
         }
