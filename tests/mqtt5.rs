@@ -505,3 +505,32 @@ async fn the_clients_receive_maximum_is_respected() {
         .collect();
     assert_eq!(order, [0, 1, 2, 3, 4]);
 }
+
+/// A v5 packet over the server's Maximum Packet Size ends the session with DISCONNECT 0x95.
+#[tokio::test]
+async fn a_packet_too_large_is_said() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let mut stream = tokio::net::TcpStream::connect(s.mqtt).await.expect("TCP");
+    let connect = common::raw_connect(5, 30, &s.token("alice"));
+    stream.write_all(&connect).await.expect("CONNECT");
+    // A QoS 0 PUBLISH announcing 16 MiB (the varint 0x80 0x80 0x80 0x08): the header is
+    // enough for callbus to refuse it.
+    stream
+        .write_all(&[0x30, 0x80, 0x80, 0x80, 0x08])
+        .await
+        .expect("PUBLISH header");
+    let mut read = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        read.extend_from_slice(&buf[..n]);
+    }
+    assert!(read.ends_with(&[0xE0, 2, 0x95, 0]), "{read:02x?}");
+}

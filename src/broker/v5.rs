@@ -11,6 +11,9 @@ use rumqttc::v5::mqttbytes::QoS as WireQoS;
 
 use super::codec::QoS;
 
+/// How a [`Malformed`] packet over the Maximum Packet Size starts.
+pub(crate) const TOO_LARGE: &str = "packet too large";
+
 /// A packet that cannot be read, or that a v5 client may not send.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -86,6 +89,9 @@ pub(crate) fn decode(
     let packet = match wire::Packet::read(buf, Some(max as u32)) {
         Ok(packet) => packet,
         Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e @ rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { .. }) => {
+            return Err(Malformed(format!("{TOO_LARGE}: {e}")))
+        }
         Err(e) => return Err(Malformed(e.to_string())),
     };
     let mut expiry = None;
@@ -228,6 +234,7 @@ pub(crate) enum Ending {
     Quota,
     KeepAlive,
     Malformed,
+    TooLarge,
     Protocol,
     Unavailable,
 }
@@ -329,6 +336,7 @@ pub(crate) fn answer(answer: Answer, out: &mut BytesMut) {
                 Ending::Quota => D::QuotaExceeded,
                 Ending::KeepAlive => D::KeepAliveTimeout,
                 Ending::Malformed => D::MalformedPacket,
+                Ending::TooLarge => D::PacketTooLarge,
                 Ending::Protocol => D::ProtocolError,
                 Ending::Unavailable => D::ServerBusy,
             };

@@ -196,6 +196,7 @@ impl End {
     fn ending(&self) -> Option<v5::Ending> {
         Some(match self {
             End::Disconnect | End::Closed | End::Io(_) => return None,
+            End::Malformed(why) if why.starts_with(v5::TOO_LARGE) => v5::Ending::TooLarge,
             End::Malformed(_) => v5::Ending::Malformed,
             End::Protocol(_) => v5::Ending::Protocol,
             End::Idle => v5::Ending::KeepAlive,
