@@ -534,3 +534,33 @@ async fn a_packet_too_large_is_said() {
     }
     assert!(read.ends_with(&[0xE0, 2, 0x95, 0]), "{read:02x?}");
 }
+
+/// Past `violation_limit` refused publishes a v5 client is disconnected with 0x96.
+#[tokio::test]
+async fn too_many_refused_publishes_are_said() {
+    let s = TestServer::start().await;
+    let mut alice = V5::connect(&s, "alice", "alice-v5", |_| {}).await;
+    let client = alice.client.clone();
+    tokio::spawn(async move {
+        for _ in 0..200 {
+            let refused = client
+                .publish("users/bob/notifications", QoS::AtMostOnce, false, "{}")
+                .await;
+            if refused.is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        match alice.next().await {
+            Ok(_) => {}
+            Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                reason_code, ..
+            })) => {
+                assert_eq!(reason_code, DisconnectReasonCode::MessageRateTooHigh);
+                break;
+            }
+            Err(e) => panic!("closed without DISCONNECT: {e:?}"),
+        }
+    }
+}
