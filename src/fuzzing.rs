@@ -115,3 +115,12 @@ pub fn chat_publish(data: &[u8]) {
 pub fn bus_envelope(data: &[u8]) {
     crate::bus::fuzz_envelope(Bytes::copy_from_slice(data));
 }
+
+/// A REST request body: `data[0]` picks the endpoint (initiate, accept, end, conversation PUT,
+/// notification), the rest is the body, read and checked as that handler does.
+pub fn rest_bodies(data: &[u8]) {
+    let Some((&which, body)) = data.split_first() else {
+        return;
+    };
+    crate::api::fuzz_rest_body(which, body);
+}

@@ -31,3 +31,8 @@ fn chat_publish_inputs() {
 fn bus_envelope_inputs() {
     replay("bus_envelope", callbus::fuzzing::bus_envelope);
 }
+
+#[test]
+fn rest_bodies_inputs() {
+    replay("rest_bodies", callbus::fuzzing::rest_bodies);
+}

@@ -42,14 +42,10 @@ fn required_id(body: &Map<String, Value>, field: &str) -> Result<String, ApiErro
     }
 }
 
-/// `POST /api/calls/initiate/`
-pub async fn initiate(
-    State(state): State<AppState>,
-    Caller(caller): Caller,
-    OptionalJson(body): OptionalJson<Map<String, Value>>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let receiver_id = required_id(&body, "receiver_id")?;
-    let conversation_id = required_id(&body, "conversation_id")?;
+/// An initiate body's receiver, conversation and call type.
+pub fn initiate_body(body: &Map<String, Value>) -> Result<(String, String, CallType), ApiError> {
+    let receiver_id = required_id(body, "receiver_id")?;
+    let conversation_id = required_id(body, "conversation_id")?;
     let call_type = match body.get("call_type") {
         None | Some(Value::Null) => {
             return Err(ApiError::BadRequest("call_type is required".into()))
@@ -58,6 +54,16 @@ pub async fn initiate(
             ApiError::BadRequest("call_type must be \"voice\" or \"video\"".into())
         })?,
     };
+    Ok((receiver_id, conversation_id, call_type))
+}
+
+/// `POST /api/calls/initiate/`
+pub async fn initiate(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    OptionalJson(body): OptionalJson<Map<String, Value>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (receiver_id, conversation_id, call_type) = initiate_body(&body)?;
     if receiver_id == caller.user_id {
         return Err(ApiError::BadRequest("you cannot call yourself".into()));
     }
@@ -108,6 +114,18 @@ pub struct AcceptBody {
     device_id: Option<Value>,
 }
 
+impl AcceptBody {
+    /// The device the call is bound to, if named.
+    pub fn device(self) -> Result<Option<String>, ApiError> {
+        match self.device_id {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => Ok(Some(id_from_json(&v).ok_or_else(|| {
+                ApiError::BadRequest("device_id must be 1-64 characters of [A-Za-z0-9_-]".into())
+            })?)),
+        }
+    }
+}
+
 /// `POST /api/calls/{id}/accept/`
 pub async fn accept(
     State(state): State<AppState>,
@@ -116,12 +134,7 @@ pub async fn accept(
     OptionalJson(body): OptionalJson<AcceptBody>,
 ) -> Result<Json<Value>, ApiError> {
     let id = call_id(&id)?;
-    let device_id = match body.device_id {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(id_from_json(&v).ok_or_else(|| {
-            ApiError::BadRequest("device_id must be 1-64 characters of [A-Za-z0-9_-]".into())
-        })?),
-    };
+    let device_id = body.device()?;
     let action = Action::Accept {
         by: caller.user_id.clone(),
         username: caller.username.clone(),
@@ -149,6 +162,20 @@ pub struct EndBody {
     reason: Option<Value>,
 }
 
+impl EndBody {
+    /// The hangup reason, if given (one of [`HANGUP_REASONS`]).
+    pub fn hangup_reason(self) -> Result<Option<String>, ApiError> {
+        match self.reason {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(r)) if HANGUP_REASONS.contains(&r.as_str()) => Ok(Some(r)),
+            Some(_) => Err(ApiError::BadRequest(format!(
+                "reason must be one of {}",
+                HANGUP_REASONS.join(", ")
+            ))),
+        }
+    }
+}
+
 /// `POST /api/calls/{id}/end/`. A client-sent duration is ignored: the server computes it.
 pub async fn end(
     State(state): State<AppState>,
@@ -157,16 +184,7 @@ pub async fn end(
     OptionalJson(body): OptionalJson<EndBody>,
 ) -> Result<Json<Value>, ApiError> {
     let id = call_id(&id)?;
-    let hangup_reason = match body.reason {
-        None | Some(Value::Null) => None,
-        Some(Value::String(r)) if HANGUP_REASONS.contains(&r.as_str()) => Some(r),
-        Some(_) => {
-            return Err(ApiError::BadRequest(format!(
-                "reason must be one of {}",
-                HANGUP_REASONS.join(", ")
-            )))
-        }
-    };
+    let hangup_reason = body.hangup_reason()?;
     let action = Action::End {
         by: caller.user_id.clone(),
         hangup_reason,

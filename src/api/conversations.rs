@@ -23,6 +23,25 @@ pub struct PutConversation {
     members: Vec<Value>,
 }
 
+impl PutConversation {
+    /// The members, as user ids (at most [`MAX_MEMBERS`]).
+    pub fn members(&self) -> Result<BTreeSet<String>, ApiError> {
+        if self.members.len() > MAX_MEMBERS {
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_MEMBERS} members"
+            )));
+        }
+        self.members
+            .iter()
+            .map(|m| {
+                id_from_json(m).ok_or_else(|| {
+                    ApiError::BadRequest(format!("member {m} is not a valid user id"))
+                })
+            })
+            .collect()
+    }
+}
+
 fn conversation_id(cid: &str) -> Result<&str, ApiError> {
     if is_valid_id(cid) {
         Ok(cid)
@@ -41,19 +60,7 @@ pub async fn put(
 ) -> Result<(StatusCode, Json<Conversation>), ApiError> {
     caller.require(Role::Service)?;
     let cid = conversation_id(&cid)?;
-    if body.members.len() > MAX_MEMBERS {
-        return Err(ApiError::BadRequest(format!(
-            "at most {MAX_MEMBERS} members"
-        )));
-    }
-    let members = body
-        .members
-        .iter()
-        .map(|m| {
-            id_from_json(m)
-                .ok_or_else(|| ApiError::BadRequest(format!("member {m} is not a valid user id")))
-        })
-        .collect::<Result<BTreeSet<_>, _>>()?;
+    let members = body.members()?;
     // Removed members have stopped receiving by the time this returns.
     let (conv, existed) = state.conversations.replace(cid, members).await?;
     let status = if existed {

@@ -99,13 +99,17 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::Status(e.status(), e.body_text()))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(OptionalJson(T::default()));
-        }
-        serde_json::from_slice(&bytes)
-            .map(OptionalJson)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+        optional_json(&bytes).map(OptionalJson)
     }
+}
+
+/// An optional JSON body as [`OptionalJson`] reads it.
+pub fn optional_json<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {

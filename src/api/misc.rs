@@ -11,6 +11,18 @@ use super::{turn, AppState};
 use crate::auth::{unix_now, Role};
 use crate::ids::id_from_json;
 
+/// A notification body's user and payload.
+pub fn notify_body(body: &Map<String, Value>) -> Result<(String, Value), ApiError> {
+    let user_id = body
+        .get("user_id")
+        .and_then(id_from_json)
+        .ok_or_else(|| ApiError::BadRequest("user_id is required (a user id)".into()))?;
+    match body.get("payload") {
+        Some(Value::Object(p)) => Ok((user_id, Value::Object(p.clone()))),
+        _ => Err(ApiError::BadRequest("payload must be a JSON object".into())),
+    }
+}
+
 /// `POST /api/notifications/` `{user_id, payload}` (service): publishes `notification.created`.
 pub async fn notify(
     State(state): State<AppState>,
@@ -18,14 +30,7 @@ pub async fn notify(
     OptionalJson(body): OptionalJson<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Role::Service)?;
-    let user_id = body
-        .get("user_id")
-        .and_then(id_from_json)
-        .ok_or_else(|| ApiError::BadRequest("user_id is required (a user id)".into()))?;
-    let payload = match body.get("payload") {
-        Some(Value::Object(p)) => Value::Object(p.clone()),
-        _ => return Err(ApiError::BadRequest("payload must be a JSON object".into())),
-    };
+    let (user_id, payload) = notify_body(&body)?;
     let event = state.calls.notify(&user_id, payload).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": event["id"] }))))
 }

@@ -108,3 +108,25 @@ fn cors(origins: &[HeaderValue]) -> CorsLayer {
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
         .max_age(std::time::Duration::from_secs(600))
 }
+
+/// Reads `body` as the REST endpoint `which` picks reads its body, then checks it as the
+/// handler does (for the fuzz targets: see [`crate::fuzzing`]). Every outcome is an answer;
+/// none may panic.
+#[doc(hidden)]
+pub fn fuzz_rest_body(which: u8, body: &[u8]) {
+    use serde_json::{Map, Value};
+    let checked: Result<(), error::ApiError> = match which % 5 {
+        0 => error::optional_json::<Map<String, Value>>(body)
+            .and_then(|b| calls::initiate_body(&b).map(drop)),
+        1 => error::optional_json::<calls::AcceptBody>(body).and_then(|b| b.device().map(drop)),
+        2 => error::optional_json::<calls::EndBody>(body).and_then(|b| b.hangup_reason().map(drop)),
+        3 => serde_json::from_slice::<conversations::PutConversation>(body)
+            .map_err(|e| error::ApiError::BadRequest(e.to_string()))
+            .and_then(|b| b.members().map(drop)),
+        _ => error::optional_json::<Map<String, Value>>(body)
+            .and_then(|b| misc::notify_body(&b).map(drop)),
+    };
+    if let Err(e) = checked {
+        let _ = axum::response::IntoResponse::into_response(e);
+    }
+}
