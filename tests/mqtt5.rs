@@ -77,6 +77,21 @@ impl V5 {
         next.expect("a packet in time").expect("event loop alive")
     }
 
+    /// The reason of the DISCONNECT callbus ends the connection with (rumqttc reports it as
+    /// the connection's end).
+    async fn until_disconnected(&mut self) -> DisconnectReasonCode {
+        loop {
+            match self.next().await {
+                Ok(_) => {}
+                Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                    reason_code,
+                    ..
+                })) => return reason_code,
+                Err(e) => panic!("closed without DISCONNECT: {e:?}"),
+            }
+        }
+    }
+
     async fn publish_received(&mut self) -> Publish {
         loop {
             match self.next().await {
@@ -235,19 +250,10 @@ async fn a_session_taken_over_is_told_so() {
     let s = TestServer::start().await;
     let mut old = V5::connect(&s, "alice", "phone", |_| {}).await;
     let _new = V5::connect(&s, "alice", "phone", |_| {}).await;
-    // rumqttc reports a server's DISCONNECT as the end of the connection, with its reason.
-    loop {
-        match old.next().await {
-            Ok(_) => {}
-            Err(ConnectionError::MqttState(StateError::ServerDisconnect {
-                reason_code, ..
-            })) => {
-                assert_eq!(reason_code, DisconnectReasonCode::SessionTakenOver);
-                break;
-            }
-            Err(e) => panic!("closed without DISCONNECT: {e:?}"),
-        }
-    }
+    assert_eq!(
+        old.until_disconnected().await,
+        DisconnectReasonCode::SessionTakenOver
+    );
 }
 
 #[tokio::test]
@@ -391,18 +397,10 @@ async fn shutting_down_is_said() {
     let mut alice = V5::connect(&s, "alice", "alice-v5", |_| {}).await;
     let server = s.server.take().expect("the server");
     let stopping = tokio::spawn(server.stop());
-    loop {
-        match alice.next().await {
-            Ok(_) => {}
-            Err(ConnectionError::MqttState(StateError::ServerDisconnect {
-                reason_code, ..
-            })) => {
-                assert_eq!(reason_code, DisconnectReasonCode::ServerShuttingDown);
-                break;
-            }
-            Err(e) => panic!("closed without DISCONNECT: {e:?}"),
-        }
-    }
+    assert_eq!(
+        alice.until_disconnected().await,
+        DisconnectReasonCode::ServerShuttingDown
+    );
     stopping.await.expect("stopped");
 }
 
@@ -551,16 +549,8 @@ async fn too_many_refused_publishes_are_said() {
             }
         }
     });
-    loop {
-        match alice.next().await {
-            Ok(_) => {}
-            Err(ConnectionError::MqttState(StateError::ServerDisconnect {
-                reason_code, ..
-            })) => {
-                assert_eq!(reason_code, DisconnectReasonCode::MessageRateTooHigh);
-                break;
-            }
-            Err(e) => panic!("closed without DISCONNECT: {e:?}"),
-        }
-    }
+    assert_eq!(
+        alice.until_disconnected().await,
+        DisconnectReasonCode::MessageRateTooHigh
+    );
 }
