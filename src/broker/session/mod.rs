@@ -446,8 +446,12 @@ impl Session<'_> {
         // is sent once it expired.
         let size = name.len() + message.payload.len() + PUBLISH_OVERHEAD;
         let too_large = self.max_packet_out.is_some_and(|max| size > max as usize);
-        let now = crate::model::call::now_ms();
-        let expired = message.expires_at_ms.is_some_and(|at| at <= now);
+        // Seconds it has left, for a message that expires (the clock is read only then).
+        let left = message.expires_at_ms.map(|at| {
+            let now = crate::model::call::now_ms();
+            at.saturating_sub(now).div_ceil(1000)
+        });
+        let expired = left == Some(0);
         if too_large || expired {
             if too_large {
                 metrics::DELIVERIES_TOO_LARGE.inc();
@@ -463,17 +467,17 @@ impl Session<'_> {
             publish.pkid = self.next_pkid;
             self.outstanding += 1;
         }
+        let pkid = publish.pkid;
         // MQTT 5 tells the client how long the message has left.
-        let left = message.expires_at_ms.map(|at| (at - now).div_ceil(1000));
         match (self.version, left) {
             (Version::V5, Some(secs)) => {
                 let secs = secs.min(u64::from(u32::MAX)) as u32;
-                v5::encode_publish(publish.clone(), Some(secs), &mut self.outbuf);
+                v5::encode_publish(publish, Some(secs), &mut self.outbuf);
             }
-            _ => self.send(Packet::Publish(publish.clone())),
+            _ => self.send(Packet::Publish(publish)),
         }
         if qos != QoS::AtMostOnce && self.persistent {
-            message.pkid = Some(publish.pkid);
+            message.pkid = Some(pkid);
             self.inflight.push_back(message);
         }
         metrics::MESSAGES_SENT.inc();
