@@ -83,6 +83,11 @@ impl SessionTrees {
         Ok(seq)
     }
 
+    /// The highest sequence given to an event so far (or a little higher).
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
     /// `user_id`'s events after `seq`, oldest first: (sequence, payload).
     pub fn events_after(&self, user_id: &str, seq: u64) -> Result<Vec<(u64, String)>, StoreError> {
         let start = user_key(user_id, seq.saturating_add(1));

@@ -61,9 +61,10 @@ impl Hub {
                     link: Link::Away(stored),
                     identity,
                     ..
-                }) => stored
-                    .from_log
-                    .map(|through| self.logged_since(&state, sid, &identity.user_id, through)),
+                }) => stored.from_log.map(|through| {
+                    let bounds = (through, stored.logged_before);
+                    self.logged_since(&state, sid, &identity.user_id, bounds)
+                }),
                 _ => None,
             })
             .unwrap_or_default();

@@ -17,6 +17,7 @@ use crate::sync::lock;
 impl Hub {
     pub(super) fn restore(&self) -> Result<(), StoreError> {
         let records = self.store.sessions.all()?;
+        let logged_before = self.store.sessions.last_seq()?;
         let mut state = lock(&self.state);
         for (client_id, record) in records {
             let identity = Arc::new(Identity {
@@ -32,6 +33,7 @@ impl Hub {
             });
             let mut stored = Stored::new(0, Instant::now() + self.sessions.expiry());
             stored.from_log = Some(record.delivered_through);
+            stored.logged_before = logged_before;
             let link = Link::Away(Box::new(stored));
             let sid = self.add(&mut state, identity, client_id, true, link);
             if let Some(entry) = state.sessions.get_mut(&sid) {
@@ -97,13 +99,28 @@ impl Hub {
         }
     }
 
-    /// The durable events a restored session missed, for its notifications subscription.
+    /// A persistent session's client acknowledged durable event `seq`: its record says so at
+    /// once (on disk with the next flush), so a crash later does not send the event again.
+    pub(crate) fn acked_event(&self, sid: u64, seq: u64) {
+        let mut state = lock(&self.state);
+        let Some(entry) = state.sessions.get_mut(&sid) else {
+            return;
+        };
+        if !entry.persistent || entry.queues.is_some() || seq <= entry.delivered_through {
+            return;
+        }
+        entry.delivered_through = seq;
+        self.save(&state, sid);
+    }
+
+    /// The durable events a restored session missed, for its notifications subscription;
+    /// those logged up to `logged_before` (before the restart) are marked as possibly sent.
     pub(super) fn logged_since(
         &self,
         state: &State,
         sid: u64,
         user_id: &str,
-        through: u64,
+        (through, logged_before): (u64, u64),
     ) -> Vec<Queued> {
         let topic = notifications_topic(user_id);
         let subscribed = state
@@ -119,6 +136,7 @@ impl Hub {
                 .into_iter()
                 .map(|(seq, payload)| Queued {
                     event: Some(seq),
+                    dup: seq <= logged_before,
                     ..Queued::new(topic.clone().into(), payload.into())
                 })
                 .collect(),

@@ -21,6 +21,8 @@ pub(crate) struct Queued {
     pub receipt: Option<super::Receipt>,
     /// Not delivered after this (Unix ms).
     pub expires_at_ms: Option<u64>,
+    /// It may have reached the client before a crash: sent with DUP.
+    pub dup: bool,
 }
 
 /// What a session that ends hands back to the hub.
@@ -59,6 +61,9 @@ pub(super) struct Stored {
     /// Restored after a restart: durable events after this sequence come from the event log
     /// on resume, so they are not queued here as well.
     pub from_log: Option<u64>,
+    /// Restored after a restart: events logged up to this sequence may have reached the client
+    /// before (its acknowledgement not yet on disk), so they go again with DUP.
+    pub logged_before: u64,
     /// Newer connections waiting for that connection's parting before they resume.
     pub waiting: Vec<tokio::sync::oneshot::Sender<()>>,
 }
@@ -73,6 +78,7 @@ impl Queued {
             event: None,
             receipt: None,
             expires_at_ms: None,
+            dup: false,
         }
     }
 
@@ -98,6 +104,7 @@ impl Stored {
             expires_at,
             conn,
             from_log: None,
+            logged_before: 0,
             waiting: Vec::new(),
         }
     }

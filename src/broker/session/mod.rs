@@ -386,6 +386,7 @@ impl Session<'_> {
                     }
                     if let Some(event) = acked.event {
                         self.acked_event = self.acked_event.max(event);
+                        self.gateway.inner.hub.acked_event(sid, event);
                     }
                 }
             }
@@ -463,6 +464,7 @@ impl Session<'_> {
         }
         let mut publish = Publish::from_bytes(name, qos, message.payload.clone());
         if qos != QoS::AtMostOnce {
+            publish.dup = message.dup;
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             publish.pkid = self.next_pkid;
             self.outstanding += 1;
