@@ -21,6 +21,26 @@ pub struct FileConfig {
     /// Persistent sessions (`clean_session = 0`).
     #[serde(default)]
     pub sessions: SessionsConfig,
+    /// The embedded store (sled).
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// The embedded store: how much of it sled keeps in memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Bytes of sled's page cache (sled's own default is 1 GiB: memory would grow with the
+    /// data on disk, not with live state).
+    pub cache_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 32 * 1024 * 1024,
+        }
+    }
 }
 
 /// Persistent sessions: how long one is kept while its client is away, and how much it queues.

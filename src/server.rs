@@ -180,7 +180,8 @@ impl Server {
         let http_addr = http.local_addr()?;
         let mqtt_addr = mqtt.local_addr()?;
         let data_dir = settings.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        let cache = settings.config.storage.cache_bytes;
+        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, cache))
             .await?
             .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
         let auth = Authenticator::new(&settings.jwt_secret);

@@ -8,6 +8,8 @@
 //!   the time for one notification per user to reach all of them.
 //! - sessions: N persistent sessions away while M messages each are queued, then all back:
 //!   memory per stored session and the time until everything is replayed.
+//! - notified N: N distinct users (none connected) notified once through REST: server RSS
+//!   along the way and after, against its start (memory is bounded by live state).
 //! - cluster [clients]: three nodes on three nats-servers and PostgreSQL: relay same-node
 //!   against cross-node, flows/s on one node against three, failover time.
 
@@ -15,6 +17,7 @@ mod calls;
 mod cluster;
 mod conns;
 mod engines;
+mod notified;
 mod relay;
 mod sessions;
 mod util;
@@ -46,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
             conns::run(&sizes).await?
         }
         "sessions" => sessions::run(num(1, 1000), num(2, 20)).await?,
+        "notified" => notified::run(num(1, 1_000_000)).await?,
         "cluster" => cluster::run(2000, 10_000, 5, num(1, 1000)).await?,
         "all" => {
             relay::run(2000, 10_000).await?;
@@ -55,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown scenario {other}: use relay, calls, conns, sessions, cluster or all"
+                "unknown scenario {other}: use relay, calls, conns, sessions, notified, cluster or all"
             )
         }
     }

@@ -9,7 +9,6 @@
 //! behind, publishers wait instead. Each message carries a sequence number in its envelope, and a
 //! gap (which the budget should make impossible) is counted in `callbus_bus_lost_total`.
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::Notification;
@@ -125,8 +124,10 @@ impl EmbeddedBus {
     }
 
     async fn send(&self, message: Message) -> Result<(), BusError> {
-        let size =
-            message.topic.len() + message.payload.len() + envelope::header_len(&message.audience);
+        let size = 2
+            + message.topic.len()
+            + message.payload.len()
+            + envelope::header_len(&message.audience);
         let cost = size
             .max(self.budget_bytes / MAX_IN_FLIGHT)
             .min(self.budget_bytes) as u32;
@@ -145,9 +146,9 @@ impl EmbeddedBus {
         let mut link = lock(&self.link);
         link.next_seq += 1;
         let seq = link.next_seq;
-        let payload = envelope::encode(seq, &message);
+        let payload = envelope::encode_routed(seq, &message);
         lock(&self.in_flight).push_back((seq, permit));
-        match link.tx.try_publish(to_router(message.topic), payload) {
+        match link.tx.try_publish(ROUTER_TOPIC, payload) {
             Ok(_) => Ok(()),
             // The message is in the link's buffer; the router takes it with the next publish.
             // The in-flight bound keeps the router's queue below full, so this is not expected.
@@ -178,8 +179,7 @@ async fn receive(
     loop {
         match rx.next().await {
             Ok(Some(Notification::Forward(f))) => {
-                let topic = from_router(f.publish.topic);
-                let Some(decoded) = envelope::decode(topic, f.publish.payload) else {
+                let Some(decoded) = envelope::decode_routed(f.publish.payload) else {
                     error!("a message without an envelope on the router: dropped");
                     metrics::BUS_LOST.inc();
                     continue;
@@ -201,24 +201,11 @@ async fn receive(
     sink.closed();
 }
 
-/// rumqttd refuses filters on `$` topics, and `#` does not match them; callbus's own `$SYS`
-/// figures therefore cross the router under this prefix (no client can publish there: the ACL
-/// lets clients publish to `chat/{cid}` only).
-const DOLLAR: &[u8] = b"callbus-dollar/";
-
-fn to_router(topic: Bytes) -> Bytes {
-    match topic.strip_prefix(b"$") {
-        Some(rest) => [DOLLAR, rest].concat().into(),
-        None => topic,
-    }
-}
-
-fn from_router(topic: Bytes) -> Bytes {
-    match topic.strip_prefix(DOLLAR) {
-        Some(rest) => [b"$", rest].concat().into(),
-        None => topic,
-    }
-}
+/// The one topic every message crosses the router on; its own topic travels in the envelope.
+/// rumqttd keeps an entry per topic it ever saw (its topic-to-filters cache), so a topic per user
+/// would grow the router with every user ever notified. One topic also keeps `$SYS` figures out
+/// of its way (rumqttd refuses filters on `$` topics, and `#` does not match them).
+const ROUTER_TOPIC: &str = "callbus";
 
 /// Releases the budget of message `seq` and of any older one that never came back (lost).
 fn settle(in_flight: &Mutex<VecDeque<(u64, OwnedSemaphorePermit)>>, seq: u64) {
@@ -236,20 +223,5 @@ fn settle(in_flight: &Mutex<VecDeque<(u64, OwnedSemaphorePermit)>>, seq: u64) {
     if lost > 0 {
         error!(lost, "the router skipped messages");
         metrics::BUS_LOST.add(lost);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dollar_topics_cross_the_router_renamed() {
-        let sys = Bytes::from_static(b"$SYS/broker/uptime");
-        let inside = to_router(sys.clone());
-        assert_eq!(&inside[..], b"callbus-dollar/SYS/broker/uptime");
-        assert_eq!(from_router(inside), sys);
-        let chat = Bytes::from_static(b"chat/c1");
-        assert_eq!(from_router(to_router(chat.clone())), chat);
     }
 }

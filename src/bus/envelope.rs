@@ -4,7 +4,9 @@
 //!
 //! Layout: `seq` (u64, big endian), the event-log sequence (u64; 0 = none), the expiry (u64
 //! Unix ms; 0 = none), the audience as a count (u8; 0 = every subscriber) of length-prefixed
-//! (u8) user ids, then the payload.
+//! (u8) user ids, then the payload. A bus whose own topics must not be the message's (the
+//! embedded router keeps state per topic it ever saw) puts the topic first, after its length
+//! (u16): [`encode_routed`], [`decode_routed`].
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -29,6 +31,32 @@ pub(super) fn header_len(audience: &Audience) -> usize {
 pub(super) fn encode(seq: u64, message: &Message) -> Bytes {
     let (audience, payload) = (&message.audience, &message.payload);
     let mut out = BytesMut::with_capacity(header_len(audience) + payload.len());
+    write(&mut out, seq, message);
+    out.freeze()
+}
+
+/// Like [`encode`], with the topic in front (topics are at most 65,535 bytes in MQTT).
+pub(super) fn encode_routed(seq: u64, message: &Message) -> Bytes {
+    let (audience, payload, topic) = (&message.audience, &message.payload, &message.topic);
+    let len = 2 + topic.len() + header_len(audience) + payload.len();
+    let mut out = BytesMut::with_capacity(len);
+    let topic = &topic[..topic.len().min(u16::MAX as usize)];
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic);
+    write(&mut out, seq, message);
+    out.freeze()
+}
+
+/// Reads what [`encode_routed`] wrote.
+pub(super) fn decode_routed(mut raw: Bytes) -> Option<Decoded> {
+    let len = u16::from_be_bytes(raw.get(..2)?.try_into().ok()?) as usize;
+    let rest = raw.split_off(2);
+    let topic = rest.get(..len).map(|_| rest.slice(..len))?;
+    decode(topic, rest.slice(len..))
+}
+
+fn write(out: &mut BytesMut, seq: u64, message: &Message) {
+    let (audience, payload) = (&message.audience, &message.payload);
     out.put_u64(seq);
     out.put_u64(message.event.unwrap_or(0));
     out.put_u64(message.expires_at_ms.unwrap_or(0));
@@ -45,7 +73,6 @@ pub(super) fn encode(seq: u64, message: &Message) -> Bytes {
         }
     }
     out.put_slice(payload);
-    out.freeze()
 }
 
 /// Splits a delivered payload into its header and the message. `None` if it carries no valid
@@ -104,6 +131,17 @@ mod tests {
             let d = decode(Bytes::from_static(b"chat/1"), raw).unwrap();
             assert_eq!(d.seq, 42);
             assert_eq!(d.message, message);
+        }
+    }
+
+    #[test]
+    fn routed_round_trips_and_refuses_truncation() {
+        let message = Message::to_users("$SYS/broker/uptime", &b"12"[..], &["abc"]);
+        let raw = encode_routed(7, &message);
+        let d = decode_routed(raw.clone()).unwrap();
+        assert_eq!((d.seq, d.message), (7, message));
+        for cut in 0..raw.len() - 2 {
+            assert!(decode_routed(raw.slice(..cut)).is_none(), "{cut}");
         }
     }
 

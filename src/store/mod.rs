@@ -54,12 +54,14 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database under `dir`. Blocks: call from a blocking context inside
-    /// a tokio runtime (the commit task is spawned on it).
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database under `dir`, with at most `cache_bytes` of it cached in
+    /// memory. Blocks: call from a blocking context inside a tokio runtime (the commit task is
+    /// spawned on it).
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::LowSpace)
+            .cache_capacity(cache_bytes)
             .open()?;
         let conversations = Conversations::open(&db)?;
         let calls = CallTrees::open(&db)?;
