@@ -33,12 +33,16 @@ pub struct StorageConfig {
     /// Bytes of sled's page cache (sled's own default is 1 GiB: memory would grow with the
     /// data on disk, not with live state).
     pub cache_bytes: u64,
+    /// Free bytes the data dir's filesystem must keep: below it, writes get 503 (sled cannot
+    /// recover from a full disk without a restart; this keeps it from ever seeing one).
+    pub min_free_bytes: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             cache_bytes: 32 * 1024 * 1024,
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }

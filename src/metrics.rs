@@ -173,6 +173,16 @@ pub static PUSHES_DROPPED: Metric = Metric::new(
     "counter",
     "Push webhook calls given up at their deadline.",
 );
+pub static STORAGE_FULL: Metric = Metric::new(
+    "callbus_storage_full",
+    "gauge",
+    "1 while the data dir's free space is under [storage] min_free_bytes and writes get 503.",
+);
+pub static STORAGE_REFUSED: Metric = Metric::new(
+    "callbus_storage_refused_total",
+    "counter",
+    "Writes refused because the data dir's free space was under [storage] min_free_bytes.",
+);
 pub static CALLS_INITIATED: Metric =
     Metric::new("callbus_calls_initiated_total", "counter", "Calls created.");
 pub static CALL_TRANSITIONS: Metric = Metric::new(
@@ -181,7 +191,7 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "Call state changes after creation (accept, reject, end, missed).",
 );
 
-const ALL: [&Metric; 29] = [
+const ALL: [&Metric; 31] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -209,6 +219,8 @@ const ALL: [&Metric; 29] = [
     &PUSHES_DELIVERED,
     &PUSH_RETRIES,
     &PUSHES_DROPPED,
+    &STORAGE_FULL,
+    &STORAGE_REFUSED,
     &CALLS_INITIATED,
     &CALL_TRANSITIONS,
 ];

@@ -180,8 +180,8 @@ impl Server {
         let http_addr = http.local_addr()?;
         let mqtt_addr = mqtt.local_addr()?;
         let data_dir = settings.data_dir.clone();
-        let cache = settings.config.storage.cache_bytes;
-        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, cache))
+        let storage = settings.config.storage.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, &storage))
             .await?
             .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
         let auth = Authenticator::new(&settings.jwt_secret);
@@ -236,6 +236,7 @@ impl Server {
             shutdown.clone(),
         ));
         let bridge = Bridge::new(auth.clone(), store.clone(), calls.clone());
+        let storage = cluster.is_none().then(|| store.clone());
         let conversations = ConversationService::new(store, hub.clone(), cluster.clone());
         let gateway = Gateway::new(
             hub,
@@ -260,6 +261,7 @@ impl Server {
             dev: settings.dev,
             cors_origins,
             cluster,
+            storage,
         };
         let app = api::router(state);
         let token = shutdown.clone();

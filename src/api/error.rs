@@ -69,6 +69,15 @@ impl From<crate::store::StoreError> for ApiError {
                     "the database is unavailable; try again shortly".into(),
                 )
             }
+            crate::store::StoreError::Full(_) => ApiError::Status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage is full: the change was not made; try again later".into(),
+            ),
+            crate::store::StoreError::Unflushed(_) => ApiError::Status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage is full: the change is not on disk and may be lost; try again later"
+                    .into(),
+            ),
             e => ApiError::Internal(e.to_string()),
         }
     }

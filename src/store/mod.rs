@@ -8,6 +8,7 @@ pub mod pg;
 mod push;
 mod replica;
 mod sessions;
+mod space;
 
 pub use calls::CallTrees;
 pub use conversations::{Conversation, Conversations};
@@ -16,8 +17,12 @@ pub use replica::CallReplica;
 pub use sessions::{SessionRecord, SessionTrees};
 
 use commit::Committer;
+use space::Space;
 
 use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::StorageConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,6 +37,13 @@ pub enum StoreError {
     Unavailable(String),
     #[error("{0}")]
     Config(String),
+    /// The data dir's filesystem is at its reserve: nothing was changed; try again later.
+    #[error("the data dir is full ({0} bytes free)")]
+    Full(u64),
+    /// The change was made but cannot be flushed: the data dir's filesystem is past half its
+    /// reserve. It reaches the disk once space returns, unless the process stops first.
+    #[error("the data dir is full ({0} bytes free): not flushed")]
+    Unflushed(u64),
 }
 
 /// A key `<user id>/<id as 8 big-endian bytes>`: a user's entries sort together, by id.
@@ -47,6 +59,7 @@ fn user_key(uid: &str, id: u64) -> Vec<u8> {
 #[derive(Clone)]
 pub struct Store {
     committer: Committer,
+    space: Arc<Space>,
     pub conversations: Conversations,
     pub calls: CallTrees,
     pub push: PushTree,
@@ -54,15 +67,18 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database under `dir`, with at most `cache_bytes` of it cached in
-    /// memory. Blocks: call from a blocking context inside a tokio runtime (the commit task is
-    /// spawned on it).
-    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database under `dir` as `config` says. Blocks: call from a
+    /// blocking context inside a tokio runtime (the commit task is spawned on it).
+    pub fn open(dir: &Path, config: &StorageConfig) -> Result<Self, StoreError> {
+        // sled's own periodic flush is off: every flush goes through the committer, which
+        // checks the reserve first (sled's error on a full disk would stick).
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::LowSpace)
-            .cache_capacity(cache_bytes)
+            .cache_capacity(config.cache_bytes)
+            .flush_every_ms(None)
             .open()?;
+        let space = Arc::new(Space::new(dir, config.min_free_bytes));
         let conversations = Conversations::open(&db)?;
         let calls = CallTrees::open(&db)?;
         let push = PushTree::open(&db)?;
@@ -70,7 +86,8 @@ impl Store {
         Ok(Self {
             push,
             sessions,
-            committer: Committer::start(db),
+            committer: Committer::start(db, space.clone()),
+            space,
             conversations,
             calls,
         })
@@ -78,6 +95,12 @@ impl Store {
 
     /// Returns once everything written so far is on disk. Concurrent callers share one flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.committer.commit().await.map_err(StoreError::Flush)
+        self.committer.commit().await
+    }
+
+    /// `Err(Full)` while the data dir's free space is under its reserve: check before a change,
+    /// so that a refused change is not applied at all.
+    pub fn ensure_space(&self) -> Result<(), StoreError> {
+        self.space.admit().map_err(StoreError::Full)
     }
 }
