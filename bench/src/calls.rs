@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-use crate::util::{mqtt_client, percentile, Callbus};
+use crate::util::{mqtt_client, percentile, Api, Callbus};
 
 pub(crate) const STEPS: [&str; 6] = [
     "initiate",
@@ -19,16 +19,16 @@ pub(crate) const STEPS: [&str; 6] = [
     "end + call.end",
 ];
 
-struct Party {
+pub(crate) struct Party {
     client: AsyncClient,
     inbox: mpsc::UnboundedReceiver<Value>,
 }
 
 impl Party {
-    async fn connect(cb: &Callbus, user: &str) -> anyhow::Result<Party> {
+    pub(crate) async fn connect(cb: &impl Api, user: &str) -> anyhow::Result<Party> {
         let topic = format!("users/{user}/notifications");
         let (client, mut events) = mqtt_client(
-            cb.server.mqtt_addr.port(),
+            cb.mqtt_port(),
             &format!("{user}-dev"),
             user,
             &cb.token(user, Role::User),
@@ -75,8 +75,8 @@ impl Party {
 }
 
 /// One whole flow; per-step durations in µs, and the whole.
-async fn flow(
-    cb: &Callbus,
+pub(crate) async fn flow(
+    cb: &impl Api,
     caller: (&str, &mut Party),
     callee: (&str, &mut Party),
     cid: &str,
@@ -147,13 +147,13 @@ pub(crate) async fn run_on(
         let cb = nodes[i % nodes.len()].clone();
         cb.set_members(&cid, &[caller.clone(), callee.clone()])
             .await?;
-        let mut a = Party::connect(&cb, &caller).await?;
-        let mut b = Party::connect(&nodes[(i + 1) % nodes.len()], &callee).await?;
+        let mut a = Party::connect(&*cb, &caller).await?;
+        let mut b = Party::connect(&*nodes[(i + 1) % nodes.len()], &callee).await?;
         tasks.push(async move {
             let deadline = Instant::now() + Duration::from_secs(secs);
             let mut results = Vec::new();
             while Instant::now() < deadline {
-                match flow(&cb, (&caller, &mut a), (&callee, &mut b), &cid).await {
+                match flow(&*cb, (&caller, &mut a), (&callee, &mut b), &cid).await {
                     Ok(r) => results.push(r),
                     Err(e) => {
                         eprintln!("flow failed: {e}");

@@ -10,6 +10,8 @@
 //!   memory per stored session and the time until everything is replayed.
 //! - notified N: N distinct users (none connected) notified once through REST: server RSS
 //!   along the way and after, against its start (memory is bounded by live state).
+//! - soak [minutes] [chart.svg]: a steady mixed load (call flows, chat, notifications,
+//!   connection churn, stuck consumers) against a callbus process, sampled every 10 s and drawn.
 //! - cluster [clients]: three nodes on three nats-servers and PostgreSQL: relay same-node
 //!   against cross-node, flows/s on one node against three, failover time.
 
@@ -20,6 +22,7 @@ mod engines;
 mod notified;
 mod relay;
 mod sessions;
+mod soak;
 mod util;
 
 #[tokio::main]
@@ -50,6 +53,10 @@ async fn main() -> anyhow::Result<()> {
         }
         "sessions" => sessions::run(num(1, 1000), num(2, 20)).await?,
         "notified" => notified::run(num(1, 1_000_000)).await?,
+        "soak" => {
+            let chart = args.get(2).map_or("docs/soak.svg", String::as_str);
+            soak::run(num(1, 30) as u64, std::path::Path::new(chart)).await?
+        }
         "cluster" => cluster::run(2000, 10_000, 5, num(1, 1000)).await?,
         "all" => {
             relay::run(2000, 10_000).await?;
@@ -59,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown scenario {other}: use relay, calls, conns, sessions, notified, cluster or all"
+                "unknown scenario {other}: use relay, calls, conns, sessions, notified, soak, cluster or all"
             )
         }
     }

@@ -9,6 +9,110 @@ use tokio::net::TcpListener;
 
 pub const SECRET: &[u8] = b"bench-secret";
 
+/// What a scenario needs of a callbus: its MQTT port, tokens, and REST POSTs.
+pub trait Api: Send + Sync {
+    fn mqtt_port(&self) -> u16;
+    fn token(&self, sub: &str, role: Role) -> String;
+    /// POSTs `body` to `path` as `user` (a user); the JSON reply of a 2xx, an error otherwise.
+    fn post(
+        &self,
+        path: &str,
+        user: &str,
+        body: serde_json::Value,
+    ) -> impl std::future::Future<Output = anyhow::Result<serde_json::Value>> + Send;
+}
+
+impl Api for Callbus {
+    fn mqtt_port(&self) -> u16 {
+        self.server.mqtt_addr.port()
+    }
+
+    fn token(&self, sub: &str, role: Role) -> String {
+        Callbus::token(self, sub, role)
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        user: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.post_as(path, user, Role::User, body).await
+    }
+}
+
+/// A callbus in its own process (so its RSS, files and CPU time are its own), with the bench's
+/// REST client.
+pub struct Remote {
+    pub proc: crate::conns::Proc,
+    pub http: u16,
+    pub mqtt: u16,
+    auth: Authenticator,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Remote {
+    pub async fn start() -> anyhow::Result<Remote> {
+        let dir = tempfile::tempdir()?;
+        let (proc, http, mqtt) = crate::conns::spawn_callbus(dir.path()).await?;
+        Ok(Remote {
+            proc,
+            http,
+            mqtt,
+            auth: Authenticator::new(crate::conns::SECRET.as_bytes()),
+            client: reqwest::Client::new(),
+            _dir: dir,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
+    /// Sends `body` with `method` to `path` as `who`; the JSON reply of a 2xx.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        who: (&str, Role),
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("http://127.0.0.1:{}{path}", self.http);
+        let resp = self
+            .client
+            .request(method, url)
+            .bearer_auth(self.token(who.0, who.1))
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let value: serde_json::Value = resp.json().await.unwrap_or_default();
+        anyhow::ensure!(status.is_success(), "{path}: {status} {value}");
+        Ok(value)
+    }
+}
+
+impl Api for Remote {
+    fn mqtt_port(&self) -> u16 {
+        self.mqtt
+    }
+
+    fn token(&self, sub: &str, role: Role) -> String {
+        self.auth.issue(sub, None, role, 24 * 3600).expect("token")
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        user: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let who = (user, Role::User);
+        self.send(reqwest::Method::POST, path, who, body).await
+    }
+}
+
 pub struct Callbus {
     pub server: Server,
     pub auth: Authenticator,

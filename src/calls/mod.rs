@@ -144,6 +144,9 @@ struct Inner {
     /// Wakes the push worker when jobs were queued (None: no webhook configured).
     push: Option<Arc<tokio::sync::Notify>>,
     live: Mutex<Live>,
+    /// The ring timer of each ringing call, stopped when the call stops ringing (a timer per
+    /// call ever started would hold memory for the whole ring timeout).
+    ring_timers: Mutex<std::collections::HashMap<u64, tokio::task::AbortHandle>>,
     outbox: Mutex<Outbox>,
     /// Held while publishing from the outbox, so events leave in change order even though
     /// publishing may wait for the bus.
@@ -179,6 +182,7 @@ impl Calls {
                 limits,
                 push,
                 live: Mutex::default(),
+                ring_timers: Mutex::default(),
                 outbox: Mutex::default(),
                 announcing: tokio::sync::Mutex::new(()),
                 cluster,
@@ -396,6 +400,16 @@ impl Calls {
 
     /// Applies an action to a call; the new record once durable.
     pub async fn transition(&self, id: u64, action: Action) -> Result<Call, CallError> {
+        let call = self.transition_inner(id, action).await?;
+        if call.status != Status::Ringing {
+            if let Some(timer) = lock(&self.inner.ring_timers).remove(&id) {
+                timer.abort();
+            }
+        }
+        Ok(call)
+    }
+
+    async fn transition_inner(&self, id: u64, action: Action) -> Result<Call, CallError> {
         if let Some(cluster) = &self.inner.cluster {
             return self.transition_shared(cluster, id, action).await;
         }
@@ -432,16 +446,21 @@ impl Calls {
     fn arm_ring_timer(&self, id: u64, after_ms: u64) {
         let calls = self.clone();
         let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
+        let mut timers = lock(&self.inner.ring_timers);
+        let timer = tokio::spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(after_ms)) => {}
                 _ = shutdown.cancelled() => return,
             }
+            lock(&calls.inner.ring_timers).remove(&id);
             match calls.transition(id, Action::Timeout).await {
                 Ok(_) => info!(call = id, "missed"),
                 Err(CallError::Transition(TransitionError::WrongState(_))) => {}
                 Err(e) => warn!(call = id, error = %e, "ring timeout failed"),
             }
         });
+        if let Some(old) = timers.insert(id, timer.abort_handle()) {
+            old.abort();
+        }
     }
 }
