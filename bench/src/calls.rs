@@ -208,3 +208,56 @@ pub async fn run(levels: &[usize], secs: u64) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Server CPU per whole flow: `pairs` pairs against a separate callbus process for `secs` s;
+/// the process's CPU time (utime + stime from `/proc`) over the run divided by the flows.
+pub async fn cpu_per_flow(levels: &[usize], secs: u64) -> anyhow::Result<()> {
+    println!("\n## calls, server CPU: whole flows against a separate callbus process, {secs} s per level");
+    println!("| pairs C | flows | flows/s | server CPU per flow | server CPU use |");
+    println!("|---|---|---|---|---|");
+    for &pairs in levels {
+        let cb = std::sync::Arc::new(crate::util::Remote::start().await?);
+        let mut tasks = Vec::new();
+        for i in 0..pairs {
+            let (caller, callee, cid) = (format!("c{i}"), format!("r{i}"), format!("p{i}"));
+            let path = format!("/api/conversations/{cid}/");
+            let members = json!({ "members": [&caller, &callee] });
+            let service = ("bench-app", Role::Service);
+            cb.send(reqwest::Method::PUT, &path, service, members)
+                .await?;
+            let mut a = Party::connect(&*cb, &caller).await?;
+            let mut b = Party::connect(&*cb, &callee).await?;
+            let cb = cb.clone();
+            tasks.push(async move {
+                let deadline = Instant::now() + Duration::from_secs(secs);
+                let mut flows = 0u64;
+                while Instant::now() < deadline {
+                    match flow(&*cb, (&caller, &mut a), (&callee, &mut b), &cid).await {
+                        Ok(_) => flows += 1,
+                        Err(e) => {
+                            eprintln!("flow failed: {e}");
+                            break;
+                        }
+                    }
+                }
+                flows
+            });
+        }
+        let pid = cb.pid();
+        let (ticks, started) = (crate::util::cpu_ticks(pid), Instant::now());
+        let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+        let mut flows = 0;
+        for h in handles {
+            flows += h.await?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu_secs = (crate::util::cpu_ticks(pid) - ticks) as f64 / 100.0;
+        println!(
+            "| {pairs} | {flows} | {:.0} | {:.3} ms | {:.0}% |",
+            flows as f64 / elapsed,
+            cpu_secs * 1000.0 / flows.max(1) as f64,
+            cpu_secs * 100.0 / elapsed
+        );
+    }
+    Ok(())
+}

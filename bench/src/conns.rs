@@ -31,7 +31,7 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -46,12 +46,36 @@ pub(crate) async fn spawn_callbus_with(
     dir: &std::path::Path,
     extra: &[&str],
 ) -> anyhow::Result<(Proc, u16, u16)> {
-    let exe = std::env::current_exe()?
+    let (http, mqtt) = (free_port()?, free_port()?);
+    let proc = spawn(&exe()?, dir, http, mqtt, extra)?;
+    healthy(proc, http, mqtt).await
+}
+
+/// A callbus process on the given ports.
+pub(crate) async fn spawn_callbus_at(
+    dir: &std::path::Path,
+    http: u16,
+    mqtt: u16,
+) -> anyhow::Result<Proc> {
+    let proc = spawn(&exe()?, dir, http, mqtt, &[])?;
+    Ok(healthy(proc, http, mqtt).await?.0)
+}
+
+fn exe() -> anyhow::Result<std::path::PathBuf> {
+    std::env::current_exe()?
         .parent()
         .map(|d| d.join("callbus"))
         .filter(|p| p.exists())
-        .ok_or_else(|| anyhow::anyhow!("build the server first: cargo build --release"))?;
-    let (http, mqtt) = (free_port()?, free_port()?);
+        .ok_or_else(|| anyhow::anyhow!("build the server first: cargo build --release"))
+}
+
+fn spawn(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    http: u16,
+    mqtt: u16,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
     let child = Command::new(exe)
         .args(["serve", "--data-dir"])
         .arg(dir)
@@ -66,7 +90,11 @@ pub(crate) async fn spawn_callbus_with(
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?;
-    let proc = Proc(child);
+    Ok(Proc(child))
+}
+
+/// Waits (bounded) until `proc` answers `/healthz`.
+async fn healthy(proc: Proc, http: u16, mqtt: u16) -> anyhow::Result<(Proc, u16, u16)> {
     for _ in 0..200 {
         let health = reqwest::get(format!("http://127.0.0.1:{http}/healthz")).await;
         if health.is_ok_and(|r| r.status().is_success()) {

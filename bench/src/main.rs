@@ -10,6 +10,8 @@
 //!   memory per stored session and the time until everything is replayed.
 //! - notified N: N distinct users (none connected) notified once through REST: server RSS
 //!   along the way and after, against its start (memory is bounded by live state).
+//! - storm N: N MQTT clients through a restart of callbus: time until all are back and
+//!   notified, peak CPU and RSS, and a probe pair's latency meanwhile.
 //! - soak [minutes] [chart.svg]: a steady mixed load (call flows, chat, notifications,
 //!   connection churn, stuck consumers) against a callbus process, sampled every 10 s and drawn.
 //! - cluster [clients]: three nodes on three nats-servers and PostgreSQL: relay same-node
@@ -23,6 +25,7 @@ mod notified;
 mod relay;
 mod sessions;
 mod soak;
+mod storm;
 mod util;
 
 #[tokio::main]
@@ -42,7 +45,10 @@ async fn main() -> anyhow::Result<()> {
     println!("machine: {}", util::machine());
     match scenario {
         "relay" => relay::run(num(1, 2000), num(2, 10_000)).await?,
-        "calls" => calls::run(&[1, 10, 100], num(1, 5) as u64).await?,
+        "calls" => {
+            calls::run(&[1, 10, 100], num(1, 5) as u64).await?;
+            calls::cpu_per_flow(&[1, 10, 100], num(1, 5) as u64).await?
+        }
         "conns" => {
             let sizes: Vec<usize> = if args.len() > 1 {
                 args[1..].iter().filter_map(|s| s.parse().ok()).collect()
@@ -53,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         }
         "sessions" => sessions::run(num(1, 1000), num(2, 20)).await?,
         "notified" => notified::run(num(1, 1_000_000)).await?,
+        "storm" => storm::run(num(1, 10_000)).await?,
         "soak" => {
             let chart = args.get(2).map_or("docs/soak.svg", String::as_str);
             soak::run(num(1, 30) as u64, std::path::Path::new(chart)).await?
@@ -66,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown scenario {other}: use relay, calls, conns, sessions, notified, soak, cluster or all"
+                "unknown scenario {other}: use relay, calls, conns, sessions, notified, storm, soak, cluster or all"
             )
         }
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::calls::{flow, Party};
 use crate::conns::rss_kib;
-use crate::util::{mqtt_client, percentile, Api, Remote};
+use crate::util::{cpu_ticks, mqtt_client, percentile, Api, Remote};
 
 const SAMPLE: Duration = Duration::from_secs(10);
 /// Caller/callee pairs running whole flows, each starting one every [`FLOW_EVERY`].
@@ -89,22 +89,6 @@ fn open_files(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
-}
-
-/// utime + stime of `pid`, in clock ticks (100 per second here).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
 }
 
 async fn metric(http: u16, name: &str) -> u64 {
