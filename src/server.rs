@@ -236,7 +236,7 @@ impl Server {
             shutdown.clone(),
         ));
         let bridge = Bridge::new(auth.clone(), store.clone(), calls.clone());
-        let storage = cluster.is_none().then(|| store.clone());
+        let storage = cluster.is_none().then(|| store.gate());
         let conversations = ConversationService::new(store, hub.clone(), cluster.clone());
         let gateway = Gateway::new(
             hub,

@@ -61,6 +61,7 @@ pub fn initiate_body(body: &Map<String, Value>) -> Result<(String, String, CallT
 pub async fn initiate(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    _room: super::Room,
     OptionalJson(body): OptionalJson<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (receiver_id, conversation_id, call_type) = initiate_body(&body)?;
@@ -130,6 +131,7 @@ impl AcceptBody {
 pub async fn accept(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    _room: super::Room,
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<AcceptBody>,
 ) -> Result<Json<Value>, ApiError> {
@@ -147,6 +149,7 @@ pub async fn accept(
 pub async fn reject(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    _room: super::Room,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = call_id(&id)?;
@@ -180,6 +183,7 @@ impl EndBody {
 pub async fn end(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    _room: super::Room,
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<EndBody>,
 ) -> Result<Json<Value>, ApiError> {

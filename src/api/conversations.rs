@@ -55,6 +55,7 @@ fn conversation_id(cid: &str) -> Result<&str, ApiError> {
 pub async fn put(
     State(state): State<AppState>,
     caller: Caller,
+    _room: super::Room,
     Path(cid): Path<String>,
     JsonBody(body): JsonBody<PutConversation>,
 ) -> Result<(StatusCode, Json<Conversation>), ApiError> {

@@ -27,6 +27,7 @@ pub fn notify_body(body: &Map<String, Value>) -> Result<(String, Value), ApiErro
 pub async fn notify(
     State(state): State<AppState>,
     caller: Caller,
+    _room: super::Room,
     OptionalJson(body): OptionalJson<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Role::Service)?;

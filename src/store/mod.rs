@@ -98,9 +98,20 @@ impl Store {
         self.committer.commit().await
     }
 
+    /// What decides whether a change may start (cheap to clone, unlike the store).
+    pub fn gate(&self) -> SpaceGate {
+        SpaceGate(self.space.clone())
+    }
+}
+
+/// The data dir's free-space reserve, as checked before a change.
+#[derive(Clone)]
+pub struct SpaceGate(Arc<Space>);
+
+impl SpaceGate {
     /// `Err(Full)` while the data dir's free space is under its reserve: check before a change,
     /// so that a refused change is not applied at all.
-    pub fn ensure_space(&self) -> Result<(), StoreError> {
-        self.space.admit().map_err(StoreError::Full)
+    pub fn admit(&self) -> Result<(), StoreError> {
+        self.0.admit().map_err(StoreError::Full)
     }
 }
