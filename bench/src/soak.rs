@@ -4,6 +4,7 @@
 //! errors. Printed as a table and drawn as an SVG chart.
 
 use callbus::auth::Role;
+use callbus::sync::lock;
 use rumqttc::{Event, Packet, QoS};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -134,10 +135,6 @@ async fn calls(cb: Arc<Remote>, shared: Arc<Shared>, i: usize) -> anyhow::Result
         }
     }
     Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn chat(cb: Arc<Remote>, shared: Arc<Shared>) -> anyhow::Result<()> {
@@ -407,55 +404,30 @@ pub async fn run(minutes: u64, chart: &Path) -> anyhow::Result<()> {
 /// whole flow p50) and errors per interval.
 fn svg(samples: &[Sample], minutes: u64) -> String {
     type Series<'a> = (&'a str, &'a str, Vec<f64>);
+    let line = |name, color, value: fn(&Sample) -> f64| -> Series {
+        (name, color, samples.iter().map(value).collect())
+    };
     let panels: [(&str, Vec<Series>); 4] = [
         (
             "server RSS (MiB)",
-            vec![(
-                "RSS",
-                "#1f77b4",
-                samples.iter().map(|s| s.rss_mib).collect(),
-            )],
+            vec![line("RSS", "#1f77b4", |s| s.rss_mib)],
         ),
         (
             "open files",
-            vec![(
-                "files",
-                "#2ca02c",
-                samples.iter().map(|s| s.files as f64).collect(),
-            )],
+            vec![line("files", "#2ca02c", |s| s.files as f64)],
         ),
         (
             "latency (ms)",
             vec![
-                (
-                    "chat p50",
-                    "#1f77b4",
-                    samples.iter().map(|s| s.chat.0).collect(),
-                ),
-                (
-                    "chat p99",
-                    "#aec7e8",
-                    samples.iter().map(|s| s.chat.1).collect(),
-                ),
-                (
-                    "notify p99",
-                    "#ff7f0e",
-                    samples.iter().map(|s| s.notify.1).collect(),
-                ),
-                (
-                    "flow p50",
-                    "#9467bd",
-                    samples.iter().map(|s| s.flow_p50).collect(),
-                ),
+                line("chat p50", "#1f77b4", |s| s.chat.0),
+                line("chat p99", "#aec7e8", |s| s.chat.1),
+                line("notify p99", "#ff7f0e", |s| s.notify.1),
+                line("flow p50", "#9467bd", |s| s.flow_p50),
             ],
         ),
         (
             "errors per 10 s",
-            vec![(
-                "errors",
-                "#d62728",
-                samples.iter().map(|s| s.errors as f64).collect(),
-            )],
+            vec![line("errors", "#d62728", |s| s.errors as f64)],
         ),
     ];
     let (w, h, left, top, gap) = (900.0, 170.0, 70.0, 30.0, 50.0);

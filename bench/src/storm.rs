@@ -7,6 +7,7 @@
 //! sockets must not starve admitted sessions).
 
 use callbus::auth::{Authenticator, Role};
+use callbus::sync::lock;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -152,7 +153,7 @@ async fn probe(
                 let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
                 if let Some(t) = v["t"].as_u64() {
                     let ms = (epoch.elapsed().as_micros() as u64).saturating_sub(t) as f64 / 1000.0;
-                    latencies.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+                    lock(&latencies).push(ms);
                 }
             }
         }
@@ -270,7 +271,7 @@ pub async fn run(n: usize) -> anyhow::Result<()> {
     let all = restart.elapsed();
     stop.store(true, Ordering::Relaxed);
     let (peak_cpu, peak_rss) = sampler.await?;
-    let mut probe_ms = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut probe_ms = std::mem::take(&mut *lock(&latencies));
     probe_ms.sort_by(f64::total_cmp);
     println!("| step | after the SIGTERM |\n|---|---|");
     println!("| old process gone | {:.2} s |", down.as_secs_f64());
