@@ -36,6 +36,17 @@ pub struct StorageConfig {
     /// Free bytes the data dir's filesystem must keep: below it, writes get 503 (sled cannot
     /// recover from a full disk without a restart; this keeps it from ever seeing one).
     pub min_free_bytes: u64,
+    /// Seconds an ended call stays in the store (its record and both parties' history) after
+    /// it ended; 0 keeps every call. sled holds about 1 KiB of memory per stored call, so
+    /// without a bound memory grows with the history, not with live state.
+    pub call_history_secs: u64,
+}
+
+impl StorageConfig {
+    /// How long ended calls are kept (None: for good).
+    pub fn call_history(&self) -> Option<std::time::Duration> {
+        (self.call_history_secs > 0).then(|| std::time::Duration::from_secs(self.call_history_secs))
+    }
 }
 
 impl Default for StorageConfig {
@@ -43,6 +54,7 @@ impl Default for StorageConfig {
         Self {
             cache_bytes: 32 * 1024 * 1024,
             min_free_bytes: 64 * 1024 * 1024,
+            call_history_secs: 0,
         }
     }
 }

@@ -190,8 +190,13 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "counter",
     "Call state changes after creation (accept, reject, end, missed).",
 );
+pub static CALLS_PRUNED: Metric = Metric::new(
+    "callbus_calls_pruned_total",
+    "counter",
+    "Ended calls removed from the store past [storage] call_history_secs.",
+);
 
-const ALL: [&Metric; 31] = [
+const ALL: [&Metric; 32] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -223,6 +228,7 @@ const ALL: [&Metric; 31] = [
     &STORAGE_REFUSED,
     &CALLS_INITIATED,
     &CALL_TRANSITIONS,
+    &CALLS_PRUNED,
 ];
 
 /// Everything, in Prometheus text exposition format.

@@ -207,6 +207,7 @@ impl Server {
             ring_timeout: settings.ring_timeout,
             lost_grace: settings.call_lost_grace,
             max_duration: settings.max_call_duration,
+            keep_ended: settings.config.storage.call_history(),
         };
         let push = (settings.push.clone()).map(|webhook| match &cluster {
             Some(c) => crate::push::start_shared(c.pg.clone(), webhook, shutdown.clone()),

@@ -290,7 +290,10 @@ async fn stuck(cb: Arc<Remote>, shared: Arc<Shared>) {
 }
 
 pub async fn run(minutes: u64, chart: &Path) -> anyhow::Result<()> {
-    let cb = Arc::new(Remote::start().await?);
+    // Ended calls are kept this long (a history kept for good grows memory without end:
+    // BENCHMARKS.md); CALLBUS_SOAK_HISTORY_SECS=0 keeps them all.
+    let history = std::env::var("CALLBUS_SOAK_HISTORY_SECS").unwrap_or_else(|_| "300".into());
+    let cb = Arc::new(Remote::start_with(&[("call_history_secs", &history)]).await?);
     let pid = cb.pid();
     let shared = Arc::new(Shared {
         window: Mutex::default(),
@@ -325,7 +328,8 @@ pub async fn run(minutes: u64, chart: &Path) -> anyhow::Result<()> {
     println!(
         "\n## soak: {minutes} min at a steady load ({PAIRS} pairs each starting a whole call flow every {FLOW_EVERY:?}, \
          {CHAT_RATE} chat msg/s, {NOTIFY_RATE} notifications/s, {CHURN_RATE} connections/s opened \
-         and closed, {STUCK} stuck consumers fed 4 KB notifications at {STUCK_RATE}/s each, replaced every {STUCK_FOR:?})"
+         and closed, {STUCK} stuck consumers fed 4 KB notifications at {STUCK_RATE}/s each, replaced every {STUCK_FOR:?}; \
+         ended calls kept {history} s)"
     );
     println!("| min | server RSS | open files | server CPU | chat p50 / p99 ms | notify p50 / p99 ms | flows | flow p50 ms | errors | dropped slow |");
     println!("|---|---|---|---|---|---|---|---|---|---|");

@@ -54,8 +54,27 @@ pub struct Remote {
 
 impl Remote {
     pub async fn start() -> anyhow::Result<Remote> {
+        Self::start_with(&[]).await
+    }
+
+    /// With the default config's `[section] key = default` lines set as `config` says.
+    pub async fn start_with(config: &[(&str, &str)]) -> anyhow::Result<Remote> {
         let dir = tempfile::tempdir()?;
-        let (proc, http, mqtt) = crate::conns::spawn_callbus(dir.path()).await?;
+        let mut text = callbus::config::DEFAULT_CONFIG.to_owned();
+        for (key, value) in config {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{key} = ")))
+                .ok_or_else(|| anyhow::anyhow!("{key} is not in the default config"))?
+                .to_owned();
+            text = text.replace(&line, &format!("{key} = {value}"));
+        }
+        let path = dir.path().join("callbus.toml");
+        std::fs::write(&path, text)?;
+        let path = path.to_string_lossy().into_owned();
+        let args = ["--config", path.as_str()];
+        let data = dir.path().join("data");
+        let (proc, http, mqtt) = crate::conns::spawn_callbus_with(&data, &args).await?;
         Ok(Remote {
             proc,
             http,

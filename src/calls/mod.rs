@@ -6,6 +6,7 @@ mod announce;
 pub mod events;
 mod live;
 mod reaper;
+mod retention;
 mod shared;
 
 use live::{Live, Logged, Outbox};
@@ -56,6 +57,8 @@ pub struct CallLimits {
     pub lost_grace: Duration,
     /// No call stays active longer than this (`max_duration`).
     pub max_duration: Duration,
+    /// Ended calls leave the embedded store this long after they ended (None: never).
+    pub keep_ended: Option<Duration>,
 }
 
 impl Default for CallLimits {
@@ -64,6 +67,7 @@ impl Default for CallLimits {
             ring_timeout: Duration::from_secs(60),
             lost_grace: Duration::from_secs(120),
             max_duration: Duration::from_secs(4 * 3600),
+            keep_ended: None,
         }
     }
 }
@@ -220,6 +224,9 @@ impl Calls {
             calls.announce_after_restart(missed);
         }
         tokio::spawn(reaper::run(calls.clone()));
+        if let Some(keep) = calls.inner.limits.keep_ended {
+            tokio::spawn(retention::run(calls.clone(), keep));
+        }
         Ok(calls)
     }
 

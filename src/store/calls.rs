@@ -80,6 +80,30 @@ impl CallTrees {
         Ok(out)
     }
 
+    /// Removes calls that ended before `before_ms`, with their history entries, oldest first
+    /// and at most `max` of them; returns how many went. Ringing and active calls stay. A call
+    /// created after `before_ms` cannot have ended before it, so the scan stops at the first.
+    /// The caller commits (a removal lost to a crash is made again by the next sweep).
+    pub fn prune(&self, before_ms: u64, max: usize) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for item in self.calls.iter() {
+            let (key, value) = item?;
+            let call: Call = serde_json::from_slice(&value)
+                .map_err(|_| StoreError::Corrupt(format!("calls/{key:?}")))?;
+            if call.created_ms >= before_ms || removed >= max {
+                break;
+            }
+            if !call.status.is_terminal() || call.ended_ms.is_none_or(|t| t >= before_ms) {
+                continue;
+            }
+            self.calls.remove(key)?;
+            self.by_user.remove(user_key(&call.caller.id, call.id))?;
+            self.by_user.remove(user_key(&call.receiver.id, call.id))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// Every ringing or active call.
     pub fn live(&self) -> Result<Vec<Call>, StoreError> {
         let mut out = Vec::new();
