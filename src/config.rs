@@ -13,7 +13,10 @@ use crate::bus::embedded::RouterSettings;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// rumqttd's router (`[router]` as in rumqttd's own config).
+    /// How a publish reaches the sessions in the embedded mode.
+    #[serde(default)]
+    pub bus: BusConfig,
+    /// rumqttd's router (`[router]` as in rumqttd's own config), for `[bus] engine = "rumqttd"`.
     pub router: RouterSettings,
     /// callbus's listeners.
     #[serde(default)]
@@ -24,6 +27,24 @@ pub struct FileConfig {
     /// The embedded store (sled).
     #[serde(default)]
     pub storage: StorageConfig,
+}
+
+/// The embedded mode's bus.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub engine: BusEngine,
+}
+
+/// What carries publishes to the sessions in the embedded mode (cluster mode: NATS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusEngine {
+    /// The publishing task routes each message to the sessions itself, under the hub's lock.
+    #[default]
+    Direct,
+    /// rumqttd's router, through one in-process link.
+    Rumqttd,
 }
 
 /// The embedded store: how much of it sled keeps in memory.

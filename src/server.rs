@@ -16,12 +16,13 @@ use crate::api::{self, AppState};
 use crate::auth::Authenticator;
 use crate::bridge::Bridge;
 use crate::broker::{self, Gateway, Hub};
+use crate::bus::direct::DirectBus;
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::Publisher;
 use crate::calls::{CallLimits, Calls};
 use crate::cluster::{Cluster, ClusterOptions};
-use crate::config::FileConfig;
+use crate::config::{BusEngine, FileConfig};
 use crate::conversations::ConversationService;
 use crate::net;
 use crate::store::pg::Pg;
@@ -190,6 +191,10 @@ impl Server {
             .context("restoring persistent sessions")?;
         let shutdown = CancellationToken::new();
         let (publisher, cluster) = match &settings.cluster {
+            None if settings.config.bus.engine == BusEngine::Direct => {
+                let bus = DirectBus::new(hub.clone());
+                (Publisher::new(std::sync::Arc::new(bus)), None)
+            }
             None => {
                 let bus = EmbeddedBus::start(settings.config.router.clone(), hub.clone())
                     .await

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::conns::spawn_callbus_with;
 use crate::engines::{Nats, Postgres};
-use crate::relay::{ratio_row, row, through};
+use crate::relay::{ratio_row, row, through, Route};
 use crate::util::{mqtt_client, mqtt_client_with, percentile, Callbus};
 
 async fn node(nats: &Nats, pg: &Postgres, i: usize) -> anyhow::Result<Arc<Callbus>> {
@@ -41,9 +41,9 @@ pub async fn run(rate: usize, count: usize, secs: u64, clients: usize) -> anyhow
     println!("\n## cluster relay: {count} messages at {rate} msg/s (as in relay), latency in µs");
     println!("| path | p50 | p90 | p99 | max | lost |");
     println!("|---|---|---|---|---|---|");
-    let same = through(&nodes[0], (port(0), port(0)), ("sa", "sb"), rate, count).await?;
+    let same = through(nodes[0].as_ref(), (port(0), port(0)), ("sa", "sb"), Route::Signaling, rate, count).await?;
     row("same node (NATS bus)", &same);
-    let cross = through(&nodes[0], (port(0), port(1)), ("xa", "xb"), rate, count).await?;
+    let cross = through(nodes[0].as_ref(), (port(0), port(1)), ("xa", "xb"), Route::Signaling, rate, count).await?;
     row("cross node (node 1 → NATS → node 2)", &cross);
     ratio_row("ratio cross/same", &cross, &same);
 

@@ -1,8 +1,8 @@
 //! callbus benchmarks. `cargo run --release -p callbus-bench -- <relay|calls|conns|all>`
 //!
-//! - relay: 3 KB offers and 300 B candidates from A on `chat/{cid}` to B on its notifications
-//!   topic through callbus, at a fixed rate; side by side, the same payloads through a bare
-//!   embedded rumqttd (its own v4 listener, no callbus). Percentiles and ratios.
+//! - relay [rate] [count] [runs]: 3 KB and 300 B messages from A to B at a fixed rate through a
+//!   bare rumqttd, Debian's Mosquitto, callbus's chat path and its signaling path (bridge and
+//!   mirror to B's notifications), each in turn, `runs` times (5); medians and ratios.
 //! - calls: C concurrent caller/callee pairs running the whole flow over REST and MQTT.
 //! - conns: N idle MQTT-over-WebSocket clients against a callbus process: RSS per connection and
 //!   the time for one notification per user to reach all of them.
@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("machine: {}", util::machine());
     match scenario {
-        "relay" => relay::run(num(1, 2000), num(2, 10_000)).await?,
+        "relay" => relay::run(num(1, 2000), num(2, 10_000), num(3, 5)).await?,
         "calls" => {
             calls::run(&[1, 10, 100], num(1, 5) as u64).await?;
             calls::cpu_per_flow(&[1, 10, 100], num(1, 5) as u64).await?
@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
         }
         "cluster" => cluster::run(2000, 10_000, 5, num(1, 1000)).await?,
         "all" => {
-            relay::run(2000, 10_000).await?;
+            relay::run(2000, 10_000, 5).await?;
             calls::run(&[1, 10, 100], 5).await?;
             conns::run(&[1_000, 10_000]).await?;
             sessions::run(1000, 20).await?;

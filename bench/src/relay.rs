@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::util::{mqtt_client, percentile, Callbus};
+use crate::conns::free_port;
+use crate::util::{mqtt_client, percentile, Api, Remote};
 
 static START: OnceLock<Instant> = OnceLock::new();
 
@@ -15,17 +16,31 @@ fn now_ns() -> u128 {
     START.get_or_init(Instant::now).elapsed().as_nanos()
 }
 
-/// Message `seq`: every fifth is a 3 KB offer, the others 300 B candidates. The send time rides
-/// inside the SDP / candidate string, which the bridge relays untouched.
-fn payload(call_id: u64, seq: usize) -> Vec<u8> {
+/// How B gets A's messages through callbus.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// `call.offer` / `call.candidate` on `chat/{cid}`: checked against the call by the
+    /// bridge, stamped, and mirrored to `users/B/notifications`, where B takes them.
+    Signaling,
+    /// `{"type": "message"}` on `chat/{cid}`: the topic ACL, validated and stamped; B takes
+    /// them on `chat/{cid}` (no call, no store read).
+    Chat,
+}
+
+/// Message `seq`: every fifth is 3 KB, the others 300 B (an offer and candidates, or chat
+/// messages of those sizes). The send time rides inside the SDP / candidate / text, which is
+/// relayed untouched.
+fn payload(route: Route, call_id: u64, seq: usize) -> Vec<u8> {
     let stamp = format!("{seq}:{}:", now_ns());
-    if seq.is_multiple_of(5) {
-        let sdp = format!("{stamp}{}", "a".repeat(3000 - stamp.len()));
-        json!({"type": "call.offer", "call_id": call_id.to_string(), "offer": {"type": "offer", "sdp": sdp}})
-    } else {
-        let cand = format!("{stamp}{}", "c".repeat(240 - stamp.len()));
-        json!({"type": "call.candidate", "call_id": call_id.to_string(),
-               "candidate": {"candidate": cand, "sdpMid": "0", "sdpMLineIndex": 0}})
+    let size = if seq.is_multiple_of(5) { 3000 } else { 240 };
+    let filled = |c: &str| format!("{stamp}{}", c.repeat(size - stamp.len()));
+    match route {
+        Route::Chat => json!({"type": "message", "text": filled("m")}),
+        Route::Signaling if size == 3000 => {
+            json!({"type": "call.offer", "call_id": call_id.to_string(), "offer": {"type": "offer", "sdp": filled("a")}})
+        }
+        Route::Signaling => json!({"type": "call.candidate", "call_id": call_id.to_string(),
+               "candidate": {"candidate": filled("c"), "sdpMid": "0", "sdpMLineIndex": 0}}),
     }
     .to_string()
     .into_bytes()
@@ -34,7 +49,8 @@ fn payload(call_id: u64, seq: usize) -> Vec<u8> {
 fn stamp_of(v: &Value) -> Option<(usize, u128)> {
     let s = v["offer"]["sdp"]
         .as_str()
-        .or(v["candidate"]["candidate"].as_str())?;
+        .or(v["candidate"]["candidate"].as_str())
+        .or(v["text"].as_str())?;
     let mut parts = s.splitn(3, ':');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
@@ -70,7 +86,7 @@ async fn send(
     client: rumqttc::AsyncClient,
     mut events: EventLoop,
     topic: String,
-    call_id: u64,
+    (route, call_id): (Route, u64),
     rate: usize,
     count: usize,
 ) {
@@ -79,16 +95,9 @@ async fn send(
     let start = tokio::time::Instant::now();
     for seq in 0..count {
         tokio::time::sleep_until(start + period * seq as u32).await;
-        if client
-            .publish(
-                topic.clone(),
-                QoS::AtLeastOnce,
-                false,
-                payload(call_id, seq),
-            )
-            .await
-            .is_err()
-        {
+        let payload = payload(route, call_id, seq);
+        let sent = client.publish(topic.clone(), QoS::AtLeastOnce, false, payload);
+        if sent.await.is_err() {
             break;
         }
     }
@@ -96,6 +105,7 @@ async fn send(
     driver.abort();
 }
 
+#[derive(Clone, Copy)]
 pub(crate) struct Figures {
     p50: f64,
     p90: f64,
@@ -115,55 +125,78 @@ fn figures(mut l: Vec<f64>, count: usize) -> Figures {
     }
 }
 
-async fn through_callbus(rate: usize, count: usize) -> anyhow::Result<Figures> {
-    let cb = Callbus::start().await?;
-    let port = cb.server.mqtt_addr.port();
-    let figures = through(&cb, (port, port), ("a", "b"), rate, count).await?;
-    cb.server.stop().await;
-    Ok(figures)
+/// Each figure's median over `runs`, and everything lost in any of them.
+fn median(runs: &[Figures]) -> Figures {
+    let mid = |f: fn(&Figures) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 50.0)
+    };
+    Figures {
+        p50: mid(|f| f.p50),
+        p90: mid(|f| f.p90),
+        p99: mid(|f| f.p99),
+        max: mid(|f| f.max),
+        lost: runs.iter().map(|f| f.lost).sum(),
+    }
 }
 
-/// Signaling from `a` (connected to MQTT port `ports.0`) to `b` (on `ports.1`) in a call made
-/// through `rest`.
+/// Messages from `a` (connected to MQTT port `ports.0`) to `b` (on `ports.1`) through callbus
+/// `rest`, along `route`.
 pub(crate) async fn through(
-    rest: &Callbus,
+    rest: &impl Api,
     ports: (u16, u16),
     (a_id, b_id): (&str, &str),
+    route: Route,
     rate: usize,
     count: usize,
 ) -> anyhow::Result<Figures> {
     let cid = format!("{a_id}-{b_id}");
     rest.set_members(&cid, &[a_id.into(), b_id.into()]).await?;
-    let call = rest
-        .post(
-            "/api/calls/initiate/",
-            a_id,
-            json!({"receiver_id": b_id, "call_type": "video", "conversation_id": cid}),
-        )
-        .await?;
-    let call_id = call["id"].as_u64().unwrap_or_default();
-    let (_b, b_events) = mqtt_client(
-        ports.1,
-        &format!("{b_id}1"),
-        b_id,
-        &rest.token(b_id, Role::User),
-        &[format!("users/{b_id}/notifications")],
-    )
-    .await?;
+    let call_id = match route {
+        Route::Chat => 0,
+        Route::Signaling => {
+            let body = json!({"receiver_id": b_id, "call_type": "video", "conversation_id": cid});
+            let call = rest.post("/api/calls/initiate/", a_id, body).await?;
+            call["id"].as_u64().unwrap_or_default()
+        }
+    };
+    let b_topic = match route {
+        Route::Chat => format!("chat/{cid}"),
+        Route::Signaling => format!("users/{b_id}/notifications"),
+    };
+    let b_token = rest.token(b_id, Role::User);
+    let (_b, b_events) = mqtt_client(ports.1, &format!("{b_id}1"), b_id, &b_token, &[b_topic]).await?;
     let a_token = rest.token(a_id, Role::User);
     let (a, a_events) = mqtt_client(ports.0, &format!("{a_id}1"), a_id, &a_token, &[]).await?;
     let receiver = tokio::spawn(receive(b_events, count));
-    send(a, a_events, format!("chat/{cid}"), call_id, rate, count).await;
+    let topic = format!("chat/{cid}");
+    send(a, a_events, topic, (route, call_id), rate, count).await;
     let figures = figures(receiver.await?, count);
-    rest.post(&format!("/api/calls/{call_id}/end/"), a_id, json!({}))
-        .await?;
+    if route == Route::Signaling {
+        rest.post(&format!("/api/calls/{call_id}/end/"), a_id, json!({}))
+            .await?;
+    }
     Ok(figures)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// The same messages (signaling payloads) through a plain broker on `port`, no auth, one topic.
+async fn through_broker(port: u16, rate: usize, count: usize) -> anyhow::Result<Figures> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let topic = "users/b/notifications".to_owned();
+    let (_b, b_events) = mqtt_client(port, "b1", "", "", std::slice::from_ref(&topic)).await?;
+    let (a, a_events) = mqtt_client(port, "a1", "", "", &[]).await?;
+    let receiver = tokio::spawn(receive(b_events, count));
+    send(a, a_events, topic, (Route::Signaling, 17), rate, count).await;
+    Ok(figures(receiver.await?, count))
 }
 
 async fn through_raw_rumqttd(rate: usize, count: usize) -> anyhow::Result<Figures> {
@@ -194,21 +227,40 @@ dynamic_filters = true
             let mut broker = rumqttd::Broker::new(config);
             let _ = broker.start();
         })?;
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let topic = "users/b/notifications".to_owned();
-    let (_b, b_events) = mqtt_client(port, "b1", "", "", std::slice::from_ref(&topic)).await?;
-    let (a, a_events) = mqtt_client(port, "a1", "", "", &[]).await?;
-    let receiver = tokio::spawn(receive(b_events, count));
-    send(a, a_events, topic, 17, rate, count).await;
-    Ok(figures(receiver.await?, count))
+    through_broker(port, rate, count).await
+}
+
+/// Debian's Mosquitto in its own process, `TCP_NODELAY` on its sockets as on callbus's.
+async fn through_mosquitto(rate: usize, count: usize) -> anyhow::Result<Figures> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+             persistence false\nmax_inflight_messages 200\nmax_queued_messages 10000\n"
+        ),
+    )?;
+    let child = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("mosquitto (Debian's mosquitto package): {e}"))?;
+    let _proc = crate::conns::Proc(child);
+    through_broker(port, rate, count).await
+}
+
+/// callbus in its own process, as Mosquitto is.
+async fn through_callbus(route: Route, rate: usize, count: usize) -> anyhow::Result<Figures> {
+    // The default per-connection limit (200 publishes/s) is for real clients; this sends
+    // `rate` from one connection on purpose.
+    let unlimited = [("publish_rate", "100000"), ("publish_burst", "100000")];
+    let cb = Remote::start_with(&unlimited).await?;
+    let port = cb.mqtt;
+    through(&cb, (port, port), ("a", "b"), route, rate, count).await
 }
 
 /// One table row.
@@ -230,18 +282,43 @@ pub(crate) fn ratio_row(name: &str, a: &Figures, b: &Figures) {
     );
 }
 
-pub async fn run(rate: usize, count: usize) -> anyhow::Result<()> {
-    println!("\n## relay: {count} messages at {rate} msg/s (1 in 5 a 3 KB offer, others 300 B candidates), QoS 1, latency in µs");
-    let raw = through_raw_rumqttd(rate, count).await?;
-    let cb = through_callbus(rate, count).await?;
+const PATHS: [&str; 4] = [
+    "raw rumqttd (v4 listener, in the bench process)",
+    "Mosquitto (own process, TCP_NODELAY)",
+    "callbus chat (chat/{cid} → ACL, stamp → chat/{cid})",
+    "callbus signaling (chat/{cid} → bridge → users/B/notifications)",
+];
+
+pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
+    println!(
+        "\n## relay: {count} messages at {rate} msg/s (1 in 5 of 3 KB, others 300 B), QoS 1, \
+         latency in µs; {runs} runs, each path once per run in turn"
+    );
+    println!("| run | {} |", PATHS.map(|p| format!("{p} p50 / p99")).join(" | "));
+    println!("|---|---|---|---|---|");
+    let mut all: Vec<[Figures; 4]> = Vec::new();
+    for run in 1..=runs {
+        let figures = [
+            through_raw_rumqttd(rate, count).await?,
+            through_mosquitto(rate, count).await?,
+            through_callbus(Route::Chat, rate, count).await?,
+            through_callbus(Route::Signaling, rate, count).await?,
+        ];
+        let cells = figures.map(|f| format!("{:.0} / {:.0} (lost {})", f.p50, f.p99, f.lost));
+        println!("| {run} | {} |", cells.join(" | "));
+        all.push(figures);
+    }
+    let medians: Vec<Figures> = (0..PATHS.len())
+        .map(|i| median(&all.iter().map(|f| f[i]).collect::<Vec<_>>()))
+        .collect();
+    println!("\nMedians of the {runs} runs (lost: total):\n");
     println!("| path | p50 | p90 | p99 | max | lost |");
     println!("|---|---|---|---|---|---|");
-    for (name, f) in [
-        ("raw rumqttd (v4 listener)", &raw),
-        ("callbus (chat/{cid} → bridge → users/B/notifications)", &cb),
-    ] {
+    for (name, f) in PATHS.iter().zip(&medians) {
         row(name, f);
     }
-    ratio_row("ratio callbus/raw", &cb, &raw);
+    ratio_row("ratio callbus chat / Mosquitto", &medians[2], &medians[1]);
+    ratio_row("ratio callbus signaling / Mosquitto", &medians[3], &medians[1]);
+    ratio_row("ratio callbus signaling / raw rumqttd", &medians[3], &medians[0]);
     Ok(())
 }

@@ -20,6 +20,12 @@ pub trait Api: Send + Sync {
         user: &str,
         body: serde_json::Value,
     ) -> impl std::future::Future<Output = anyhow::Result<serde_json::Value>> + Send;
+    /// Makes `members` the conversation `cid`'s members (as a service).
+    fn set_members(
+        &self,
+        cid: &str,
+        members: &[String],
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
 }
 
 impl Api for Callbus {
@@ -38,6 +44,10 @@ impl Api for Callbus {
         body: serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
         self.post_as(path, user, Role::User, body).await
+    }
+
+    async fn set_members(&self, cid: &str, members: &[String]) -> anyhow::Result<()> {
+        Callbus::set_members(self, cid, members).await
     }
 }
 
@@ -130,6 +140,14 @@ impl Api for Remote {
         let who = (user, Role::User);
         self.send(reqwest::Method::POST, path, who, body).await
     }
+
+    async fn set_members(&self, cid: &str, members: &[String]) -> anyhow::Result<()> {
+        let path = format!("/api/conversations/{cid}/");
+        let body = serde_json::json!({ "members": members });
+        let who = ("bench-app", Role::Service);
+        self.send(reqwest::Method::PUT, &path, who, body).await?;
+        Ok(())
+    }
 }
 
 pub struct Callbus {
@@ -193,15 +211,6 @@ impl Callbus {
             resp.status()
         );
         Ok(())
-    }
-
-    pub async fn post(
-        &self,
-        path: &str,
-        user: &str,
-        body: serde_json::Value,
-    ) -> anyhow::Result<serde_json::Value> {
-        self.post_as(path, user, Role::User, body).await
     }
 
     pub async fn post_as(

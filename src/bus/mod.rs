@@ -6,6 +6,7 @@
 //! A bus that cannot keep up makes publishers wait (backpressure) instead of dropping; any loss
 //! that can still happen is counted (`callbus_bus_lost_total`) and logged.
 
+pub mod direct;
 pub mod embedded;
 mod envelope;
 pub mod nats;
