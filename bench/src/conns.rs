@@ -76,7 +76,12 @@ fn spawn(
     mqtt: u16,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    // CALLBUS_BENCH_SERVER_WORKERS: the server's tokio worker threads (the bench's own stay).
+    if let Ok(workers) = std::env::var("CALLBUS_BENCH_SERVER_WORKERS") {
+        command.env("TOKIO_WORKER_THREADS", workers);
+    }
+    let child = command
         .args(["serve", "--data-dir"])
         .arg(dir)
         .args([

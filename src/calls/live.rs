@@ -33,10 +33,15 @@ pub(super) struct Live {
     /// the other party). Forgotten when the call ends; not kept across restarts, where the
     /// state-based rule applies until the next offer.
     pub last_offer_by: HashMap<u64, String>,
+    /// Each live call as last written (written under the same lock as the store), so that
+    /// signaling checks and transitions read it without a store read and a parse.
+    calls: HashMap<u64, Call>,
 }
 
 impl Live {
+    /// Takes `call` (new, or changed and still live) as the current record.
     pub(super) fn add(&mut self, call: &Call) {
+        self.calls.insert(call.id, call.clone());
         for uid in [&call.caller.id, &call.receiver.id] {
             let ids = self.by_user.entry(uid.clone()).or_default();
             if !ids.contains(&call.id) {
@@ -46,6 +51,7 @@ impl Live {
     }
 
     pub(super) fn remove(&mut self, call: &Call) {
+        self.calls.remove(&call.id);
         self.last_offer_by.remove(&call.id);
         for uid in [&call.caller.id, &call.receiver.id] {
             if let Some(ids) = self.by_user.get_mut(uid) {
@@ -57,12 +63,16 @@ impl Live {
         }
     }
 
-    /// Every ringing or active call, ascending.
-    pub(super) fn ids(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.by_user.values().flatten().copied().collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
+    /// A ringing or active call.
+    pub(super) fn call(&self, id: u64) -> Option<&Call> {
+        self.calls.get(&id)
+    }
+
+    /// Every ringing or active call, ascending by id.
+    pub(super) fn calls(&self) -> Vec<Call> {
+        let mut calls: Vec<Call> = self.calls.values().cloned().collect();
+        calls.sort_unstable_by_key(|c| c.id);
+        calls
     }
 
     pub(super) fn calls_of(&self, uid: &str) -> &[u64] {

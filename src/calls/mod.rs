@@ -252,6 +252,15 @@ impl Calls {
     pub fn get(&self, id: u64) -> Result<Option<Call>, StoreError> {
         match &self.inner.cluster {
             Some(cluster) => Ok(cluster.calls().get(id)),
+            None => self.current(&lock(&self.inner.live), id),
+        }
+    }
+
+    /// A call as last written: live ones from memory, others from the store. Takes the live
+    /// lock's guard, under which records are written.
+    fn current(&self, live: &Live, id: u64) -> Result<Option<Call>, StoreError> {
+        match live.call(id) {
+            Some(call) => Ok(Some(call.clone())),
             None => self.inner.store.calls.get(id),
         }
     }
@@ -269,10 +278,7 @@ impl Calls {
         if let Some(cluster) = &self.inner.cluster {
             return cluster.calls().live();
         }
-        let ids = lock(&self.inner.live).ids();
-        ids.into_iter()
-            .filter_map(|id| self.get(id).ok().flatten())
-            .collect()
+        lock(&self.inner.live).calls()
     }
 
     /// How many calls are ringing and how many active.
@@ -364,7 +370,7 @@ impl Calls {
         // Glare: the receiver is already ringing the caller. The first call wins; the second
         // caller is pointed at it.
         for id in live.calls_of(&caller.user_id) {
-            if let Some(existing) = self.inner.store.calls.get(*id)? {
+            if let Some(existing) = live.call(*id).cloned() {
                 if existing.status == Status::Ringing
                     && existing.caller.id == req.receiver_id
                     && existing.receiver.id == caller.user_id
@@ -422,7 +428,7 @@ impl Calls {
         }
         let (seq, call) = {
             let mut live = lock(&self.inner.live);
-            let current = self.inner.store.calls.get(id)?.ok_or(CallError::NotFound)?;
+            let current = self.current(&live, id)?.ok_or(CallError::NotFound)?;
             let next = current.apply(&action, now_ms())?;
             self.inner.store.calls.put(&next)?;
             if current.status == Status::Ringing && self.inner.push.is_some() {
@@ -434,6 +440,8 @@ impl Calls {
             }
             if next.status.is_terminal() {
                 live.remove(&next);
+            } else {
+                live.add(&next);
             }
             (self.enqueue(transition_events(&next))?, next)
         };
