@@ -3,7 +3,8 @@
 //! - relay [rate] [count] [runs]: 3 KB and 300 B messages from A to B at a fixed rate through a
 //!   bare rumqttd, Debian's Mosquitto, callbus's chat path and its signaling path (bridge and
 //!   mirror to B's notifications), each in turn, `runs` times (5); medians and ratios.
-//! - calls: C concurrent caller/callee pairs running the whole flow over REST and MQTT.
+//! - calls [seconds] [pairs...]: C concurrent caller/callee pairs running the whole flow over
+//!   REST and MQTT (1, 10, 100), in process and against a separate process (server CPU per flow).
 //! - conns: N idle MQTT-over-WebSocket clients against a callbus process: RSS per connection and
 //!   the time for one notification per user to reach all of them.
 //! - sessions: N persistent sessions away while M messages each are queued, then all back:
@@ -46,8 +47,13 @@ async fn main() -> anyhow::Result<()> {
     match scenario {
         "relay" => relay::run(num(1, 2000), num(2, 10_000), num(3, 5)).await?,
         "calls" => {
-            calls::run(&[1, 10, 100], num(1, 5) as u64).await?;
-            calls::cpu_per_flow(&[1, 10, 100], num(1, 5) as u64).await?
+            // calls [seconds per level] [pairs...]
+            let mut levels: Vec<usize> = args.iter().skip(2).filter_map(|s| s.parse().ok()).collect();
+            if levels.is_empty() {
+                levels = vec![1, 10, 100];
+            }
+            calls::run(&levels, num(1, 5) as u64).await?;
+            calls::cpu_per_flow(&levels, num(1, 5) as u64).await?
         }
         "conns" => {
             let sizes: Vec<usize> = if args.len() > 1 {
