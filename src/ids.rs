@@ -3,6 +3,8 @@
 //! accepted as JSON strings or non-negative integers and normalised to strings.
 
 use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// Longest id we accept, in bytes (all allowed characters are ASCII).
 pub const MAX_ID_LEN: usize = 64;
@@ -32,16 +34,27 @@ pub fn id_from_json_or_str(value: &Value) -> Option<String> {
 }
 
 /// A unique id for a message callbus publishes (used by clients to de-duplicate the copy they get
-/// on both `chat/{cid}` and their notifications topic).
+/// on both `chat/{cid}` and their notifications topic): 32 hex digits, a random 64-bit prefix
+/// drawn once per process and a counter. Unique, not secret; a random draw per message was a
+/// system call on every relayed message.
 pub fn new_message_id() -> String {
-    random_hex::<16>()
+    static PREFIX: OnceLock<[u8; 8]> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(PREFIX.get_or_init(random_bytes::<8>));
+    bytes[8..].copy_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    hex(&bytes)
 }
 
 /// `N` random bytes as lowercase hex.
 pub fn random_hex<const N: usize>() -> String {
+    hex(&random_bytes::<N>())
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     // getrandom only fails when the OS has no entropy source at all; fall back to time-based
-    // bytes rather than panic, since message ids need uniqueness, not secrecy.
+    // bytes rather than panic, since these need uniqueness, not secrecy.
     if getrandom::fill(&mut bytes).is_err() {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -51,7 +64,17 @@ pub fn random_hex<const N: usize>() -> String {
             *b = (nanos >> ((i % 16) * 8)) as u8;
         }
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    bytes
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// The current time as RFC 3339 with milliseconds, e.g. `2026-11-23T21:41:26.123Z`.
@@ -93,8 +116,13 @@ mod tests {
 
     #[test]
     fn message_ids_are_unique_hex() {
-        let a = new_message_id();
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, new_message_id());
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_message_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids
+            .iter()
+            .all(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())));
+        let token = random_hex::<8>();
+        assert_eq!(token.len(), 16);
+        assert_ne!(token, random_hex::<8>());
     }
 }

@@ -182,7 +182,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let node_id = match &args.node_id {
             Some(id) if callbus::ids::is_valid_id(id) => id.clone(),
             Some(_) => bail!("--node-id must be 1-64 characters of [A-Za-z0-9_-]"),
-            None => format!("node-{}", &callbus::ids::new_message_id()[..8]),
+            None => format!("node-{}", callbus::ids::random_hex::<4>()),
         };
         if args.cluster.iter().any(|url| url.trim().is_empty()) {
             bail!("--cluster takes nats:// URLs separated by commas");

@@ -21,9 +21,7 @@ async fn history(s: &TestServer, user: &str) -> Vec<u64> {
 
 async fn call(s: &TestServer, caller: &str, receiver: &str, cid: &str) -> u64 {
     let body = json!({"receiver_id": receiver, "call_type": "voice", "conversation_id": cid});
-    let (status, call) = s
-        .post("/api/calls/initiate/", &s.token(caller), body)
-        .await;
+    let (status, call) = s.post("/api/calls/initiate/", &s.token(caller), body).await;
     assert_eq!(status, StatusCode::CREATED, "{call}");
     call["id"].as_u64().expect("id")
 }
@@ -49,7 +47,10 @@ async fn ended_calls_leave_after_the_history_kept_and_live_calls_stay() {
         "call_history_secs = 0",
         &format!("call_history_secs = {KEEP_SECS}"),
     );
-    assert_ne!(config, DEFAULT_CONFIG, "the default config sets call_history_secs");
+    assert_ne!(
+        config, DEFAULT_CONFIG,
+        "the default config sets call_history_secs"
+    );
     let s = TestServer::start_with(&config).await;
     s.set_members("c1", &["carol", "bob"]).await;
     s.set_members("c2", &["dave", "erin"]).await;
@@ -74,8 +75,9 @@ async fn ended_calls_leave_after_the_history_kept_and_live_calls_stay() {
     assert!(s.metric("callbus_calls_pruned_total").await >= 1);
 
     // The active call is older than the history kept, and stays.
-    let (status, body): (StatusCode, Value) =
-        s.get(&format!("/api/calls/{active}/"), &s.token("carol")).await;
+    let (status, body): (StatusCode, Value) = s
+        .get(&format!("/api/calls/{active}/"), &s.token("carol"))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "active");
     assert!(history(&s, "bob").await.contains(&active));
@@ -83,7 +85,9 @@ async fn ended_calls_leave_after_the_history_kept_and_live_calls_stay() {
     // Ended now, it is kept for the history's length from now (not from when it began).
     let (status, _) = s.act(active, "end", "bob", json!({})).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, body) = s.get(&format!("/api/calls/{active}/"), &s.token("carol")).await;
+    let (status, body) = s
+        .get(&format!("/api/calls/{active}/"), &s.token("carol"))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "ended");
     until_gone(&s, active, "carol").await;

@@ -98,6 +98,37 @@ fn spawn(
     Ok(Proc(child))
 }
 
+/// Debian's Mosquitto on 127.0.0.1:`port` (anonymous, `TCP_NODELAY` on its sockets as on
+/// callbus's, no persistence), its config in `dir`; returns once it accepts connections.
+pub(crate) async fn spawn_mosquitto(dir: &std::path::Path, port: u16) -> anyhow::Result<Proc> {
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+             persistence false\nmax_inflight_messages 200\nmax_queued_messages 10000\n"
+        ),
+    )?;
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("mosquitto (Debian's mosquitto package): {e}"))?;
+    let proc = Proc(child);
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(proc);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("mosquitto did not start")
+}
+
 /// Waits (bounded) until `proc` answers `/healthz`.
 async fn healthy(proc: Proc, http: u16, mqtt: u16) -> anyhow::Result<(Proc, u16, u16)> {
     for _ in 0..200 {
@@ -110,10 +141,60 @@ async fn healthy(proc: Proc, http: u16, mqtt: u16) -> anyhow::Result<(Proc, u16,
     anyhow::bail!("callbus did not start")
 }
 
-async fn level(n: usize) -> anyhow::Result<()> {
+/// What the idle clients connect to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// callbus, MQTT over WebSocket (`/mqtt` on the HTTP port); notified through REST.
+    CallbusWs,
+    /// callbus, MQTT over TCP; notified through REST.
+    CallbusTcp,
+    /// Debian's Mosquitto, MQTT over TCP, anonymous; notified by one publishing client.
+    Mosquitto,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::CallbusWs => "callbus, WebSocket",
+            Target::CallbusTcp => "callbus, TCP",
+            Target::Mosquitto => "Mosquitto, TCP",
+        }
+    }
+}
+
+/// The server under test: its process, and where clients and notifications go.
+struct Server {
+    proc: Proc,
+    /// callbus's HTTP port (WebSocket and REST); none for Mosquitto.
+    http: Option<u16>,
+    mqtt: u16,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(target: Target) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
-    let (proc, http, _) = spawn_callbus(dir.path()).await?;
-    let pid = proc.0.id();
+    if target == Target::Mosquitto {
+        let mqtt = free_port()?;
+        let proc = spawn_mosquitto(dir.path(), mqtt).await?;
+        return Ok(Server {
+            proc,
+            http: None,
+            mqtt,
+            _dir: dir,
+        });
+    }
+    let (proc, http, mqtt) = spawn_callbus(dir.path()).await?;
+    Ok(Server {
+        proc,
+        http: Some(http),
+        mqtt,
+        _dir: dir,
+    })
+}
+
+async fn level(n: usize, target: Target) -> anyhow::Result<()> {
+    let server = start(target).await?;
+    let pid = server.proc.0.id();
     let auth = Authenticator::new(SECRET.as_bytes());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let base_rss = rss_kib(pid);
@@ -125,12 +206,19 @@ async fn level(n: usize) -> anyhow::Result<()> {
     let mut waits = Vec::with_capacity(n);
     for i in 0..n {
         let user = format!("u{i}");
-        let mut options =
-            MqttOptions::new(format!("d{i}"), format!("ws://127.0.0.1:{http}/mqtt"), http);
-        options
-            .set_transport(Transport::Ws)
-            .set_credentials(&user, auth.issue(&user, None, Role::User, 3600)?)
-            .set_keep_alive(Duration::from_secs(300));
+        let mut options = match (target, server.http) {
+            (Target::CallbusWs, Some(http)) => {
+                let url = format!("ws://127.0.0.1:{http}/mqtt");
+                let mut o = MqttOptions::new(format!("d{i}"), url, http);
+                o.set_transport(Transport::Ws);
+                o
+            }
+            _ => MqttOptions::new(format!("d{i}"), "127.0.0.1", server.mqtt),
+        };
+        if target != Target::Mosquitto {
+            options.set_credentials(&user, auth.issue(&user, None, Role::User, 3600)?);
+        }
+        options.set_keep_alive(Duration::from_secs(300));
         let (client, mut events) = AsyncClient::new(options, 10);
         client
             .subscribe(format!("users/{user}/notifications"), QoS::AtLeastOnce)
@@ -154,7 +242,10 @@ async fn level(n: usize) -> anyhow::Result<()> {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        eprintln!("client {i}: {e}");
+                        // After the measurement, servers stop under their clients: not news.
+                        if ready_tx.is_some() {
+                            eprintln!("client {i}: {e}");
+                        }
                         return;
                     }
                 }
@@ -171,25 +262,13 @@ async fn level(n: usize) -> anyhow::Result<()> {
     let rss = rss_kib(pid);
     let per_conn = (rss.saturating_sub(base_rss)) as f64 / n as f64;
 
-    // One notification per user, fired at once (64 requests in flight); twice, because the
-    // router's first publish to a topic costs more than later ones.
-    let http_client = reqwest::Client::new();
-    let service = auth.issue("bench-app", None, Role::Service, 3600)?;
+    // One notification per user, fired at once; twice (the first round once cost more).
     let mut rounds = Vec::new();
     for _ in 0..2 {
         let fired = Instant::now();
-        let gate = Arc::new(Semaphore::new(64));
-        for i in 0..n {
-            let (c, s, gate) = (http_client.clone(), service.clone(), gate.clone());
-            tokio::spawn(async move {
-                let _permit = gate.acquire_owned().await;
-                let _ = c
-                    .post(format!("http://127.0.0.1:{http}/api/notifications/"))
-                    .bearer_auth(s)
-                    .json(&serde_json::json!({"user_id": format!("u{i}"), "payload": {"verb": "bench"}}))
-                    .send()
-                    .await;
-            });
+        match server.http {
+            Some(http) => notify_rest(&auth, http, n)?,
+            None => notify_mqtt(server.mqtt, n).await?,
         }
         let mut got = 0;
         let mut last = fired;
@@ -205,7 +284,9 @@ async fn level(n: usize) -> anyhow::Result<()> {
         rounds.push((got, last.duration_since(fired).as_secs_f64() * 1000.0));
     }
     println!(
-        "| {n} | {connect_secs:.1} s | {:.1} MiB | {:.1} MiB | {per_conn:.1} KiB | {}/{n}, {}/{n} | {:.0} ms | {:.0} ms |",
+        "| {n} | {} | {connect_secs:.1} s ({:.0}/s) | {:.1} MiB | {:.1} MiB | {per_conn:.1} KiB | {}/{n}, {}/{n} | {:.0} ms | {:.0} ms |",
+        target.name(),
+        n as f64 / connect_secs,
         base_rss as f64 / 1024.0,
         rss as f64 / 1024.0,
         rounds[0].0,
@@ -217,12 +298,70 @@ async fn level(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `POST /api/notifications/` for users u0..u{n}, 64 requests in flight.
+fn notify_rest(auth: &Authenticator, http: u16, n: usize) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let service = auth.issue("bench-app", None, Role::Service, 3600)?;
+    let gate = Arc::new(Semaphore::new(64));
+    for i in 0..n {
+        let (c, s, gate) = (client.clone(), service.clone(), gate.clone());
+        tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            let _ = c
+                .post(format!("http://127.0.0.1:{http}/api/notifications/"))
+                .bearer_auth(s)
+                .json(
+                    &serde_json::json!({"user_id": format!("u{i}"), "payload": {"verb": "bench"}}),
+                )
+                .send()
+                .await;
+        });
+    }
+    Ok(())
+}
+
+/// One QoS 1 publish to each of users u0..u{n}'s topics from one MQTT client (the way to
+/// notify through a plain broker).
+async fn notify_mqtt(port: u16, n: usize) -> anyhow::Result<()> {
+    let mut options = MqttOptions::new("bench-notifier", "127.0.0.1", port);
+    options.set_inflight(1000);
+    let (client, mut events) = AsyncClient::new(options, 1000);
+    tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < n {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let payload =
+            serde_json::json!({"type": "notification.created", "payload": {"verb": "bench"}});
+        let payload = payload.to_string();
+        for i in 0..n {
+            let topic = format!("users/u{i}/notifications");
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
 pub async fn run(sizes: &[usize]) -> anyhow::Result<()> {
-    println!("\n## conns: idle MQTT-over-WebSocket clients, each on its own notifications topic");
-    println!("| clients | connect all | server RSS idle | server RSS with clients | RSS per connection | notified (round 1, 2) | all notified, round 1 | all notified, round 2 |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("\n## conns: idle MQTT clients, each subscribed to its own notifications topic");
+    println!("| clients | server, transport | connect all (rate) | server RSS idle | server RSS with clients | RSS per connection | notified (round 1, 2) | all notified, round 1 | all notified, round 2 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &n in sizes {
-        level(n).await?;
+        for target in [Target::CallbusWs, Target::CallbusTcp, Target::Mosquitto] {
+            level(n, target).await?;
+        }
     }
     Ok(())
 }

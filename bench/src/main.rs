@@ -48,7 +48,8 @@ async fn main() -> anyhow::Result<()> {
         "relay" => relay::run(num(1, 2000), num(2, 10_000), num(3, 5)).await?,
         "calls" => {
             // calls [seconds per level] [pairs...]
-            let mut levels: Vec<usize> = args.iter().skip(2).filter_map(|s| s.parse().ok()).collect();
+            let mut levels: Vec<usize> =
+                args.iter().skip(2).filter_map(|s| s.parse().ok()).collect();
             if levels.is_empty() {
                 levels = vec![1, 10, 100];
             }

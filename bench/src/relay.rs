@@ -166,7 +166,8 @@ pub(crate) async fn through(
         Route::Signaling => format!("users/{b_id}/notifications"),
     };
     let b_token = rest.token(b_id, Role::User);
-    let (_b, b_events) = mqtt_client(ports.1, &format!("{b_id}1"), b_id, &b_token, &[b_topic]).await?;
+    let (_b, b_events) =
+        mqtt_client(ports.1, &format!("{b_id}1"), b_id, &b_token, &[b_topic]).await?;
     let a_token = rest.token(a_id, Role::User);
     let (a, a_events) = mqtt_client(ports.0, &format!("{a_id}1"), a_id, &a_token, &[]).await?;
     let receiver = tokio::spawn(receive(b_events, count));
@@ -230,35 +231,30 @@ dynamic_filters = true
     through_broker(port, rate, count).await
 }
 
-/// Debian's Mosquitto in its own process, `TCP_NODELAY` on its sockets as on callbus's.
+/// Debian's Mosquitto in its own process.
 async fn through_mosquitto(rate: usize, count: usize) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
-             persistence false\nmax_inflight_messages 200\nmax_queued_messages 10000\n"
-        ),
-    )?;
-    let child = std::process::Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("mosquitto (Debian's mosquitto package): {e}"))?;
-    let _proc = crate::conns::Proc(child);
+    let _proc = crate::conns::spawn_mosquitto(dir.path(), port).await?;
     through_broker(port, rate, count).await
 }
 
-/// callbus in its own process, as Mosquitto is.
-async fn through_callbus(route: Route, rate: usize, count: usize) -> anyhow::Result<Figures> {
+/// callbus in its own process, as Mosquitto is, with `engine` as its embedded bus.
+async fn through_callbus(
+    route: Route,
+    engine: &str,
+    rate: usize,
+    count: usize,
+) -> anyhow::Result<Figures> {
     // The default per-connection limit (200 publishes/s) is for real clients; this sends
     // `rate` from one connection on purpose.
-    let unlimited = [("publish_rate", "100000"), ("publish_burst", "100000")];
-    let cb = Remote::start_with(&unlimited).await?;
+    let engine = format!("\"{engine}\"");
+    let config = [
+        ("publish_rate", "100000"),
+        ("publish_burst", "100000"),
+        ("engine", engine.as_str()),
+    ];
+    let cb = Remote::start_with(&config).await?;
     let port = cb.mqtt;
     through(&cb, (port, port), ("a", "b"), route, rate, count).await
 }
@@ -282,11 +278,12 @@ pub(crate) fn ratio_row(name: &str, a: &Figures, b: &Figures) {
     );
 }
 
-const PATHS: [&str; 4] = [
+const PATHS: [&str; 5] = [
     "raw rumqttd (v4 listener, in the bench process)",
     "Mosquitto (own process, TCP_NODELAY)",
     "callbus chat (chat/{cid} → ACL, stamp → chat/{cid})",
     "callbus signaling (chat/{cid} → bridge → users/B/notifications)",
+    "callbus signaling, bus engine = \"rumqttd\" (through its router)",
 ];
 
 pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
@@ -294,15 +291,19 @@ pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
         "\n## relay: {count} messages at {rate} msg/s (1 in 5 of 3 KB, others 300 B), QoS 1, \
          latency in µs; {runs} runs, each path once per run in turn"
     );
-    println!("| run | {} |", PATHS.map(|p| format!("{p} p50 / p99")).join(" | "));
-    println!("|---|---|---|---|---|");
-    let mut all: Vec<[Figures; 4]> = Vec::new();
+    println!(
+        "| run | {} |",
+        PATHS.map(|p| format!("{p} p50 / p99")).join(" | ")
+    );
+    println!("|---{}|", "|---".repeat(PATHS.len()));
+    let mut all: Vec<[Figures; PATHS.len()]> = Vec::new();
     for run in 1..=runs {
         let figures = [
             through_raw_rumqttd(rate, count).await?,
             through_mosquitto(rate, count).await?,
-            through_callbus(Route::Chat, rate, count).await?,
-            through_callbus(Route::Signaling, rate, count).await?,
+            through_callbus(Route::Chat, "direct", rate, count).await?,
+            through_callbus(Route::Signaling, "direct", rate, count).await?,
+            through_callbus(Route::Signaling, "rumqttd", rate, count).await?,
         ];
         let cells = figures.map(|f| format!("{:.0} / {:.0} (lost {})", f.p50, f.p99, f.lost));
         println!("| {run} | {} |", cells.join(" | "));
@@ -318,7 +319,20 @@ pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
         row(name, f);
     }
     ratio_row("ratio callbus chat / Mosquitto", &medians[2], &medians[1]);
-    ratio_row("ratio callbus signaling / Mosquitto", &medians[3], &medians[1]);
-    ratio_row("ratio callbus signaling / raw rumqttd", &medians[3], &medians[0]);
+    ratio_row(
+        "ratio callbus signaling / Mosquitto",
+        &medians[3],
+        &medians[1],
+    );
+    ratio_row(
+        "ratio callbus signaling / raw rumqttd",
+        &medians[3],
+        &medians[0],
+    );
+    ratio_row(
+        "ratio callbus signaling, direct / rumqttd bus",
+        &medians[3],
+        &medians[4],
+    );
     Ok(())
 }
