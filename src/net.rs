@@ -15,7 +15,9 @@ use crate::metrics;
 use crate::tls::TlsAcceptor;
 
 /// An accepted connection: plain TCP, or TLS over it.
-pub type Stream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+/// A TCP or TLS stream. The TLS state is boxed: inline, it made every plain TCP connection's
+/// task 1.2 KiB larger, several times over (each move in an async fn keeps its own copy).
+pub type Stream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// How long accepting pauses after running out of file descriptors (no busy loop).
 const FD_BACKOFF: Duration = Duration::from_millis(100);
@@ -101,7 +103,7 @@ pub async fn accept_loop<F, Fut>(
                 return handle(Either::Left(stream), peer).await;
             };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok(stream)) => handle(Either::Right(stream), peer).await,
+                Ok(Ok(stream)) => handle(Either::Right(Box::new(stream)), peer).await,
                 Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => info!(%peer, "TLS handshake timed out"),
             }
