@@ -138,7 +138,7 @@ pub(super) async fn admit<T: Transport>(
     transport: &mut T,
     room: Room,
 ) -> Option<Admitted> {
-    let mut inbuf = BytesMut::with_capacity(1024);
+    let mut inbuf = BytesMut::new();
     let decided = match read_connect(gateway, transport, &mut inbuf).await {
         Ok(hello) => {
             decide(gateway, &hello, room).map(|(identity, client_id)| (hello, identity, client_id))

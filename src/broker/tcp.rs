@@ -14,10 +14,26 @@ struct TcpTransport(Stream);
 
 impl Transport for TcpTransport {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
+        let Either::Left(tcp) = &mut self.0 else {
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            return self.0.read_buf(buf).await;
+        };
+        // Wait for data holding no buffer, then read through a stack chunk: the session's
+        // buffer holds only what arrived (an idle connection's, nearly nothing).
+        loop {
+            tcp.readable().await?;
+            let mut chunk = [0u8; 4096];
+            match tcp.try_read(&mut chunk) {
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
-        self.0.read_buf(buf).await
     }
 
     async fn write(&mut self, data: Bytes) -> io::Result<()> {
