@@ -41,25 +41,13 @@ pub async fn run(rate: usize, count: usize, secs: u64, clients: usize) -> anyhow
     println!("\n## cluster relay: {count} messages at {rate} msg/s (as in relay), latency in µs");
     println!("| path | p50 | p90 | p99 | max | lost |");
     println!("|---|---|---|---|---|---|");
-    let same = through(
-        nodes[0].as_ref(),
-        (port(0), port(0)),
-        ("sa", "sb"),
-        Route::Signaling,
-        rate,
-        count,
-    )
-    .await?;
+    let signaling = |to: usize, ids| {
+        let ports = (port(0), port(to));
+        through(nodes[0].as_ref(), ports, ids, Route::Signaling, rate, count)
+    };
+    let same = signaling(0, ("sa", "sb")).await?;
     row("same node (NATS bus)", &same);
-    let cross = through(
-        nodes[0].as_ref(),
-        (port(0), port(1)),
-        ("xa", "xb"),
-        Route::Signaling,
-        rate,
-        count,
-    )
-    .await?;
+    let cross = signaling(1, ("xa", "xb")).await?;
     row("cross node (node 1 → NATS → node 2)", &cross);
     ratio_row("ratio cross/same", &cross, &same);
 
