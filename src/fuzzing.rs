@@ -63,7 +63,7 @@ pub fn chat_publish(data: &[u8]) {
         return;
     };
     if !msg.is_signaling() {
-        let _ = message::stamp(msg, &alice);
+        let _ = message::stamp(&msg, &alice);
         return;
     }
     let (Some(kind), Ok(id)) = (signaling::Kind::parse(&msg.kind), signaling::call_id(&msg)) else {

@@ -183,6 +183,16 @@ pub static STORAGE_REFUSED: Metric = Metric::new(
     "counter",
     "Writes refused because the data dir's free space was under [storage] min_free_bytes.",
 );
+pub static STORE_FLUSHES: Metric = Metric::new(
+    "callbus_store_flushes_total",
+    "counter",
+    "Flushes of the data dir (group commits and the periodic flush).",
+);
+pub static STORE_COMMITS: Metric = Metric::new(
+    "callbus_store_commits_total",
+    "counter",
+    "Writes that waited for a flush before their reply (commits per flush: the group size).",
+);
 pub static CALLS_INITIATED: Metric =
     Metric::new("callbus_calls_initiated_total", "counter", "Calls created.");
 pub static CALL_TRANSITIONS: Metric = Metric::new(
@@ -196,7 +206,7 @@ pub static CALLS_PRUNED: Metric = Metric::new(
     "Ended calls removed from the store past [storage] call_history_secs.",
 );
 
-const ALL: [&Metric; 32] = [
+const ALL: [&Metric; 34] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -226,6 +236,8 @@ const ALL: [&Metric; 32] = [
     &PUSHES_DROPPED,
     &STORAGE_FULL,
     &STORAGE_REFUSED,
+    &STORE_FLUSHES,
+    &STORE_COMMITS,
     &CALLS_INITIATED,
     &CALL_TRANSITIONS,
     &CALLS_PRUNED,

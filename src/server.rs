@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::api::turn::TurnConfig;
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, Services};
 use crate::auth::Authenticator;
 use crate::bridge::Bridge;
 use crate::broker::{self, Gateway, Hub};
@@ -258,18 +258,17 @@ impl Server {
             tracker.clone(),
             settings.tls.clone(),
         ));
-        let state = AppState {
+        let state = AppState::new(Services {
             conversations,
             auth,
             gateway,
             calls,
             turn: settings.turn,
             dev: settings.dev,
-            cors_origins,
             cluster,
             storage,
-        };
-        let app = api::router(state);
+        });
+        let app = api::router(state, &cors_origins);
         let token = shutdown.clone();
         let tls = settings.tls.clone();
         let task = tokio::spawn(async move {

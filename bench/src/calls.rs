@@ -213,8 +213,8 @@ pub async fn run(levels: &[usize], secs: u64) -> anyhow::Result<()> {
 /// the process's CPU time (utime + stime from `/proc`) over the run divided by the flows.
 pub async fn cpu_per_flow(levels: &[usize], secs: u64) -> anyhow::Result<()> {
     println!("\n## calls, server CPU: whole flows against a separate callbus process, {secs} s per level");
-    println!("| pairs C | flows | flows/s | server CPU per flow | server CPU use |");
-    println!("|---|---|---|---|---|");
+    println!("| pairs C | flows | flows/s | server CPU per flow | server CPU use | flushes per flow | commits per flush | context switches per flow |");
+    println!("|---|---|---|---|---|---|---|---|");
     for &pairs in levels {
         let cb = std::sync::Arc::new(crate::util::Remote::start().await?);
         let mut tasks = Vec::new();
@@ -244,6 +244,14 @@ pub async fn cpu_per_flow(levels: &[usize], secs: u64) -> anyhow::Result<()> {
             });
         }
         let pid = cb.pid();
+        let counts = || async {
+            [
+                crate::util::metric(cb.http, "callbus_store_flushes_total").await,
+                crate::util::metric(cb.http, "callbus_store_commits_total").await,
+                crate::util::context_switches(pid),
+            ]
+        };
+        let before = counts().await;
         let (ticks, started) = (crate::util::cpu_ticks(pid), Instant::now());
         let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
         let mut flows = 0;
@@ -252,11 +260,17 @@ pub async fn cpu_per_flow(levels: &[usize], secs: u64) -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed().as_secs_f64();
         let cpu_secs = (crate::util::cpu_ticks(pid) - ticks) as f64 / 100.0;
+        let after = counts().await;
+        let [flushes, commits, switches] = [0, 1, 2].map(|i| after[i] - before[i]);
+        let per_flow = |n: u64| n as f64 / flows.max(1) as f64;
         println!(
-            "| {pairs} | {flows} | {:.0} | {:.3} ms | {:.0}% |",
+            "| {pairs} | {flows} | {:.0} | {:.3} ms | {:.0}% | {:.2} | {:.2} | {:.1} |",
             flows as f64 / elapsed,
             cpu_secs * 1000.0 / flows.max(1) as f64,
-            cpu_secs * 100.0 / elapsed
+            cpu_secs * 100.0 / elapsed,
+            per_flow(flushes),
+            commits as f64 / flushes.max(1) as f64,
+            per_flow(switches),
         );
     }
     Ok(())

@@ -25,7 +25,18 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
 pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
+    /// SIGTERM, up to 10 s to stop (a server under valgrind writes its profile), then SIGKILL.
     fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: kill(2) with a pid this process spawned and has not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            for _ in 0..500 {
+                if self.0.try_wait().is_ok_and(|s| s.is_some()) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -76,7 +87,18 @@ fn spawn(
     mqtt: u16,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
-    let mut command = Command::new(exe);
+    // CALLBUS_BENCH_SERVER_WRAP: a command to run the server under, split at spaces (for
+    // example `valgrind --tool=callgrind` to count the server's instructions).
+    let wrap = std::env::var("CALLBUS_BENCH_SERVER_WRAP").unwrap_or_default();
+    let mut wrap = wrap.split_whitespace();
+    let mut command = match wrap.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(wrap).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
     // CALLBUS_BENCH_SERVER_WORKERS: the server's tokio worker threads (the bench's own stay).
     if let Ok(workers) = std::env::var("CALLBUS_BENCH_SERVER_WORKERS") {
         command.env("TOKIO_WORKER_THREADS", workers);
@@ -131,7 +153,8 @@ pub(crate) async fn spawn_mosquitto(dir: &std::path::Path, port: u16) -> anyhow:
 
 /// Waits (bounded) until `proc` answers `/healthz`.
 async fn healthy(proc: Proc, http: u16, mqtt: u16) -> anyhow::Result<(Proc, u16, u16)> {
-    for _ in 0..200 {
+    // Up to 30 s: a server under valgrind starts slowly.
+    for _ in 0..1200 {
         let health = reqwest::get(format!("http://127.0.0.1:{http}/healthz")).await;
         if health.is_ok_and(|r| r.status().is_success()) {
             return Ok((proc, http, mqtt));

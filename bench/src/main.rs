@@ -46,14 +46,16 @@ async fn main() -> anyhow::Result<()> {
     println!("machine: {}", util::machine());
     match scenario {
         "relay" => relay::run(num(1, 2000), num(2, 10_000), num(3, 5)).await?,
-        "calls" => {
-            // calls [seconds per level] [pairs...]
+        "calls" | "calls-cpu" => {
+            // calls [seconds per level] [pairs...]; calls-cpu runs only the server CPU part
             let mut levels: Vec<usize> =
                 args.iter().skip(2).filter_map(|s| s.parse().ok()).collect();
             if levels.is_empty() {
                 levels = vec![1, 10, 100];
             }
-            calls::run(&levels, num(1, 5) as u64).await?;
+            if scenario == "calls" {
+                calls::run(&levels, num(1, 5) as u64).await?;
+            }
             calls::cpu_per_flow(&levels, num(1, 5) as u64).await?
         }
         "conns" => {
@@ -80,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown scenario {other}: use relay, calls, conns, sessions, notified, storm, soak, cluster or all"
+                "unknown scenario {other}: use relay, calls, calls-cpu, conns, sessions, notified, storm, soak, cluster or all"
             )
         }
     }

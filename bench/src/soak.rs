@@ -92,16 +92,6 @@ fn open_files(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-async fn metric(http: u16, name: &str) -> u64 {
-    let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{http}/metrics")).await else {
-        return 0;
-    };
-    let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Waits for the next tick of `every`, or returns false once the soak stops.
 async fn tick(shared: &Shared, interval: &mut tokio::time::Interval) -> bool {
     interval.tick().await;
@@ -357,7 +347,7 @@ pub async fn run(minutes: u64, chart: &Path) -> anyhow::Result<()> {
             flow_p50: pct(window.flows).0,
             flows,
             errors: shared.errors.swap(0, Ordering::Relaxed),
-            dropped_slow: metric(cb.http, "callbus_sessions_dropped_slow_total").await,
+            dropped_slow: crate::util::metric(cb.http, "callbus_sessions_dropped_slow_total").await,
         };
         ticks = now_ticks;
         println!(

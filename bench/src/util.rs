@@ -282,6 +282,35 @@ pub async fn mqtt_client_with(
 }
 
 /// utime + stime of process `pid`, in clock ticks (100 per second on Linux).
+/// A counter from a callbus's `GET /metrics` (0 if it cannot be read).
+pub async fn metric(http: u16, name: &str) -> u64 {
+    let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{http}/metrics")).await else {
+        return 0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Context switches (voluntary and not) of the live threads of process `pid`.
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
+}
+
+/// CPU time (user + system) of process `pid` in clock ticks (1/100 s).
 pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) in parentheses.

@@ -26,7 +26,7 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| ApiError::Unauthorized("expected a bearer token".into()))?;
         state
             .auth
-            .verify(token.trim())
+            .verify_cached(token.trim())
             .map(Caller)
             .map_err(|e| ApiError::Unauthorized(e.to_string()))
     }

@@ -23,9 +23,26 @@ use turn::TurnConfig;
 /// Largest REST request body.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// What every handler can reach.
+/// What every handler can reach: shared, as axum clones the state for every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(std::sync::Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The services behind the REST API.
+pub struct Services {
     pub conversations: ConversationService,
     pub auth: Authenticator,
     pub gateway: Gateway,
@@ -33,8 +50,6 @@ pub struct AppState {
     pub turn: Option<TurnConfig>,
     /// `--dev`: development tokens on.
     pub dev: bool,
-    /// Origins allowed to call the REST API from browsers.
-    pub cors_origins: Vec<HeaderValue>,
     /// Cluster mode: this node's view of the others.
     pub cluster: Option<std::sync::Arc<crate::cluster::Cluster>>,
     /// The embedded store's free-space reserve, which decides whether a change may start (none
@@ -60,8 +75,8 @@ fn both<S: Clone + Send + Sync + 'static>(
         .route(bare, method)
 }
 
-/// The whole HTTP surface.
-pub fn router(state: AppState) -> Router {
+/// The whole HTTP surface; browsers from `cors_origins` may call the REST API.
+pub fn router(state: AppState, cors_origins: &[HeaderValue]) -> Router {
     let r = Router::new()
         .route("/healthz", get(misc::healthz))
         .route(
@@ -96,7 +111,7 @@ pub fn router(state: AppState) -> Router {
     let r = routes
         .into_iter()
         .fold(r, |r, (path, method)| both(r, path, method));
-    let cors = cors(&state.cors_origins);
+    let cors = cors(cors_origins);
     r.fallback(|| async { error::ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(cors)

@@ -148,7 +148,7 @@ impl Bridge {
                 Err((code, detail)) => refuse(code, detail),
             };
         }
-        let stamped = message::stamp(msg, who);
+        let stamped = message::stamp(&msg, who);
         PublishOutcome::Deliver(vec![Message::new(chat_topic(cid), stamped)])
     }
 }

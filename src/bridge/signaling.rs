@@ -2,9 +2,11 @@
 //! published to `chat/{cid}` are checked against the call and mirrored to both `chat/{cid}` and
 //! the other party's notifications topic, with identity taken from the token only.
 
-use serde_json::{json, Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::borrow::Cow;
 
-use super::message::{ChatMessage, ErrorCode};
+use super::message::{AnyString, ChatMessage, ErrorCode, JsonObject};
 use crate::auth::Identity;
 use crate::bus::Message;
 use crate::ids::{id_from_json, new_message_id, now_rfc3339};
@@ -38,45 +40,64 @@ fn refuse<T>(code: ErrorCode, detail: impl Into<String>) -> Result<T, Refusal> {
 }
 
 /// The call id a signaling message names.
-pub fn call_id(msg: &ChatMessage) -> Result<u64, Refusal> {
-    let Some(raw) = msg.body.get("call_id") else {
+pub fn call_id(msg: &ChatMessage<'_>) -> Result<u64, Refusal> {
+    let Some(raw) = msg.field("call_id") else {
         return refuse(ErrorCode::BadPayload, "call_id is required");
     };
-    let Some(id) = id_from_json(raw) else {
+    let value: Option<Value> = serde_json::from_str(raw.get()).ok();
+    let Some(id) = value.as_ref().and_then(id_from_json) else {
         return refuse(ErrorCode::BadPayload, "call_id must be a call id");
     };
     id.parse()
         .or_else(|_| refuse(ErrorCode::CallNotFound, "no such call"))
 }
 
-/// Checks an SDP description object: `{"type": expected, "sdp": "..."}`.
-fn description(body: &Map<String, Value>, field: &str, expected: &str) -> Result<Value, Refusal> {
-    match body.get(field) {
-        Some(Value::Object(d))
-            if d.get("type").and_then(Value::as_str) == Some(expected)
-                && d.get("sdp").is_some_and(Value::is_string) =>
-        {
-            Ok(Value::Object(d.clone()))
-        }
-        _ => refuse(
-            ErrorCode::BadPayload,
-            format!("{field} must be {{\"type\": \"{expected}\", \"sdp\": \"...\"}}"),
-        ),
-    }
+/// An SDP description as checked: `{"type": ..., "sdp": "..."}`, other fields allowed.
+#[derive(serde::Deserialize)]
+struct Description<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[allow(dead_code)] // checked to be a string, not kept
+    sdp: AnyString,
 }
 
-/// Checks an ICE candidate object (`candidate` string; `sdpMid`, `sdpMLineIndex` optional).
-/// An empty candidate string is allowed: it signals the end of candidates.
-fn candidate(body: &Map<String, Value>) -> Result<Value, Refusal> {
-    match body.get("candidate") {
-        Some(Value::Object(c)) if c.get("candidate").is_some_and(Value::is_string) => {
-            Ok(Value::Object(c.clone()))
-        }
-        _ => refuse(
+/// Checks an SDP description object (`{"type": expected, "sdp": "..."}`); its JSON text.
+fn description<'a>(
+    msg: &ChatMessage<'a>,
+    field: &str,
+    expected: &str,
+) -> Result<&'a RawValue, Refusal> {
+    let checked = msg.field(field).filter(|raw| {
+        serde_json::from_str::<Description<'_>>(raw.get()).is_ok_and(|d| d.kind == expected)
+    });
+    checked.ok_or_else(|| {
+        (
             ErrorCode::BadPayload,
-            "candidate must be {\"candidate\": \"...\", \"sdpMid\": ..., \"sdpMLineIndex\": ...}",
-        ),
-    }
+            format!("{field} must be {{\"type\": \"{expected}\", \"sdp\": \"...\"}}"),
+        )
+    })
+}
+
+/// An ICE candidate as checked: a `candidate` string; `sdpMid`, `sdpMLineIndex` optional.
+#[derive(serde::Deserialize)]
+struct Candidate {
+    #[allow(dead_code)] // checked to be a string, not kept
+    candidate: AnyString,
+}
+
+/// Checks an ICE candidate object; its JSON text. An empty candidate string is allowed: it
+/// signals the end of candidates.
+fn candidate<'a>(msg: &ChatMessage<'a>) -> Result<&'a RawValue, Refusal> {
+    let checked = msg
+        .field("candidate")
+        .filter(|raw| serde_json::from_str::<Candidate>(raw.get()).is_ok());
+    checked.ok_or_else(|| {
+        (
+            ErrorCode::BadPayload,
+            "candidate must be {\"candidate\": \"...\", \"sdpMid\": ..., \"sdpMLineIndex\": ...}"
+                .to_owned(),
+        )
+    })
 }
 
 /// Who sends a signaling message: the user and the device (MQTT client id) it comes from.
@@ -94,7 +115,7 @@ pub fn relay(
     sender: &Sender<'_>,
     cid: &str,
     kind: Kind,
-    msg: &ChatMessage,
+    msg: &ChatMessage<'_>,
     call: Option<&Call>,
     offered_by: Option<&str>,
 ) -> Result<Vec<Message>, Refusal> {
@@ -126,16 +147,8 @@ pub fn relay(
             );
         }
     }
-    let mut event = json!({
-        "call_id": call.id.to_string(),
-        "conversation_id": call.conversation_id,
-        "sender_id": who.user_id,
-        "sender_username": who.username,
-        "device_id": call.accepted_device,
-        "id": new_message_id(),
-        "ts": now_rfc3339(),
-    });
-    let fields = match kind {
+    // The client's description or candidate, checked, goes out as the client wrote it.
+    let (kind_name, field, value) = match kind {
         Kind::Offer => {
             // The first offer comes from the caller; once active, either side may renegotiate.
             if call.status == Status::Ringing && !is_caller {
@@ -144,17 +157,10 @@ pub fn relay(
                     "only the caller offers before the call is accepted",
                 );
             }
-            let offer = description(&msg.body, "offer", "offer")?;
-            json!({
-                "type": "call.offer",
-                "caller_id": who.user_id,
-                "caller_username": who.username,
-                "call_type": call.call_type.as_str(),
-                "offer": offer,
-            })
+            ("call.offer", "offer", description(msg, "offer", "offer")?)
         }
         Kind::Answer => {
-            let answer = description(&msg.body, "answer", "answer")?;
+            let answer = description(msg, "answer", "answer")?;
             let answer_ok = match offered_by {
                 Some(offerer) => offerer != who.user_id,
                 None => !is_caller || call.status == Status::Active,
@@ -165,17 +171,30 @@ pub fn relay(
                     "an answer comes from the party that did not send the offer",
                 );
             }
-            json!({ "type": "call.answer", "answer": answer, "receiver_id": who.user_id })
+            ("call.answer", "answer", answer)
         }
-        Kind::Candidate => {
-            let candidate = candidate(&msg.body)?;
-            json!({ "type": "call.candidate", "candidate": candidate })
-        }
+        Kind::Candidate => ("call.candidate", "candidate", candidate(msg)?),
     };
-    if let (Value::Object(e), Value::Object(f)) = (&mut event, fields) {
-        e.extend(f);
+    let mut event = JsonObject::with_capacity(value.get().len() + 320);
+    event.text("type", kind_name);
+    event.text("call_id", &call.id.to_string());
+    event.text("conversation_id", &call.conversation_id);
+    event.text("sender_id", &who.user_id);
+    event.text("sender_username", &who.username);
+    event.text_or_null("device_id", call.accepted_device.as_deref());
+    event.text("id", &new_message_id());
+    event.text("ts", &now_rfc3339());
+    match kind {
+        Kind::Offer => {
+            event.text("caller_id", &who.user_id);
+            event.text("caller_username", &who.username);
+            event.text("call_type", call.call_type.as_str());
+        }
+        Kind::Answer => event.text("receiver_id", &who.user_id),
+        Kind::Candidate => {}
     }
-    let payload = bytes::Bytes::from(event.to_string());
+    event.raw(field, value.get());
+    let payload = bytes::Bytes::from(event.finish());
     let other = call.other_party(&who.user_id);
     let parties = [call.caller.id.as_str(), call.receiver.id.as_str()];
     Ok(vec![

@@ -207,7 +207,7 @@ impl Calls {
                 let Ok(next) = call.apply(&Action::Timeout, now) else {
                     continue; // only ringing calls get here
                 };
-                calls.inner.store.calls.put(&next)?;
+                calls.inner.store.calls.update(&next)?;
                 let end = events::ended(&next);
                 missed.push(calls.log(&next.caller.id, &end)?);
                 missed.push(calls.log(&next.receiver.id, &end)?);
@@ -395,7 +395,7 @@ impl Calls {
             now,
             self.inner.limits.ring_timeout,
         );
-        self.inner.store.calls.put(&call)?;
+        self.inner.store.calls.create(&call)?;
         if self.inner.push.is_some() {
             let devices = self.inner.presence.live_devices(&call.receiver.id);
             self.inner
@@ -430,7 +430,7 @@ impl Calls {
             let mut live = lock(&self.inner.live);
             let current = self.current(&live, id)?.ok_or(CallError::NotFound)?;
             let next = current.apply(&action, now_ms())?;
-            self.inner.store.calls.put(&next)?;
+            self.inner.store.calls.update(&next)?;
             if current.status == Status::Ringing && self.inner.push.is_some() {
                 let devices = self.inner.presence.live_devices(&next.receiver.id);
                 self.inner

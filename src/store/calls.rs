@@ -28,21 +28,33 @@ impl CallTrees {
         Ok(self.db.generate_id()? + 1)
     }
 
-    /// Writes a call and its indexes. The caller commits.
-    pub fn put(&self, call: &Call) -> Result<(), StoreError> {
-        let value =
-            serde_json::to_vec(call).map_err(|_| StoreError::Corrupt(call.id.to_string()))?;
-        let key = call.id.to_be_bytes();
-        self.calls.insert(key, value)?;
+    /// Writes a new call and its indexes. The caller commits.
+    pub fn create(&self, call: &Call) -> Result<(), StoreError> {
+        self.write(call)?;
         self.by_user
             .insert(user_key(&call.caller.id, call.id), &[])?;
         self.by_user
             .insert(user_key(&call.receiver.id, call.id), &[])?;
-        if call.status.is_terminal() {
-            self.live.remove(key)?;
-        } else {
-            self.live.insert(key, &[])?;
+        if !call.status.is_terminal() {
+            self.live.insert(call.id.to_be_bytes(), &[])?;
         }
+        Ok(())
+    }
+
+    /// Writes a call that changed state (its parties, and so its history entries, never
+    /// change); it leaves the live index once it ends. The caller commits.
+    pub fn update(&self, call: &Call) -> Result<(), StoreError> {
+        self.write(call)?;
+        if call.status.is_terminal() {
+            self.live.remove(call.id.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, call: &Call) -> Result<(), StoreError> {
+        let value =
+            serde_json::to_vec(call).map_err(|_| StoreError::Corrupt(call.id.to_string()))?;
+        self.calls.insert(call.id.to_be_bytes(), value)?;
         Ok(())
     }
 

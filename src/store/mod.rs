@@ -83,10 +83,12 @@ impl Store {
         let calls = CallTrees::open(&db)?;
         let push = PushTree::open(&db)?;
         let sessions = SessionTrees::open(&db)?;
+        let committer = Committer::start(db, space.clone())
+            .map_err(|e| StoreError::Flush(format!("cannot start the committer: {e}")))?;
         Ok(Self {
             push,
             sessions,
-            committer: Committer::start(db, space.clone()),
+            committer,
             space,
             conversations,
             calls,

@@ -50,8 +50,23 @@ impl Space {
         Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
     }
 
+    /// Milliseconds after `epoch`, plus one (0 in `fine_at` means never).
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether a check within the last [`FINE_FOR`] found room above the whole reserve (and so
+    /// above half of it).
+    fn fine_recently(&self) -> bool {
+        let fine_at = self.fine_at.load(Ordering::Relaxed);
+        fine_at > 0 && self.now().saturating_sub(fine_at) < FINE_FOR.as_millis() as u64
+    }
+
     /// Whether flushing may go ahead: `Err(free bytes)` under half the reserve.
     pub(super) fn may_flush(&self) -> Result<(), u64> {
+        if self.fine_recently() {
+            return Ok(());
+        }
         match self.free_bytes() {
             Some(free) if free < self.min_free / 2 => Err(free),
             _ => Ok(()),
@@ -61,9 +76,7 @@ impl Space {
     /// Whether a change may start: `Err(free bytes)` while the reserve is reached. If the free
     /// space cannot be read, changes go ahead.
     pub(super) fn admit(&self) -> Result<(), u64> {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
-        let fine_at = self.fine_at.load(Ordering::Relaxed);
-        if fine_at > 0 && now.saturating_sub(fine_at) < FINE_FOR.as_millis() as u64 {
+        if self.fine_recently() {
             return Ok(());
         }
         match self.free_bytes() {
@@ -81,7 +94,7 @@ impl Space {
                 Err(free)
             }
             _ => {
-                self.fine_at.store(now, Ordering::Relaxed);
+                self.fine_at.store(self.now(), Ordering::Relaxed);
                 if self.full.swap(false, Ordering::Relaxed) {
                     metrics::STORAGE_FULL.dec();
                     info!("space returned to the data dir: taking changes again");
