@@ -3,7 +3,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 use super::auth::Caller;
@@ -11,7 +11,25 @@ use super::error::{ApiError, OptionalJson};
 use super::AppState;
 use crate::calls::{CallError, NewCall};
 use crate::ids::{id_from_json, is_valid_id};
-use crate::model::call::{Action, CallType, TransitionError, HANGUP_REASONS};
+use crate::model::call::{Action, Call, CallType, TransitionError, HANGUP_REASONS};
+
+/// A call as a REST reply, written through [`Call::view`] (no `Value` built on the way).
+pub struct CallReply(Call);
+
+impl Serialize for CallReply {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.view().serialize(s)
+    }
+}
+
+/// `POST /api/calls/initiate/`'s reply: the call, and whether the receiver can be reached.
+#[derive(Serialize)]
+pub struct Initiated {
+    #[serde(flatten)]
+    call: CallReply,
+    receiver_devices: usize,
+    push_queued: bool,
+}
 
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
@@ -63,7 +81,7 @@ pub async fn initiate(
     Caller(caller): Caller,
     _room: super::Room,
     OptionalJson(body): OptionalJson<Map<String, Value>>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Initiated>), ApiError> {
     let (receiver_id, conversation_id, call_type) = initiate_body(&body)?;
     if receiver_id == caller.user_id {
         return Err(ApiError::BadRequest("you cannot call yourself".into()));
@@ -92,12 +110,11 @@ pub async fn initiate(
         .await?;
     // Reachability, so the caller's UI can say "ringing" or "calling…": the receiver's live
     // devices, and whether a push to wake sleeping ones was queued.
-    let mut body = call.to_json();
-    if let Value::Object(map) = &mut body {
-        let devices = state.calls.live_devices(&call.receiver.id).await;
-        map.insert("receiver_devices".into(), devices.into());
-        map.insert("push_queued".into(), state.calls.pushes().into());
-    }
+    let body = Initiated {
+        receiver_devices: state.calls.live_devices(&call.receiver.id).await,
+        push_queued: state.calls.pushes(),
+        call: CallReply(call),
+    };
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -134,7 +151,7 @@ pub async fn accept(
     _room: super::Room,
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<AcceptBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallReply>, ApiError> {
     let id = call_id(&id)?;
     let device_id = body.device()?;
     let action = Action::Accept {
@@ -142,7 +159,7 @@ pub async fn accept(
         username: caller.username.clone(),
         device_id,
     };
-    Ok(Json(state.calls.transition(id, action).await?.to_json()))
+    Ok(Json(CallReply(state.calls.transition(id, action).await?)))
 }
 
 /// `POST /api/calls/{id}/reject/`
@@ -151,13 +168,13 @@ pub async fn reject(
     Caller(caller): Caller,
     _room: super::Room,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallReply>, ApiError> {
     let id = call_id(&id)?;
     let action = Action::Reject {
         by: caller.user_id.clone(),
         username: caller.username.clone(),
     };
-    Ok(Json(state.calls.transition(id, action).await?.to_json()))
+    Ok(Json(CallReply(state.calls.transition(id, action).await?)))
 }
 
 #[derive(Deserialize, Default)]
@@ -186,14 +203,14 @@ pub async fn end(
     _room: super::Room,
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<EndBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallReply>, ApiError> {
     let id = call_id(&id)?;
     let hangup_reason = body.hangup_reason()?;
     let action = Action::End {
         by: caller.user_id.clone(),
         hangup_reason,
     };
-    Ok(Json(state.calls.transition(id, action).await?.to_json()))
+    Ok(Json(CallReply(state.calls.transition(id, action).await?)))
 }
 
 /// `GET /api/calls/{id}/`
@@ -201,7 +218,7 @@ pub async fn get(
     State(state): State<AppState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallReply>, ApiError> {
     let id = call_id(&id)?;
     let call = state
         .calls
@@ -213,7 +230,7 @@ pub async fn get(
             "you are not a party to this call".into(),
         ));
     }
-    Ok(Json(call.to_json()))
+    Ok(Json(CallReply(call)))
 }
 
 #[derive(Deserialize)]
@@ -227,7 +244,7 @@ pub async fn history(
     State(state): State<AppState>,
     Caller(caller): Caller,
     Query(q): Query<HistoryQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<History>, ApiError> {
     let limit = match q.limit.as_deref() {
         None | Some("") => 20,
         Some(s) => s
@@ -244,13 +261,21 @@ pub async fn history(
         ),
     };
     let calls = state.calls.history(&caller.user_id, before, limit).await?;
-    let results: Vec<Value> = calls.iter().map(|c| c.to_json()).collect();
-    let next_before = if results.len() == limit {
+    let next_before = if calls.len() == limit {
         calls.last().map(|c| c.id)
     } else {
         None
     };
-    Ok(Json(
-        json!({ "results": results, "next_before": next_before }),
-    ))
+    let results = calls.into_iter().map(CallReply).collect();
+    Ok(Json(History {
+        results,
+        next_before,
+    }))
+}
+
+/// `GET /api/calls/`'s reply: a page of calls, and where the next page starts.
+#[derive(Serialize)]
+pub struct History {
+    results: Vec<CallReply>,
+    next_before: Option<u64>,
 }

@@ -32,8 +32,8 @@ pub async fn notify(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Role::Service)?;
     let (user_id, payload) = notify_body(&body)?;
-    let event = state.calls.notify(&user_id, payload).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "id": event["id"] }))))
+    let id = state.calls.notify(&user_id, &payload).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
 }
 
 /// `GET /api/turn/`: time-limited TURN credentials, 404 when no TURN secret is configured.

@@ -12,6 +12,11 @@ use crate::net::{accept_loop, Stream};
 
 struct TcpTransport(Stream);
 
+thread_local! {
+    /// Where plain TCP reads land before they are copied to the session's buffer.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 4096]);
+}
+
 impl Transport for TcpTransport {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         let Either::Left(tcp) = &mut self.0 else {
@@ -20,18 +25,19 @@ impl Transport for TcpTransport {
             }
             return self.0.read_buf(buf).await;
         };
-        // Wait for data holding no buffer, then read through a stack chunk: the session's
-        // buffer holds only what arrived (an idle connection's, nearly nothing).
+        // Wait for data holding no buffer, then read through the thread's scratch chunk: the
+        // session's buffer holds only what arrived (an idle connection's, nearly nothing). (A
+        // chunk on the stack was zeroed on every read: a tenth of a call flow's instructions.)
         loop {
             tcp.readable().await?;
-            let mut chunk = [0u8; 4096];
-            match tcp.try_read(&mut chunk) {
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    return Ok(n);
-                }
+            let read: io::Result<usize> = SCRATCH.with_borrow_mut(|chunk| {
+                let n = tcp.try_read(chunk)?;
+                buf.extend_from_slice(&chunk[..n]);
+                Ok(n)
+            });
+            match read {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                read => return read,
             }
         }
     }

@@ -2,8 +2,6 @@
 //! log (for users with a persistent session) inside the change's critical section, queued in
 //! the outbox, and published through the bus only once the change is on disk, in change order.
 
-use serde_json::Value;
-
 use super::live::Logged;
 use super::Calls;
 use crate::bus::Message;
@@ -16,8 +14,8 @@ use tracing::warn;
 impl Calls {
     /// Writes an event to the durable event log (the caller flushes), if the user has a
     /// persistent session to replay it to after a restart.
-    pub(super) fn log(&self, user_id: &str, event: &Value) -> Result<Logged, StoreError> {
-        let payload = event.to_string();
+    pub(super) fn log(&self, user_id: &str, event: &str) -> Result<Logged, StoreError> {
+        let payload = event.to_owned();
         // Cluster mode keeps no per-node event log (a user's sessions may be on any node).
         let seq = if self.inner.cluster.is_none() && self.inner.presence.keeps_sessions(user_id) {
             let sessions = &self.inner.store.sessions;
@@ -34,11 +32,7 @@ impl Calls {
     }
 
     /// Logs an event that no call change carries, makes it durable, and publishes it.
-    pub(super) async fn announce_now(
-        &self,
-        user_id: &str,
-        event: &Value,
-    ) -> Result<(), StoreError> {
+    pub(super) async fn announce_now(&self, user_id: &str, event: &str) -> Result<(), StoreError> {
         let logged = self.log(user_id, event)?;
         if logged.seq.is_some() {
             self.inner.store.flush().await?;
@@ -53,14 +47,14 @@ impl Calls {
 
     /// Logs the events of a change (inside its critical section) and queues them for
     /// [`Calls::commit_and_announce`].
-    pub(super) fn enqueue(&self, events: Vec<(String, Value)>) -> Result<u64, StoreError> {
+    pub(super) fn enqueue(&self, events: Vec<(String, String)>) -> Result<u64, StoreError> {
         self.enqueue_expiring(events, None)
     }
 
     /// Like [`Calls::enqueue`], for events not worth delivering after `expires_at_ms`.
     pub(super) fn enqueue_expiring(
         &self,
-        events: Vec<(String, Value)>,
+        events: Vec<(String, String)>,
         expires_at_ms: Option<u64>,
     ) -> Result<u64, StoreError> {
         let logged = events

@@ -116,8 +116,8 @@ fn new_call(id: u64, caller: &Identity, req: &NewCall, now: u64, ring: Duration)
 }
 
 /// What a transition to `next` announces, to whom.
-fn transition_events(next: &Call) -> Vec<(String, Value)> {
-    let both = |event: Value| {
+fn transition_events(next: &Call) -> Vec<(String, String)> {
+    let both = |event: String| {
         vec![
             (next.caller.id.clone(), event.clone()),
             (next.receiver.id.clone(), event),
@@ -452,10 +452,11 @@ impl Calls {
 
     /// Publishes `notification.created` with the main app's own payload, once it is in the
     /// durable event log.
-    pub async fn notify(&self, user_id: &str, payload: Value) -> Result<Value, StoreError> {
-        let event = events::notification_created(payload);
+    /// Returns the event's `id`.
+    pub async fn notify(&self, user_id: &str, payload: &Value) -> Result<String, StoreError> {
+        let (id, event) = events::notification_created(payload);
         self.announce_now(user_id, &event).await?;
-        Ok(event)
+        Ok(id)
     }
 
     fn arm_ring_timer(&self, id: u64, after_ms: u64) {

@@ -209,10 +209,10 @@ impl Calls {
     }
 }
 
-fn outgoing(events: Vec<(String, serde_json::Value)>) -> Vec<Outgoing> {
-    let each = events.into_iter().map(|(user_id, event)| Outgoing {
+fn outgoing(events: Vec<(String, String)>) -> Vec<Outgoing> {
+    let each = events.into_iter().map(|(user_id, payload)| Outgoing {
         user_id,
-        payload: event.to_string(),
+        payload,
         expires_ms: None,
     });
     each.collect()

@@ -3,7 +3,7 @@
 //! change. Durations come from the server's own accept and end times.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Voice or video.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,33 +230,74 @@ impl Call {
 
     /// The call as the REST API shows it (the seed's shape, extended by DESIGN).
     pub fn to_json(&self) -> Value {
-        json!({
-            "id": self.id,
-            "caller": {"id": self.caller.id, "username": self.caller.username},
-            "receiver": {"id": self.receiver.id, "username": self.receiver.username},
-            "call_type": self.call_type.as_str(),
-            "conversation_id": self.conversation_id,
-            "status": self.status.as_str(),
-            "created_at": rfc3339(Some(self.created_ms)),
-            "accepted_at": rfc3339(self.accepted_ms),
-            "ended_at": rfc3339(self.ended_ms),
-            "duration_seconds": self.duration_seconds(),
-            "end_reason": self.end_reason,
-            "hangup_reason": self.hangup_reason,
-            "device_id": self.accepted_device,
-        })
+        serde_json::to_value(self.view()).unwrap_or_default()
+    }
+
+    /// The call as the REST API shows it, written without building a `Value`.
+    pub fn view(&self) -> CallView<'_> {
+        CallView {
+            id: self.id,
+            caller: PartyView::of(&self.caller),
+            receiver: PartyView::of(&self.receiver),
+            call_type: self.call_type.as_str(),
+            conversation_id: &self.conversation_id,
+            status: self.status.as_str(),
+            created_at: rfc3339_text(self.created_ms),
+            accepted_at: self.accepted_ms.map(rfc3339_text),
+            ended_at: self.ended_ms.map(rfc3339_text),
+            duration_seconds: self.duration_seconds(),
+            end_reason: self.end_reason.as_deref(),
+            hangup_reason: self.hangup_reason.as_deref(),
+            device_id: self.accepted_device.as_deref(),
+        }
+    }
+}
+
+/// A call as the REST API shows it (see [`Call::view`]).
+#[derive(Serialize)]
+pub struct CallView<'a> {
+    id: u64,
+    caller: PartyView<'a>,
+    receiver: PartyView<'a>,
+    call_type: &'a str,
+    conversation_id: &'a str,
+    status: &'a str,
+    created_at: String,
+    accepted_at: Option<String>,
+    ended_at: Option<String>,
+    duration_seconds: u64,
+    end_reason: Option<&'a str>,
+    hangup_reason: Option<&'a str>,
+    device_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct PartyView<'a> {
+    id: &'a str,
+    username: &'a str,
+}
+
+impl<'a> PartyView<'a> {
+    fn of(party: &'a Party) -> Self {
+        Self {
+            id: &party.id,
+            username: &party.username,
+        }
     }
 }
 
 /// Unix milliseconds as RFC 3339, or null.
 pub fn rfc3339(ms: Option<u64>) -> Value {
     match ms {
-        Some(ms) => {
-            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-            Value::String(humantime::format_rfc3339_millis(t).to_string())
-        }
+        Some(ms) => Value::String(rfc3339_text(ms)),
         None => Value::Null,
     }
+}
+
+/// Unix milliseconds as RFC 3339.
+pub fn rfc3339_text(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Now, in Unix milliseconds.
