@@ -31,10 +31,13 @@ type Waiter = oneshot::Sender<Flushed>;
 /// How often writes nobody waits for (session progress) are flushed.
 const PERIOD: Duration = Duration::from_millis(500);
 
-/// Under load (the previous flush ended less than [`BUSY`] ago), how long the committer
-/// gathers more waiters before it flushes. An idle store flushes at once.
+/// Under concurrent load (a flush within the last [`SHARED`] served more than one writer, and
+/// the previous one ended less than [`BUSY`] ago), how long the committer gathers more waiters
+/// before it flushes. A lone writer (one client's requests one after another) never waits:
+/// nobody would join it.
 const GATHER: Duration = Duration::from_micros(300);
 const BUSY: Duration = Duration::from_millis(2);
+const SHARED: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 pub(super) struct Committer {
@@ -68,6 +71,8 @@ fn log_unwaited(flushed: Flushed) {
 /// The committer thread's loop: ends (after a last flush) once every [`Committer`] is gone.
 fn run(db: sled::Db, space: Arc<Space>, requests: std_mpsc::Receiver<Waiter>) {
     let mut last_flush = Instant::now();
+    // When a flush last served more than one writer.
+    let mut last_shared: Option<Instant> = None;
     let mut next_periodic = Instant::now() + PERIOD;
     loop {
         let wait = next_periodic.saturating_duration_since(Instant::now());
@@ -81,7 +86,8 @@ fn run(db: sled::Db, space: Arc<Space>, requests: std_mpsc::Receiver<Waiter>) {
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let mut batch = vec![first];
-        if last_flush.elapsed() < BUSY {
+        let concurrent = last_shared.is_some_and(|t| t.elapsed() < SHARED);
+        if concurrent && last_flush.elapsed() < BUSY {
             let until = Instant::now() + GATHER;
             while let Some(left) = until.checked_duration_since(Instant::now()) {
                 match requests.recv_timeout(left) {
@@ -92,6 +98,9 @@ fn run(db: sled::Db, space: Arc<Space>, requests: std_mpsc::Receiver<Waiter>) {
         }
         batch.extend(requests.try_iter());
         metrics::STORE_COMMITS.add(batch.len() as u64);
+        if batch.len() > 1 {
+            last_shared = Some(Instant::now());
+        }
         let result = flush(&db, &space);
         last_flush = Instant::now();
         next_periodic = last_flush + PERIOD;
