@@ -208,7 +208,6 @@ mod tests {
     use super::*;
     use crate::auth::Role;
     use crate::bridge::message::parse_chat;
-    use crate::model::call::{CallType, Party};
 
     fn user(id: &str) -> Identity {
         Identity {
@@ -220,31 +219,8 @@ mod tests {
         }
     }
 
-    fn party(id: &str) -> Party {
-        Party {
-            id: id.into(),
-            username: id.into(),
-            first_name: String::new(),
-            last_name: String::new(),
-        }
-    }
-
     fn call(status: Status) -> Call {
-        Call {
-            id: 17,
-            caller: party("a"),
-            receiver: party("b"),
-            call_type: CallType::Video,
-            conversation_id: "c1".into(),
-            status,
-            created_ms: 0,
-            ring_deadline_ms: 0,
-            accepted_ms: None,
-            ended_ms: None,
-            end_reason: None,
-            hangup_reason: None,
-            accepted_device: None,
-        }
+        Call::sample(status)
     }
 
     const OFFER: &[u8] =

@@ -180,30 +180,16 @@ pub fn busy(receiver_id: &str, conversation_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::call::{CallType, Status};
+    use crate::model::call::Status;
 
     fn call() -> Call {
-        let party = |id: &str| Party {
-            id: id.into(),
-            username: format!("{id}-name"),
-            first_name: "F".into(),
-            last_name: "L\"ast".into(),
-        };
-        Call {
-            id: 17,
-            caller: party("a"),
-            receiver: party("b"),
-            call_type: CallType::Video,
-            conversation_id: "c1".into(),
-            status: Status::Ended,
-            created_ms: 1_000,
-            ring_deadline_ms: 61_000,
-            accepted_ms: Some(2_000),
-            ended_ms: Some(9_500),
-            end_reason: Some("completed".into()),
-            hangup_reason: None,
-            accepted_device: Some("phone".into()),
-        }
+        let mut call = Call::sample(Status::Ended);
+        call.caller.last_name = "L\"ast".into();
+        call.accepted_ms = Some(2_000);
+        call.ended_ms = Some(9_500);
+        call.end_reason = Some("completed".into());
+        call.accepted_device = Some("phone".into());
+        call
     }
 
     fn parse(text: &str) -> Value {

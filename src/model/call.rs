@@ -309,5 +309,33 @@ pub fn now_ms() -> u64 {
 }
 
 #[cfg(test)]
+impl Call {
+    /// For unit tests: call 17 from `a` to `b` in conversation `c1`, video, created at 1 s.
+    pub(crate) fn sample(status: Status) -> Call {
+        let party = |id: &str| Party {
+            id: id.into(),
+            username: id.into(),
+            first_name: String::new(),
+            last_name: String::new(),
+        };
+        Call {
+            id: 17,
+            caller: party("a"),
+            receiver: party("b"),
+            call_type: CallType::Video,
+            conversation_id: "c1".into(),
+            status,
+            created_ms: 1_000,
+            ring_deadline_ms: 61_000,
+            accepted_ms: None,
+            ended_ms: None,
+            end_reason: None,
+            hangup_reason: None,
+            accepted_device: None,
+        }
+    }
+}
+
+#[cfg(test)]
 #[path = "call_tests.rs"]
 mod tests;
