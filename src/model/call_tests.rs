@@ -3,31 +3,9 @@
 use super::*;
 
 fn ringing() -> Call {
-    Call {
-        id: 17,
-        caller: Party {
-            id: "a".into(),
-            username: "alice".into(),
-            first_name: String::new(),
-            last_name: String::new(),
-        },
-        receiver: Party {
-            id: "b".into(),
-            username: "b".into(),
-            first_name: String::new(),
-            last_name: String::new(),
-        },
-        call_type: CallType::Video,
-        conversation_id: "c1".into(),
-        status: Status::Ringing,
-        created_ms: 1_000,
-        ring_deadline_ms: 61_000,
-        accepted_ms: None,
-        ended_ms: None,
-        end_reason: None,
-        hangup_reason: None,
-        accepted_device: None,
-    }
+    let mut call = Call::sample(Status::Ringing);
+    call.caller.username = "alice".into();
+    call
 }
 
 fn accept(by: &str) -> Action {
