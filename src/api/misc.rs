@@ -12,13 +12,13 @@ use crate::auth::{unix_now, Role};
 use crate::ids::id_from_json;
 
 /// A notification body's user and payload.
-pub fn notify_body(body: &Map<String, Value>) -> Result<(String, Value), ApiError> {
+pub fn notify_body(body: &Map<String, Value>) -> Result<(String, &Value), ApiError> {
     let user_id = body
         .get("user_id")
         .and_then(id_from_json)
         .ok_or_else(|| ApiError::BadRequest("user_id is required (a user id)".into()))?;
     match body.get("payload") {
-        Some(Value::Object(p)) => Ok((user_id, Value::Object(p.clone()))),
+        Some(payload @ Value::Object(_)) => Ok((user_id, payload)),
         _ => Err(ApiError::BadRequest("payload must be a JSON object".into())),
     }
 }
@@ -32,7 +32,7 @@ pub async fn notify(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Role::Service)?;
     let (user_id, payload) = notify_body(&body)?;
-    let id = state.calls.notify(&user_id, &payload).await?;
+    let id = state.calls.notify(&user_id, payload).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))))
 }
 
