@@ -57,6 +57,27 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A TLS handshake within [`HANDSHAKE_TIMEOUT`]; failures are logged. (The stream comes back
+/// boxed: the connection's task keeps room for whatever it holds across an await, and an
+/// unboxed handshake result is 1.2 KiB.)
+async fn handshake(
+    tls: &TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<Box<tokio_rustls::server::TlsStream<TcpStream>>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+        Ok(Ok(stream)) => Some(Box::new(stream)),
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            info!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// Accepts connections until `shutdown`, running `handle` for each on its own task tracked by
 /// `tracker`. Sockets set `TCP_NODELAY` (signaling is small and latency-bound); an accept error
 /// backs off briefly and never ends the loop; a failed handshake ends only its connection.
@@ -99,14 +120,14 @@ pub async fn accept_loop<F, Fut>(
         }
         let (tls, handle) = (tls.clone(), handle.clone());
         tracker.spawn(async move {
-            let Some(tls) = tls else {
-                return handle(Either::Left(stream), peer).await;
+            let stream = match tls {
+                None => Either::Left(stream),
+                Some(tls) => match handshake(&tls, stream, peer).await {
+                    Some(stream) => Either::Right(stream),
+                    None => return,
+                },
             };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok(stream)) => handle(Either::Right(Box::new(stream)), peer).await,
-                Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => info!(%peer, "TLS handshake timed out"),
-            }
+            handle(stream, peer).await
         });
     }
 }

@@ -176,6 +176,14 @@ enum Target {
 }
 
 impl Target {
+    fn key(self) -> &'static str {
+        match self {
+            Target::CallbusWs => "ws",
+            Target::CallbusTcp => "tcp",
+            Target::Mosquitto => "mosquitto",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Target::CallbusWs => "callbus, WebSocket",
@@ -377,12 +385,21 @@ async fn notify_mqtt(port: u16, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(sizes: &[usize]) -> anyhow::Result<()> {
+/// Runs each size against each server; `only` (`ws`, `tcp`, `mosquitto`) narrows the servers.
+pub async fn run(sizes: &[usize], only: &[&str]) -> anyhow::Result<()> {
+    let targets: Vec<Target> = [Target::CallbusWs, Target::CallbusTcp, Target::Mosquitto]
+        .into_iter()
+        .filter(|t| only.is_empty() || only.contains(&t.key()))
+        .collect();
+    anyhow::ensure!(
+        !targets.is_empty(),
+        "no server named {only:?}: use ws, tcp or mosquitto"
+    );
     println!("\n## conns: idle MQTT clients, each subscribed to its own notifications topic");
     println!("| clients | server, transport | connect all (rate) | server RSS idle | server RSS with clients | RSS per connection | notified (round 1, 2) | all notified, round 1 | all notified, round 2 |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for &n in sizes {
-        for target in [Target::CallbusWs, Target::CallbusTcp, Target::Mosquitto] {
+        for &target in &targets {
             level(n, target).await?;
         }
     }

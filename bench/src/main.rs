@@ -5,8 +5,9 @@
 //!   mirror to B's notifications), each in turn, `runs` times (5); medians and ratios.
 //! - calls [seconds] [pairs...]: C concurrent caller/callee pairs running the whole flow over
 //!   REST and MQTT (1, 10, 100), in process and against a separate process (server CPU per flow).
-//! - conns: N idle MQTT-over-WebSocket clients against a callbus process: RSS per connection and
-//!   the time for one notification per user to reach all of them.
+//! - conns [N...] [ws|tcp|mosquitto...]: N idle MQTT clients against callbus over WebSocket, over
+//!   TCP and Mosquitto (or only those named): RSS per connection and the time for one
+//!   notification per user to reach all of them.
 //! - sessions: N persistent sessions away while M messages each are queued, then all back:
 //!   memory per stored session and the time until everything is replayed.
 //! - notified N: N distinct users (none connected) notified once through REST: server RSS
@@ -59,12 +60,17 @@ async fn main() -> anyhow::Result<()> {
             calls::cpu_per_flow(&levels, num(1, 5) as u64).await?
         }
         "conns" => {
-            let sizes: Vec<usize> = if args.len() > 1 {
-                args[1..].iter().filter_map(|s| s.parse().ok()).collect()
-            } else {
-                vec![1_000, 10_000]
-            };
-            conns::run(&sizes).await?
+            // Sizes, and optionally which servers: `conns 5000 tcp` runs callbus over TCP only.
+            let mut sizes: Vec<usize> = args[1..].iter().filter_map(|s| s.parse().ok()).collect();
+            if sizes.is_empty() {
+                sizes = vec![1_000, 10_000];
+            }
+            let targets: Vec<&str> = args[1..]
+                .iter()
+                .filter(|s| s.parse::<usize>().is_err())
+                .map(String::as_str)
+                .collect();
+            conns::run(&sizes, &targets).await?
         }
         "sessions" => sessions::run(num(1, 1000), num(2, 20)).await?,
         "notified" => notified::run(num(1, 1_000_000)).await?,
@@ -77,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
         "all" => {
             relay::run(2000, 10_000, 5).await?;
             calls::run(&[1, 10, 100], 5).await?;
-            conns::run(&[1_000, 10_000]).await?;
+            conns::run(&[1_000, 10_000], &[]).await?;
             sessions::run(1000, 20).await?;
         }
         other => {

@@ -137,7 +137,7 @@ pub(super) async fn admit<T: Transport>(
     gateway: &Gateway,
     transport: &mut T,
     room: Room,
-) -> Option<Admitted> {
+) -> Option<Box<Admitted>> {
     let mut inbuf = BytesMut::new();
     let decided = match read_connect(gateway, transport, &mut inbuf).await {
         Ok(hello) => {
@@ -152,7 +152,8 @@ pub(super) async fn admit<T: Transport>(
                 0 => max,
                 k => k.min(max),
             };
-            Some(Admitted {
+            // Boxed: it is passed along by value, and each async fn keeps its own copy.
+            Some(Box::new(Admitted {
                 client_id: namespaced_client_id(&identity.user_id, &client_id),
                 assigned_id: client_id != hello.client_id,
                 device: client_id,
@@ -166,7 +167,7 @@ pub(super) async fn admit<T: Transport>(
                 max_packet_out: hello.max_packet_out,
                 session_expiry: hello.session_expiry,
                 receive_max: hello.receive_max,
-            })
+            }))
         }
         Err(refusal) => {
             let mut out = BytesMut::new();

@@ -43,7 +43,11 @@ const PUBLISH_OVERHEAD: usize = 12;
 const EVENTS_PER_FLUSH: usize = 64;
 
 /// Runs an admitted connection to its end.
-pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, mut admitted: Admitted) {
+pub(super) async fn run<T: Transport>(
+    gateway: &Gateway,
+    mut transport: T,
+    mut admitted: Box<Admitted>,
+) {
     tracing::Span::current().record("client", admitted.client_id.as_str());
     let hub = &gateway.inner.hub;
     let will = admitted.will.take();
@@ -92,7 +96,7 @@ pub(super) async fn run<T: Transport>(gateway: &Gateway, mut transport: T, mut a
         acked_event: 0,
         identity: admitted.identity.clone(),
         inbuf: std::mem::take(&mut admitted.inbuf),
-        outbuf: BytesMut::with_capacity(1024),
+        outbuf: BytesMut::new(),
         next_pkid: 0,
         // MQTT: the server may close after one and a half keepalive periods of silence.
         idle_limit: Duration::from_millis(u64::from(admitted.keepalive) * 1500),
@@ -310,7 +314,8 @@ impl Session<'_> {
         if self.outbuf.is_empty() {
             return Ok(());
         }
-        let data = self.outbuf.split().freeze();
+        // Taken whole: an idle connection holds no output buffer either.
+        let data = std::mem::take(&mut self.outbuf).freeze();
         transport.write(data).await
     }
 
@@ -334,16 +339,25 @@ impl Session<'_> {
                     .map_err(|e| e.to_string()),
                 Version::V5 => v5::decode(&mut self.inbuf, max).map_err(|e| e.0),
             };
-            match decoded.map_err(End::Malformed)? {
-                Some((packet, expiry)) => self.on_packet(packet, expiry).await?,
-                None => break,
+            let Some((packet, expiry)) = decoded.map_err(End::Malformed)? else {
+                break;
+            };
+            if let Some(packet) = self.on_control(packet)? {
+                // Boxed: its state (the bridge, the bus) would otherwise be part of every
+                // connection's task, idle or not.
+                Box::pin(self.on_request(packet, expiry)).await?;
             }
+        }
+        // An idle connection holds no input buffer.
+        if self.inbuf.is_empty() {
+            self.inbuf = BytesMut::new();
         }
         Ok(())
     }
 
-    /// Handles one packet; `expiry` is a v5 PUBLISH's Message Expiry Interval (seconds).
-    async fn on_packet(&mut self, packet: Packet, expiry: Option<u32>) -> Result<(), End> {
+    /// Handles a PUBLISH, SUBSCRIBE or UNSUBSCRIBE (what waits on the bus or the store);
+    /// `expiry` is a v5 PUBLISH's Message Expiry Interval (seconds).
+    async fn on_request(&mut self, packet: Packet, expiry: Option<u32>) -> Result<(), End> {
         let sid = self.registration.id;
         match packet {
             Packet::Publish(publish) => self.on_publish(publish, expiry).await?,
@@ -367,6 +381,18 @@ impl Session<'_> {
                     }
                 }
             }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Handles a packet that needs no waiting; gives back the others, for [`Self::on_request`].
+    fn on_control(&mut self, packet: Packet) -> Result<Option<Packet>, End> {
+        let sid = self.registration.id;
+        match packet {
+            Packet::Publish(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_) => {
+                return Ok(Some(packet))
+            }
             Packet::PingReq => self.send(Packet::PingResp),
             Packet::PubRel(rel) => self.send(Packet::PubComp(PubComp::new(rel.pkid))),
             Packet::PubAck(ack) => {
@@ -379,7 +405,7 @@ impl Session<'_> {
                 }
                 if let Some(i) = self.inflight.iter().position(|m| m.pkid == Some(ack.pkid)) {
                     let Some(acked) = self.inflight.remove(i) else {
-                        return Ok(());
+                        return Ok(None);
                     };
                     if let Some(receipt) = &acked.receipt {
                         receipt.acknowledge();
@@ -396,7 +422,7 @@ impl Session<'_> {
             Packet::Connect(_) => return Err(End::Protocol("second CONNECT")),
             _ => return Err(End::Protocol("server-only packet from client")),
         }
-        Ok(())
+        Ok(None)
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), End> {
@@ -462,6 +488,7 @@ impl Session<'_> {
             }
             return Ok(());
         }
+        self.outbuf.reserve(size);
         let mut publish = Publish::from_bytes(name, qos, message.payload.clone());
         if qos != QoS::AtMostOnce {
             publish.dup = message.dup;
