@@ -244,14 +244,16 @@ impl Server {
         let bridge = Bridge::new(auth.clone(), store.clone(), calls.clone());
         let storage = cluster.is_none().then(|| store.gate());
         let conversations = ConversationService::new(store, hub.clone(), cluster.clone());
+        // Connections and the sessions they start: shutdown waits for them.
+        let tracker = TaskTracker::new();
         let gateway = Gateway::new(
             hub,
             publisher,
             bridge,
             settings.config.gateway.clone(),
             shutdown.clone(),
+            tracker.clone(),
         );
-        let tracker = TaskTracker::new();
         tracker.spawn(broker::tcp::serve(
             mqtt,
             gateway.clone(),

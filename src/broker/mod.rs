@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::bridge::Bridge;
@@ -99,6 +100,8 @@ struct GatewayInner {
     permits: Arc<Semaphore>,
     connect_rate: rate::ConnectRate,
     shutdown: CancellationToken,
+    /// Where sessions run (so that shutdown can wait for them).
+    tracker: TaskTracker,
 }
 
 impl Gateway {
@@ -108,6 +111,7 @@ impl Gateway {
         bridge: Bridge,
         limits: GatewayConfig,
         shutdown: CancellationToken,
+        tracker: TaskTracker,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_connections));
         let connect_rate = rate::ConnectRate::new(limits.connect_rate_per_address);
@@ -126,6 +130,7 @@ impl Gateway {
                 permits,
                 connect_rate,
                 shutdown,
+                tracker,
             }),
         }
     }
@@ -153,8 +158,14 @@ impl Gateway {
                 transport.close().await;
                 return;
             };
-            session::run(self, transport, admitted).await;
-            drop(permit);
+            let Some((session, replayed)) = session::start(self, &mut transport, admitted).await
+            else {
+                return;
+            };
+            // The rest runs on a task of its own: this one (admission, setup) ends here, and
+            // an idle connection keeps only what its session needs.
+            let run = session::serve(session, replayed, transport, permit);
+            self.inner.tracker.spawn(run.in_current_span());
         }
         .instrument(span)
         .await

@@ -29,7 +29,8 @@ impl Transport for TcpTransport {
         // session's buffer holds only what arrived (an idle connection's, nearly nothing). (A
         // chunk on the stack was zeroed on every read: a tenth of a call flow's instructions.)
         loop {
-            tcp.readable().await?;
+            // (Polled directly: `readable()` is a 152-byte future in every idle connection.)
+            std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
             let read: io::Result<usize> = SCRATCH.with_borrow_mut(|chunk| {
                 let n = tcp.try_read(chunk)?;
                 buf.extend_from_slice(&chunk[..n]);

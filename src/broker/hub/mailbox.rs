@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
+use std::task::{Context, Poll, Waker};
 
 use super::stored::Queued;
 use crate::broker::codec::QoS;
@@ -29,17 +29,18 @@ pub(crate) enum Event {
     Shutdown,
 }
 
-/// The queue a hub sender fills and a session empties. A plain deque behind a lock and a
-/// `Notify`: an idle session's mailbox allocates nothing (a channel would preallocate a block
-/// of 32 events, about 2.5 KiB, per connection).
+/// The queue a hub sender fills and a session empties: a plain deque and the session's waker
+/// behind one lock. An idle session's mailbox allocates nothing (a channel would preallocate a
+/// block of 32 events, about 2.5 KiB, per connection), and waiting on it is a 16-byte future.
 #[derive(Default)]
 struct Shared {
     inner: Mutex<Inner>,
-    notify: Notify,
 }
 
 #[derive(Default)]
 struct Inner {
+    /// The session waiting for an event, if it is.
+    waiter: Option<Waker>,
     queue: VecDeque<Event>,
     /// Payload bytes of the deliveries waiting.
     bytes: usize,
@@ -54,11 +55,27 @@ pub(super) struct Sender {
     shared: Arc<Shared>,
 }
 
+impl Shared {
+    /// Changes the mailbox; when the change says so (true), wakes the session if it waits.
+    fn update(&self, change: impl FnOnce(&mut Inner) -> bool) -> bool {
+        let mut inner = lock(&self.inner);
+        let changed = change(&mut inner);
+        let waiter = changed.then(|| inner.waiter.take()).flatten();
+        drop(inner);
+        if let Some(waker) = waiter {
+            waker.wake();
+        }
+        changed
+    }
+}
+
 impl Sender {
     /// Queues a control event (always accepted).
     pub(super) fn send(&self, event: Event) {
-        lock(&self.shared.inner).queue.push_back(event);
-        self.shared.notify.notify_one();
+        self.shared.update(|inner| {
+            inner.queue.push_back(event);
+            true
+        });
     }
 
     /// Queues a delivery; false if the mailbox is over its bound (the client stopped reading).
@@ -67,28 +84,31 @@ impl Sender {
             Event::Deliver(_, message) => message.payload.len(),
             _ => 0,
         };
-        let mut inner = lock(&self.shared.inner);
-        if inner.queue.len() >= MAILBOX_MESSAGES || inner.bytes + len > MAILBOX_BYTES {
-            return false;
-        }
-        inner.bytes += len;
-        inner.queue.push_back(event);
-        drop(inner);
-        self.shared.notify.notify_one();
-        true
+        self.shared.update(|inner| {
+            if inner.queue.len() >= MAILBOX_MESSAGES || inner.bytes + len > MAILBOX_BYTES {
+                return false;
+            }
+            inner.bytes += len;
+            inner.queue.push_back(event);
+            true
+        })
     }
 
     /// Drops the session: it is told so before anything still waiting is written.
     pub(super) fn drop_session(&self) {
-        lock(&self.shared.inner).dropped = true;
-        self.shared.notify.notify_one();
+        self.shared.update(|inner| {
+            inner.dropped = true;
+            true
+        });
     }
 }
 
 impl Drop for Sender {
     fn drop(&mut self) {
-        lock(&self.shared.inner).closed = true;
-        self.shared.notify.notify_one();
+        self.shared.update(|inner| {
+            inner.closed = true;
+            true
+        });
     }
 }
 
@@ -109,18 +129,29 @@ pub(super) fn mailbox() -> (Sender, Mailbox) {
 impl Mailbox {
     /// The next event. Cancel-safe.
     pub(crate) async fn recv(&mut self) -> Event {
-        loop {
-            if let Some(event) = self.try_recv() {
-                return event;
-            }
-            // A notify_one with nobody waiting leaves a permit: no wake-up is lost.
-            self.shared.notify.notified().await;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next event, or `Pending` and the session is woken when there is one (senders
+    /// change the mailbox and take the waker under the same lock: no wake-up is lost).
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let mut inner = lock(&self.shared.inner);
+        if let Some(event) = Self::take(&mut inner) {
+            return Poll::Ready(event);
         }
+        match &mut inner.waiter {
+            Some(waker) => waker.clone_from(cx.waker()),
+            waiter => *waiter = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// The next event if one is waiting.
     pub(crate) fn try_recv(&mut self) -> Option<Event> {
-        let mut inner = lock(&self.shared.inner);
+        Self::take(&mut lock(&self.shared.inner))
+    }
+
+    fn take(inner: &mut Inner) -> Option<Event> {
         if inner.dropped {
             return Some(Event::TooSlow);
         }

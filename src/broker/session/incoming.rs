@@ -14,7 +14,7 @@ use crate::bus::Message;
 use crate::metrics;
 use crate::model::topic::{has_wildcard, notifications_topic};
 
-impl Session<'_> {
+impl Session {
     pub(super) async fn on_publish(
         &mut self,
         publish: Publish,

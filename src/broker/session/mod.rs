@@ -42,15 +42,16 @@ const PUBLISH_OVERHEAD: usize = 12;
 /// Mailbox events written per wake-up before the output is flushed.
 const EVENTS_PER_FLUSH: usize = 64;
 
-/// Runs an admitted connection to its end.
-pub(super) async fn run<T: Transport>(
+/// Sets up an admitted connection's session: takes over (or resumes) its stored state, writes
+/// the CONNACK and replays what waited. Gives back the session and how the replay went (it
+/// may already have ended the session), or `None` when the connection cannot go on.
+pub(super) async fn start<T: Transport>(
     gateway: &Gateway,
-    mut transport: T,
+    transport: &mut T,
     mut admitted: Box<Admitted>,
-) {
+) -> Option<(Box<Session>, Result<(), End>)> {
     tracing::Span::current().record("client", admitted.client_id.as_str());
     let hub = &gateway.inner.hub;
-    let will = admitted.will.take();
     let (identity, client_id) = (&admitted.identity, &admitted.client_id);
     hub.claim(client_id).await;
     if let Err(e) = hub.fetch(identity, client_id, admitted.clean).await {
@@ -61,7 +62,7 @@ pub(super) async fn run<T: Transport>(
         super::connect::refuse(admitted.version, v5::Refused::Unavailable, &mut out);
         let _ = transport.write(out.freeze()).await;
         transport.close().await;
-        return;
+        return None;
     }
     let attached = match hub.register(identity.clone(), client_id, admitted.clean, true) {
         Registered::Attached(attached) => attached,
@@ -71,7 +72,7 @@ pub(super) async fn run<T: Transport>(
             let _ = tokio::time::timeout(HANDOVER_WAIT, parted).await;
             match hub.register(identity.clone(), client_id, admitted.clean, false) {
                 Registered::Attached(attached) => attached,
-                Registered::Handover(_) => return, // not returned without a handover
+                Registered::Handover(_) => return None, // not returned without a handover
             }
         }
     };
@@ -81,12 +82,12 @@ pub(super) async fn run<T: Transport>(
         hub.set_expiry(sid, Duration::from_secs(u64::from(secs)));
     }
     let limits = gateway.limits();
-    let mut session = Session {
-        gateway,
+    let mut session = Box::new(Session {
+        gateway: gateway.clone(),
         registration: attached.registration,
         mailbox: attached.mailbox,
         persistent: !admitted.clean,
-        device: admitted.device.clone(),
+        device: std::mem::take(&mut admitted.device),
         version: admitted.version,
         max_packet_out: admitted.max_packet_out,
         inflight: VecDeque::new(),
@@ -104,7 +105,8 @@ pub(super) async fn run<T: Transport>(
         violations: 0,
         bucket: TokenBucket::new(limits.publish_rate, limits.publish_burst),
         throttled_until: None,
-    };
+        will: admitted.will.take().map(Box::new),
+    });
     let present = attached.resumed.is_some();
     match admitted.version {
         Version::V4 => session.send(Packet::ConnAck(ConnAck::new(
@@ -112,7 +114,7 @@ pub(super) async fn run<T: Transport>(
             present,
         ))),
         Version::V5 => {
-            let properties = connack_properties(gateway, &admitted);
+            let properties = connack_properties(gateway, &admitted, &session.device);
             session.answer(v5::Answer::ConnAck {
                 present,
                 refused: None,
@@ -126,7 +128,7 @@ pub(super) async fn run<T: Transport>(
         metrics::CONNECTIONS_V5.inc();
     }
     metrics::CONNECTIONS_OPEN.inc();
-    let end = match attached.resumed {
+    let replayed = match attached.resumed {
         Some(resumed) => session.replay(resumed),
         None => Ok(()),
     };
@@ -134,43 +136,30 @@ pub(super) async fn run<T: Transport>(
     if let Err(e) = hub.sync_queues(session.registration.id).await {
         warn!(error = %e, "cannot open the session's queues");
     }
-    let end = match end {
+    Some((session, replayed))
+}
+
+/// Runs a started session to its end (on a task of its own: what an idle connection's task
+/// holds is this future, the session and the transport, not the admission's and setup's
+/// state). `permit` is the connection's slot, given back at the end.
+pub(super) async fn serve<T: Transport>(
+    mut session: Box<Session>,
+    replayed: Result<(), End>,
+    mut transport: T,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let end = match replayed {
         Ok(()) => session.run(&mut transport).await,
         Err(end) => end,
     };
-    // MQTT 5: the server says why it ends a session.
-    if let (Version::V5, Some(ending)) = (session.version, end.ending()) {
-        session.answer(v5::Answer::Disconnect(ending));
-        let _ = session.flush(&mut transport).await;
-    }
-    // MQTT: the Last Will goes out when the connection ends without DISCONNECT.
-    if let (Some((topic, payload)), false) = (will, matches!(end, End::Disconnect)) {
-        session.publish_will(&topic, &payload).await;
-    }
-    let Session {
-        registration,
-        mailbox,
-        inflight,
-        next_pkid,
-        acked_event,
-        held,
-        ..
-    } = session;
-    let parting = Parting {
-        inflight: inflight.into(),
-        last_pkid: next_pkid,
-        acked_event,
-        unsent: held.into_iter().map(|(_, m)| m).collect(),
-    };
-    registration.close(mailbox, parting);
-    metrics::CONNECTIONS_OPEN.dec();
-    info!(reason = %end, "disconnected");
-    transport.close().await;
+    // Boxed, like the packets that wait: only a session that ends needs its state.
+    Box::pin(session.finish(transport, end)).await;
+    drop(permit);
 }
 
 /// Why a session ended (for the log).
 #[derive(Debug, thiserror::Error)]
-enum End {
+pub(super) enum End {
     #[error("client disconnected")]
     Disconnect,
     #[error("connection closed")]
@@ -217,6 +206,7 @@ impl End {
 fn connack_properties(
     gateway: &Gateway,
     admitted: &Admitted,
+    device: &str,
 ) -> rumqttc::v5::mqttbytes::v5::ConnAckProperties {
     let limits = gateway.limits();
     let most = gateway.inner.hub.session_expiry().as_secs();
@@ -227,13 +217,13 @@ fn connack_properties(
         MAILBOX_MESSAGES.min(usize::from(u16::MAX)) as u16,
         (admitted.keepalive != admitted.asked_keepalive).then_some(admitted.keepalive),
         (!admitted.clean).then_some(expiry),
-        admitted.assigned_id.then(|| admitted.device.clone()),
+        admitted.assigned_id.then(|| device.to_owned()),
         admitted.identity.role == crate::auth::Role::Admin,
     )
 }
 
-struct Session<'g> {
-    gateway: &'g Gateway,
+pub(super) struct Session {
+    gateway: Gateway,
     registration: Registration,
     mailbox: Mailbox,
     /// `clean_session = 0`: QoS 1 deliveries are kept until acknowledged.
@@ -264,9 +254,42 @@ struct Session<'g> {
     bucket: TokenBucket,
     /// Over the publish rate: the socket is not read until then.
     throttled_until: Option<Instant>,
+    /// The Last Will (topic, payload): published when the connection ends without DISCONNECT.
+    will: Option<Box<(String, Bytes)>>,
 }
 
-impl Session<'_> {
+impl Session {
+    /// Ends the session: MQTT 5's DISCONNECT with the reason, the Last Will unless the client
+    /// said DISCONNECT, the hub told (what is unacknowledged is kept), the socket closed.
+    async fn finish<T: Transport>(mut self: Box<Self>, mut transport: T, end: End) {
+        if let (Version::V5, Some(ending)) = (self.version, end.ending()) {
+            self.answer(v5::Answer::Disconnect(ending));
+            let _ = self.flush(&mut transport).await;
+        }
+        if let (Some(will), false) = (self.will.take(), matches!(end, End::Disconnect)) {
+            self.publish_will(&will.0, &will.1).await;
+        }
+        let Session {
+            registration,
+            mailbox,
+            inflight,
+            next_pkid,
+            acked_event,
+            held,
+            ..
+        } = *self;
+        let parting = Parting {
+            inflight: inflight.into(),
+            last_pkid: next_pkid,
+            acked_event,
+            unsent: held.into_iter().map(|(_, m)| m).collect(),
+        };
+        registration.close(mailbox, parting);
+        metrics::CONNECTIONS_OPEN.dec();
+        info!(reason = %end, "disconnected");
+        transport.close().await;
+    }
+
     async fn run<T: Transport>(&mut self, transport: &mut T) -> End {
         loop {
             // Handle whatever is already buffered (bytes that arrived with the CONNECT, too).
