@@ -710,13 +710,7 @@ async fn a_push_job_outlives_its_node() {
 /// Deletes every consumer of the bus's stream (a NATS server's disk lost, as far as the
 /// sessions' queues can tell); how many there were.
 async fn lose_every_queue(cluster: &Cluster) -> usize {
-    let url = cluster.nats.urls_from(0);
-    let first = url.split(',').next().expect("a NATS URL");
-    let client = async_nats::connect(first).await.expect("NATS");
-    let stream = async_nats::jetstream::new(client)
-        .get_stream("CALLBUS")
-        .await
-        .expect("the stream");
+    let stream = callbus_stream(cluster).await;
     let names: Vec<String> = stream
         .consumer_names()
         .filter_map(|name| async move { name.ok() })
@@ -726,6 +720,36 @@ async fn lose_every_queue(cluster: &Cluster) -> usize {
         stream.delete_consumer(name).await.expect("delete");
     }
     names.len()
+}
+
+/// The cluster's JetStream stream, seen from the first NATS server.
+async fn callbus_stream(cluster: &Cluster) -> async_nats::jetstream::stream::Stream {
+    let url = cluster.nats.urls_from(0);
+    let first = url.split(',').next().expect("a NATS URL");
+    let client = async_nats::connect(first).await.expect("NATS");
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("CALLBUS")
+        .await
+        .expect("the stream");
+    stream
+}
+
+/// Waits (at most 30 s) until the stream has `n` consumers: the nodes bound their sessions'
+/// queues again.
+async fn queues_bound(cluster: &Cluster, n: usize) {
+    let stream = callbus_stream(cluster).await;
+    for _ in 0..300 {
+        let names: Vec<String> = stream
+            .consumer_names()
+            .filter_map(|name| async move { name.ok() })
+            .collect()
+            .await;
+        if names.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the queues were not bound again within 30 s");
 }
 
 /// Waits for notification `n`, skipping older ones sent again (a lost queue is replayed from a
@@ -759,12 +783,16 @@ async fn a_lost_queue_is_replayed_from_the_stream() {
     until_numbered(&mut phone, 0).await;
     until_numbered(&mut phone, 1).await;
 
-    // Lost while the phone is connected: it goes on receiving.
+    // Lost while the phone is connected: it goes on receiving. (The node notices at once when
+    // NATS tells the pull that the consumer was deleted, and otherwise after two missed idle
+    // heartbeats, 10 s: on a loaded machine that is longer than a client's wait, so the test
+    // waits for the queue to be bound again before it waits for the message.)
     assert_eq!(lose_every_queue(&cluster).await, 1);
     assert_eq!(
         notify(cluster.node(0), "bob", 2).await,
         StatusCode::ACCEPTED
     );
+    queues_bound(&cluster, 1).await;
     until_numbered(&mut phone, 2).await;
 }
 

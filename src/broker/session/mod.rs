@@ -345,6 +345,25 @@ impl Session {
     /// Handles every whole packet in the input buffer, stopping at a PUBLISH that has to wait
     /// for the rate limit.
     async fn drain_input(&mut self) -> Result<(), End> {
+        loop {
+            let next = self.next_request();
+            let Some((packet, expiry)) = next? else { break };
+            // Boxed: its state (the bridge, the bus) would otherwise be part of every
+            // connection's task, idle or not.
+            let request = Box::pin(self.on_request(packet, expiry));
+            request.await?;
+        }
+        // An idle connection holds no input buffer.
+        if self.inbuf.is_empty() {
+            self.inbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Handles the buffered packets that need no waiting, up to the next PUBLISH, SUBSCRIBE or
+    /// UNSUBSCRIBE, which it gives back (with a v5 PUBLISH's expiry); `None` once the buffer
+    /// holds no whole packet or the rate limit holds the next PUBLISH back.
+    fn next_request(&mut self) -> Result<Option<(Packet, Option<u32>)>, End> {
         let max = self.gateway.limits().max_payload_size;
         while self.throttled_until.is_none() {
             let whole = codec::packet_len(&self.inbuf).is_some_and(|n| n <= self.inbuf.len());
@@ -366,16 +385,10 @@ impl Session {
                 break;
             };
             if let Some(packet) = self.on_control(packet)? {
-                // Boxed: its state (the bridge, the bus) would otherwise be part of every
-                // connection's task, idle or not.
-                Box::pin(self.on_request(packet, expiry)).await?;
+                return Ok(Some((packet, expiry)));
             }
         }
-        // An idle connection holds no input buffer.
-        if self.inbuf.is_empty() {
-            self.inbuf = BytesMut::new();
-        }
-        Ok(())
+        Ok(None)
     }
 
     /// Handles a PUBLISH, SUBSCRIBE or UNSUBSCRIBE (what waits on the bus or the store);
