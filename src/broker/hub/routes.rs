@@ -19,7 +19,8 @@ pub(super) struct Routes {
     /// Exact filters per session, for teardown.
     held: HashMap<u64, Vec<String>>,
     /// How many subscriptions of each filter the bus must carry here: all but those fed by
-    /// their session's own queue (cluster mode's persistent sessions).
+    /// their session's own queue (cluster mode's persistent sessions). Counted only for a bus
+    /// that routes by interest (a copy of every filter: 90 bytes a connection otherwise).
     carried: HashMap<String, usize>,
     /// Subscriptions (session, filter) fed by their session's queue.
     fed: HashSet<(u64, String)>,
@@ -29,9 +30,21 @@ pub(super) struct Routes {
 impl Routes {
     /// Reports interest changes to `interest` from now on, starting with every filter held.
     pub(super) fn set_interest(&mut self, interest: Arc<dyn Interest>) {
-        for filter in self.carried.keys() {
+        let exact = self.exact.iter().flat_map(|(filter, sids)| {
+            sids.iter().map(move |(sid, _)| (*sid, filter))
+        });
+        let wildcard = (self.wildcard.iter())
+            .flat_map(|(sid, filters)| filters.iter().map(move |(filter, _)| (*sid, filter)));
+        let mut carried: HashMap<String, usize> = HashMap::new();
+        for (sid, filter) in exact.chain(wildcard) {
+            if !self.fed.contains(&(sid, filter.clone())) {
+                *carried.entry(filter.clone()).or_default() += 1;
+            }
+        }
+        for filter in carried.keys() {
             interest.add(filter);
         }
+        self.carried = carried;
         self.interest = Some(interest);
     }
 
@@ -53,12 +66,13 @@ impl Routes {
             self.fed.insert((sid, filter.to_owned()));
             return;
         }
+        let Some(interest) = &self.interest else {
+            return;
+        };
         let carried = self.carried.entry(filter.to_owned()).or_default();
         *carried += 1;
         if *carried == 1 {
-            if let Some(interest) = &self.interest {
-                interest.add(filter);
-            }
+            interest.add(filter);
         }
     }
 
@@ -207,8 +221,12 @@ mod tests {
     fn interest_follows_the_first_and_last_holder() {
         let mut r = Routes::default();
         r.subscribe(1, "chat/c1", QoS::AtLeastOnce, false);
+        r.subscribe(5, "users/u5/notifications", QoS::AtLeastOnce, true);
         let recorded = Arc::new(Recorded::default());
         r.set_interest(recorded.clone());
+        // Held before the bus asked: counted then (a queue-fed one is not).
+        assert_eq!(r.carried.get("chat/c1"), Some(&1));
+        assert!(!r.carried.contains_key("users/u5/notifications"));
         r.subscribe(2, "chat/c1", QoS::AtMostOnce, false);
         r.subscribe(2, "#", QoS::AtLeastOnce, false);
         r.subscribe(3, "#", QoS::AtLeastOnce, false);
@@ -222,6 +240,7 @@ mod tests {
         r.unsubscribe(3, "#");
         r.remove_session(3);
         r.remove_session(4);
+        r.remove_session(5);
         let log = crate::sync::lock(&recorded.0).clone();
         assert_eq!(log, ["+chat/c1", "+#", "-chat/c1", "-#"]);
         assert!(r.carried.is_empty() && r.fed.is_empty());
