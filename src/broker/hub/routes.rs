@@ -30,9 +30,10 @@ pub(super) struct Routes {
 impl Routes {
     /// Reports interest changes to `interest` from now on, starting with every filter held.
     pub(super) fn set_interest(&mut self, interest: Arc<dyn Interest>) {
-        let exact = self.exact.iter().flat_map(|(filter, sids)| {
-            sids.iter().map(move |(sid, _)| (*sid, filter))
-        });
+        let exact = self
+            .exact
+            .iter()
+            .flat_map(|(filter, sids)| sids.iter().map(move |(sid, _)| (*sid, filter)));
         let wildcard = (self.wildcard.iter())
             .flat_map(|(sid, filters)| filters.iter().map(move |(filter, _)| (*sid, filter)));
         let mut carried: HashMap<String, usize> = HashMap::new();
