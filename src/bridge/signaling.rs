@@ -266,6 +266,19 @@ mod tests {
     }
 
     #[test]
+    fn an_sdp_with_escapes_goes_out_as_the_client_wrote_it() {
+        let sdp = r#""v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=\u0041\"q\"\r\n""#;
+        let offer = format!(
+            r#"{{"type":"call.offer","call_id":"17","offer":{{"sdp":{sdp},"type":"offer"}}}}"#
+        );
+        let out = run("a", "c1", offer.as_bytes(), Some(call(Status::Ringing)), None).unwrap();
+        let text = std::str::from_utf8(&out[1].payload).unwrap();
+        assert!(text.contains(sdp), "{text}");
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["offer"]["sdp"], "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=A\"q\"\r\n");
+    }
+
+    #[test]
     fn refusals() {
         let ringing = || Some(call(Status::Ringing));
         assert_eq!(
@@ -300,6 +313,25 @@ mod tests {
             run("a", "c1", bad, ringing(), None),
             Err(ErrorCode::BadPayload)
         );
+        // The SDP and the candidate must be strings (checked without decoding them).
+        let offers = [
+            r#"{"type":"offer","sdp":5}"#,
+            r#"{"type":"offer","sdp":null}"#,
+            r#"{"type":"offer","sdp":{"v":"0"}}"#,
+            r#"{"type":"offer","sdp":["v=0"]}"#,
+            r#"{"type":"offer"}"#,
+            r#"{"type":"answer","sdp":"v=0"}"#,
+        ];
+        for offer in offers {
+            let bad = format!(r#"{{"type":"call.offer","call_id":"17","offer":{offer}}}"#);
+            let got = run("a", "c1", bad.as_bytes(), ringing(), None);
+            assert_eq!(got.err(), Some(ErrorCode::BadPayload), "{offer}");
+        }
+        for candidate in [r#"{"candidate":1}"#, r#"{"candidate":false}"#, "{}"] {
+            let bad = format!(r#"{{"type":"call.candidate","call_id":"17","candidate":{candidate}}}"#);
+            let got = run("a", "c1", bad.as_bytes(), ringing(), None);
+            assert_eq!(got.err(), Some(ErrorCode::BadPayload), "{candidate}");
+        }
         let no_id = br#"{"type":"call.candidate","candidate":{"candidate":""}}"#;
         let code = call_id(&parse_chat(no_id).unwrap()).map_err(|(code, _)| code);
         assert_eq!(code, Err(ErrorCode::BadPayload));
