@@ -271,11 +271,21 @@ mod tests {
         let offer = format!(
             r#"{{"type":"call.offer","call_id":"17","offer":{{"sdp":{sdp},"type":"offer"}}}}"#
         );
-        let out = run("a", "c1", offer.as_bytes(), Some(call(Status::Ringing)), None).unwrap();
+        let out = run(
+            "a",
+            "c1",
+            offer.as_bytes(),
+            Some(call(Status::Ringing)),
+            None,
+        )
+        .unwrap();
         let text = std::str::from_utf8(&out[1].payload).unwrap();
         assert!(text.contains(sdp), "{text}");
         let v: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(v["offer"]["sdp"], "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=A\"q\"\r\n");
+        assert_eq!(
+            v["offer"]["sdp"],
+            "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=A\"q\"\r\n"
+        );
     }
 
     #[test]
@@ -328,7 +338,8 @@ mod tests {
             assert_eq!(got.err(), Some(ErrorCode::BadPayload), "{offer}");
         }
         for candidate in [r#"{"candidate":1}"#, r#"{"candidate":false}"#, "{}"] {
-            let bad = format!(r#"{{"type":"call.candidate","call_id":"17","candidate":{candidate}}}"#);
+            let bad =
+                format!(r#"{{"type":"call.candidate","call_id":"17","candidate":{candidate}}}"#);
             let got = run("a", "c1", bad.as_bytes(), ringing(), None);
             assert_eq!(got.err(), Some(ErrorCode::BadPayload), "{candidate}");
         }

@@ -162,10 +162,16 @@ impl Gateway {
             else {
                 return;
             };
-            // The rest runs on a task of its own: this one (admission, setup) ends here, and
-            // an idle connection keeps only what its session needs.
-            let run = session::serve(session, replayed, transport, permit);
-            self.inner.tracker.spawn(run.in_current_span());
+            match replayed {
+                // Replaying what was kept already ended it.
+                Err(end) => Box::pin(session.finish(transport, end)).await,
+                // The rest runs on a task of its own: this one (admission, setup) ends here,
+                // and an idle connection keeps only what its session needs.
+                Ok(()) => {
+                    let run = session::serve(session, transport, permit);
+                    self.inner.tracker.spawn(run.in_current_span());
+                }
+            }
         }
         .instrument(span)
         .await

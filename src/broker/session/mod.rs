@@ -141,20 +141,19 @@ pub(super) async fn start<T: Transport>(
 
 /// Runs a started session to its end (on a task of its own: what an idle connection's task
 /// holds is this future, the session and the transport, not the admission's and setup's
-/// state). `permit` is the connection's slot, given back at the end.
-pub(super) async fn serve<T: Transport>(
+/// state). `permit` is the connection's slot, given back at the end. (An async block, not an
+/// async fn: an async fn keeps a second copy of each argument.)
+pub(super) fn serve<T: Transport>(
     mut session: Box<Session>,
-    replayed: Result<(), End>,
     mut transport: T,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
-) {
-    let end = match replayed {
-        Ok(()) => session.run(&mut transport).await,
-        Err(end) => end,
-    };
-    // Boxed, like the packets that wait: only a session that ends needs its state.
-    Box::pin(session.finish(transport, end)).await;
-    drop(permit);
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let end = session.run(&mut transport).await;
+        // Boxed, like the packets that wait: only a session that ends needs its state.
+        Box::pin(session.finish(transport, end)).await;
+        drop(permit);
+    }
 }
 
 /// Why a session ended (for the log).
@@ -261,7 +260,7 @@ pub(super) struct Session {
 impl Session {
     /// Ends the session: MQTT 5's DISCONNECT with the reason, the Last Will unless the client
     /// said DISCONNECT, the hub told (what is unacknowledged is kept), the socket closed.
-    async fn finish<T: Transport>(mut self: Box<Self>, mut transport: T, end: End) {
+    pub(super) async fn finish<T: Transport>(mut self: Box<Self>, mut transport: T, end: End) {
         if let (Version::V5, Some(ending)) = (self.version, end.ending()) {
             self.answer(v5::Answer::Disconnect(ending));
             let _ = self.flush(&mut transport).await;
