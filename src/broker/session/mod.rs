@@ -143,6 +143,7 @@ pub(super) async fn start<T: Transport>(
 /// holds is this future, the session and the transport, not the admission's and setup's
 /// state). `permit` is the connection's slot, given back at the end. (An async block, not an
 /// async fn: an async fn keeps a second copy of each argument.)
+#[allow(clippy::manual_async_fn)]
 pub(super) fn serve<T: Transport>(
     mut session: Box<Session>,
     mut transport: T,
