@@ -247,6 +247,38 @@ async fn silent_clients_are_dropped_after_one_and_a_half_keepalives() {
 }
 
 #[tokio::test]
+async fn a_client_heard_within_its_keepalive_stays_connected() {
+    let s = TestServer::start().await;
+    let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
+    stream
+        .write_all(&raw_connect(4, 1, &s.token("alice")))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut connack))
+        .await
+        .expect("CONNACK in time")
+        .unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    // Pinging every 0.6 s for 3 s (twice the 1.5 s limit): every ping answered.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        stream.write_all(&[0xC0, 0x00]).await.unwrap();
+        let mut pong = [0u8; 2];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut pong))
+            .await
+            .expect("PINGRESP in time")
+            .expect("still connected");
+        assert_eq!(pong, [0xD0, 0x00]);
+    }
+    // Silent from here: dropped one and a half keepalives after the last ping.
+    let last = std::time::Instant::now();
+    assert!(read_to_close(&mut stream).await.is_empty());
+    let waited = last.elapsed();
+    assert!(waited.as_millis() >= 1400, "closed after {waited:?}");
+}
+
+#[tokio::test]
 async fn no_connect_in_time_is_dropped() {
     let config = format!(
         "{}\n",
