@@ -231,14 +231,20 @@ async fn sdp_sized_messages_pass_over_both_transports() {
     }
 }
 
-#[tokio::test]
-async fn silent_clients_are_dropped_after_one_and_a_half_keepalives() {
-    let s = TestServer::start().await;
+/// A raw MQTT 3.1.1 client of alice's that sent its CONNECT with a 1 s keepalive.
+async fn connected_with_keepalive_1s(s: &TestServer) -> TcpStream {
     let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
     stream
         .write_all(&raw_connect(4, 1, &s.token("alice")))
         .await
         .unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn silent_clients_are_dropped_after_one_and_a_half_keepalives() {
+    let s = TestServer::start().await;
+    let mut stream = connected_with_keepalive_1s(&s).await;
     let started = std::time::Instant::now();
     let got = read_to_close(&mut stream).await;
     assert_eq!(got, [0x20, 0x02, 0x00, 0x00], "only a CONNACK, then close");
@@ -249,11 +255,7 @@ async fn silent_clients_are_dropped_after_one_and_a_half_keepalives() {
 #[tokio::test]
 async fn a_client_heard_within_its_keepalive_stays_connected() {
     let s = TestServer::start().await;
-    let mut stream = TcpStream::connect(s.mqtt).await.unwrap();
-    stream
-        .write_all(&raw_connect(4, 1, &s.token("alice")))
-        .await
-        .unwrap();
+    let mut stream = connected_with_keepalive_1s(&s).await;
     let mut connack = [0u8; 4];
     tokio::time::timeout(WAIT, stream.read_exact(&mut connack))
         .await
