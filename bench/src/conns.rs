@@ -1,6 +1,7 @@
-//! Connection scale: N idle MQTT-over-WebSocket clients, each subscribed to its own
-//! notifications topic, against a separate callbus process (so its RSS is the server's alone);
-//! then one notification per user, fired at once through the REST API.
+//! Connection scale: N idle MQTT clients, each subscribed to its own notifications topic,
+//! against a separate server process (so its RSS is the server's alone): callbus over
+//! WebSocket and over TCP, and Mosquitto over TCP; then one notification per user (callbus:
+//! through the REST API; Mosquitto: from one publishing client).
 
 use callbus::auth::{Authenticator, Role};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};

@@ -164,7 +164,7 @@ impl Gateway {
             };
             match replayed {
                 // Replaying what was kept already ended it.
-                Err(end) => Box::pin(session.finish(transport, end)).await,
+                Err(end) => session.finish(transport, end).await,
                 // The rest runs on a task of its own: this one (admission, setup) ends here,
                 // and an idle connection keeps only what its session needs.
                 Ok(()) => {
