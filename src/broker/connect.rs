@@ -18,10 +18,8 @@ use crate::metrics;
 /// A connection that passed its CONNECT.
 pub(super) struct Admitted {
     pub identity: Arc<Identity>,
-    /// Broker-side client id, `<user id>.<client id>`.
-    pub client_id: String,
-    /// The client id as the client chose it (or was given): its device.
-    pub device: String,
+    /// Broker-side client id, `<user id>.<client id>` (shared with the hub and the session).
+    pub client_id: Arc<str>,
     /// Keepalive granted, in seconds.
     pub keepalive: u16,
     /// `clean_session`: false asks for a persistent session.
@@ -154,9 +152,8 @@ pub(super) async fn admit<T: Transport>(
             };
             // Boxed: it is passed along by value, and each async fn keeps its own copy.
             Some(Box::new(Admitted {
-                client_id: namespaced_client_id(&identity.user_id, &client_id),
+                client_id: namespaced_client_id(&identity.user_id, &client_id).into(),
                 assigned_id: client_id != hello.client_id,
-                device: client_id,
                 identity: Arc::new(identity),
                 keepalive,
                 clean: hello.clean,

@@ -145,8 +145,9 @@ impl Gateway {
 
     /// Runs one client connection from `peer` to its end; `kind` (`tcp`, `tls`, `ws`) names
     /// the transport in logs.
-    pub async fn serve<T: Transport>(&self, transport: T, kind: &str, peer: SocketAddr) {
+    pub async fn serve<T: Transport>(&self, transport: T, kind: &'static str, peer: SocketAddr) {
         let span = tracing::info_span!("mqtt", %kind, %peer, client = tracing::field::Empty);
+        let context = session::Context { kind, peer };
         let permit = self.inner.permits.clone().try_acquire_owned().ok();
         let room = connect::Room {
             slot: permit.is_some(),
@@ -158,7 +159,8 @@ impl Gateway {
                 transport.close().await;
                 return;
             };
-            let Some((session, replayed)) = session::start(self, &mut transport, admitted).await
+            let Some((session, replayed)) =
+                session::start(self, &mut transport, admitted, context).await
             else {
                 return;
             };
@@ -166,10 +168,11 @@ impl Gateway {
                 // Replaying what was kept already ended it.
                 Err(end) => session.finish(transport, end).await,
                 // The rest runs on a task of its own: this one (admission, setup) ends here,
-                // and an idle connection keeps only what its session needs.
+                // and an idle connection keeps only what its session needs (not this span:
+                // the session makes its log context when it writes a line).
                 Ok(()) => {
                     let run = session::serve(session, transport, permit);
-                    self.inner.tracker.spawn(run.in_current_span());
+                    self.inner.tracker.spawn(run);
                 }
             }
         }

@@ -111,6 +111,30 @@ pub async fn spawn_with(dir: &Path, args: &[&str]) -> Proc {
 
 /// Starts callbus through `wrapper` (a command that execs the rest, e.g. `prlimit ... --`).
 pub async fn spawn_via(wrapper: &[&str], dir: &Path, args: &[&str]) -> Proc {
+    spawn_inner(wrapper, dir, args, None).await
+}
+
+/// Starts callbus logging at `filter` (`RUST_LOG`); its log lines come through the receiver.
+pub async fn spawn_logged(
+    dir: &Path,
+    filter: &str,
+) -> (Proc, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let mut proc = spawn_inner(&[], dir, &[], Some(filter)).await;
+    let stderr = proc.child.stderr.take().expect("piped stderr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (proc, rx)
+}
+
+async fn spawn_inner(wrapper: &[&str], dir: &Path, args: &[&str], log: Option<&str>) -> Proc {
     let (http, mqtt) = (free_port(), free_port());
     let exe = env!("CARGO_BIN_EXE_callbus");
     let mut command = match wrapper.split_first() {
@@ -128,9 +152,12 @@ pub async fn spawn_via(wrapper: &[&str], dir: &Path, args: &[&str]) -> Proc {
         .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
         .args(args)
         .env("CALLBUS_JWT_SECRET", SECRET)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log.unwrap_or("warn"))
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(match log {
+            Some(_) => Stdio::piped(),
+            None => Stdio::inherit(),
+        })
         .spawn()
         .expect("spawn callbus");
     let proc = Proc { child, http, mqtt };

@@ -130,13 +130,7 @@ impl Hub {
         }
         let stored = Stored::new(0, Instant::now() + self.sessions.expiry());
         let link = Link::Away(Box::new(stored));
-        let sid = self.add(
-            &mut state,
-            identity.clone(),
-            client_id.to_owned(),
-            true,
-            link,
-        );
+        let sid = self.add(&mut state, identity.clone(), client_id.into(), true, link);
         for (filter, qos) in &record.filters {
             // Membership is checked again: a conversation left while away is not resumed.
             if !has_wildcard(filter) && !self.may_receive(identity, filter) {

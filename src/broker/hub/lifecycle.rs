@@ -24,7 +24,7 @@ impl Hub {
     pub(crate) fn register(
         self: &Arc<Self>,
         identity: Arc<Identity>,
-        client_id: &str,
+        client_id: &Arc<str>,
         clean: bool,
         handover: bool,
     ) -> Registered {
@@ -86,7 +86,7 @@ impl Hub {
             }
             None => {
                 let link = Link::Live { sender, conn };
-                let client_id = client_id.to_owned();
+                let client_id = client_id.clone();
                 let sid = self.add(&mut state, identity.clone(), client_id, !clean, link);
                 self.save(&state, sid);
                 (sid, None)
@@ -139,7 +139,7 @@ impl Hub {
         &self,
         state: &mut State,
         identity: Arc<Identity>,
-        client_id: String,
+        client_id: Arc<str>,
         persistent: bool,
         link: Link,
     ) -> u64 {

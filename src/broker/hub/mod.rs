@@ -54,7 +54,7 @@ enum Link {
 struct Entry {
     identity: Arc<Identity>,
     /// Broker-side client id, `<user id>.<client id>`.
-    client_id: String,
+    client_id: Arc<str>,
     /// `clean_session = 0`: kept after the connection ends (and across restarts).
     persistent: bool,
     link: Link,
@@ -72,7 +72,7 @@ struct Entry {
 #[derive(Default)]
 struct State {
     sessions: HashMap<u64, Entry>,
-    by_client: HashMap<String, u64>,
+    by_client: HashMap<Arc<str>, u64>,
     by_user: HashMap<String, Vec<u64>>,
     routes: Routes,
     /// Set at shutdown or when the bus is gone: new sessions are told at once.

@@ -35,7 +35,7 @@ impl Hub {
             stored.from_log = Some(record.delivered_through);
             stored.logged_before = logged_before;
             let link = Link::Away(Box::new(stored));
-            let sid = self.add(&mut state, identity, client_id, true, link);
+            let sid = self.add(&mut state, identity, client_id.into(), true, link);
             if let Some(entry) = state.sessions.get_mut(&sid) {
                 entry.delivered_through = record.delivered_through;
             }

@@ -30,7 +30,7 @@ impl Session {
                 about: crate::bridge::message::describe(&publish.payload, &publish.topic),
             }
         } else {
-            let device = &self.device;
+            let device = self.device();
             inner
                 .bridge
                 .on_publish(&self.identity, device, &publish.topic, &publish.payload)
@@ -52,7 +52,11 @@ impl Session {
                 detail,
                 about,
             } => {
-                debug!(topic = %publish.topic, code = code.as_str(), %detail, "publish refused");
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    self.span().in_scope(|| {
+                        debug!(topic = %publish.topic, code = code.as_str(), %detail, "publish refused")
+                    });
+                }
                 metrics::PUBLISHES_REFUSED.inc();
                 self.violations += 1;
                 if self.version == Version::V5 && publish.qos == QoS::AtLeastOnce {
@@ -90,7 +94,7 @@ impl Session {
         let inner = &self.gateway.inner;
         match inner
             .bridge
-            .on_publish(&self.identity, &self.device, topic, payload)
+            .on_publish(&self.identity, self.device(), topic, payload)
         {
             PublishOutcome::Deliver(messages) => {
                 for message in messages {
@@ -110,7 +114,8 @@ impl Session {
         let topic = notifications_topic(&self.identity.user_id);
         let event = Message::new(topic, error_event(code, detail, about));
         if let Err(e) = self.gateway.inner.publisher.publish(event).await {
-            warn!(error = %e, "could not publish an error event");
+            self.span()
+                .in_scope(|| warn!(error = %e, "could not publish an error event"));
         }
     }
 
