@@ -10,6 +10,7 @@
 mod codec;
 mod connect;
 pub(crate) mod hub;
+mod keepalive;
 mod rate;
 mod session;
 pub mod tcp;
@@ -22,6 +23,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,12 +36,23 @@ pub use hub::{Hub, Peers};
 
 /// A byte stream carrying MQTT packets (a TCP socket, or WebSocket binary frames).
 pub trait Transport: Send + 'static {
-    /// Appends received bytes to `buf`; `Ok(0)` means the peer closed. Must be cancel-safe.
-    fn read(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
-    /// Writes all of `data`.
-    fn write(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Appends received bytes to `buf`; `Ok(0)` means the peer closed. Polled (not a future
+    /// kept across the wait) so that an idle connection's task holds no read state.
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>>;
+    /// Writes `data` (taking it as it goes) and flushes; `Ready(Ok)` once all of it is out.
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>>;
     /// Closes the stream politely, ignoring errors.
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// [`Transport::poll_read`] as a future. Cancel-safe.
+    fn read(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send {
+        std::future::poll_fn(move |cx| self.poll_read(cx, buf))
+    }
+
+    /// Writes all of `data`.
+    fn write(&mut self, mut data: Bytes) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::poll_fn(move |cx| self.poll_write(cx, &mut data))
+    }
 }
 
 /// Decodes `bytes` fed in reads of `cut` bytes as a session of MQTT 3.1.1 (or 5) does,
@@ -102,6 +115,8 @@ struct GatewayInner {
     shutdown: CancellationToken,
     /// Where sessions run (so that shutdown can wait for them).
     tracker: TaskTracker,
+    /// Drops clients silent past their keepalive.
+    keepalive: Arc<keepalive::Keepalive>,
 }
 
 impl Gateway {
@@ -129,6 +144,7 @@ impl Gateway {
                 limits,
                 permits,
                 connect_rate,
+                keepalive: keepalive::Keepalive::start(shutdown.clone()),
                 shutdown,
                 tracker,
             }),
@@ -147,7 +163,7 @@ impl Gateway {
     /// the transport in logs.
     pub async fn serve<T: Transport>(&self, transport: T, kind: &'static str, peer: SocketAddr) {
         let span = tracing::info_span!("mqtt", %kind, %peer, client = tracing::field::Empty);
-        let context = session::Context { kind, peer };
+        let origin = session::Origin { kind, peer };
         let permit = self.inner.permits.clone().try_acquire_owned().ok();
         let room = connect::Room {
             slot: permit.is_some(),
@@ -160,7 +176,7 @@ impl Gateway {
                 return;
             };
             let Some((session, replayed)) =
-                session::start(self, &mut transport, admitted, context).await
+                session::start(self, &mut transport, admitted, origin).await
             else {
                 return;
             };

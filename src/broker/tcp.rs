@@ -1,8 +1,10 @@
 //! MQTT over TCP (TLS where configured), for mobile clients and `mosquitto_sub`/`mosquitto_pub`.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::io;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::either::Either;
 use tokio_util::task::TaskTracker;
@@ -18,19 +20,21 @@ thread_local! {
 }
 
 impl Transport for TcpTransport {
-    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
         let Either::Left(tcp) = &mut self.0 else {
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(4096);
-            }
-            return self.0.read_buf(buf).await;
+            let tls = Pin::new(&mut self.0);
+            return SCRATCH.with_borrow_mut(|chunk| {
+                let mut read = ReadBuf::new(chunk);
+                ready!(tls.poll_read(cx, &mut read))?;
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            });
         };
         // Wait for data holding no buffer, then read through the thread's scratch chunk: the
         // session's buffer holds only what arrived (an idle connection's, nearly nothing). (A
         // chunk on the stack was zeroed on every read: a tenth of a call flow's instructions.)
         loop {
-            // (Polled directly: `readable()` is a 152-byte future in every idle connection.)
-            std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
+            ready!(tcp.poll_read_ready(cx))?;
             let read: io::Result<usize> = SCRATCH.with_borrow_mut(|chunk| {
                 let n = tcp.try_read(chunk)?;
                 buf.extend_from_slice(&chunk[..n]);
@@ -38,13 +42,20 @@ impl Transport for TcpTransport {
             });
             match read {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                read => return read,
+                read => return Poll::Ready(read),
             }
         }
     }
 
-    async fn write(&mut self, data: Bytes) -> io::Result<()> {
-        self.0.write_all(&data).await
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        let mut stream = Pin::new(&mut self.0);
+        while !data.is_empty() {
+            match ready!(stream.as_mut().poll_write(cx, data))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => data.advance(n),
+            }
+        }
+        stream.poll_flush(cx)
     }
 
     async fn close(&mut self) {

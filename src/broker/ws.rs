@@ -5,8 +5,10 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
 use std::io;
 use std::net::SocketAddr;
+use std::task::{ready, Context, Poll};
 
 use super::{Gateway, Transport};
 
@@ -15,31 +17,35 @@ use super::{Gateway, Transport};
 struct WsTransport(Box<WebSocket>);
 
 impl Transport for WsTransport {
-    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
         loop {
-            match self.0.recv().await {
-                None | Some(Ok(Message::Close(_))) => return Ok(0),
+            match ready!(self.0.poll_next_unpin(cx)) {
+                None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(0)),
                 Some(Ok(Message::Binary(data))) if !data.is_empty() => {
                     buf.extend_from_slice(&data);
-                    return Ok(data.len());
+                    return Poll::Ready(Ok(data.len()));
                 }
                 Some(Ok(Message::Text(_))) => {
-                    return Err(io::Error::new(
+                    return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "MQTT over WebSocket uses binary frames",
-                    ))
+                    )))
                 }
                 Some(Ok(_)) => {} // ping, pong, empty frame
-                Some(Err(e)) => return Err(io::Error::other(e)),
+                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
             }
         }
     }
 
-    async fn write(&mut self, data: Bytes) -> io::Result<()> {
-        self.0
-            .send(Message::Binary(data))
-            .await
-            .map_err(io::Error::other)
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        // One frame per write: once the frame is handed over, `data` is empty and what is left
+        // is the flush.
+        if !data.is_empty() {
+            ready!(self.0.poll_ready_unpin(cx)).map_err(io::Error::other)?;
+            let frame = Message::Binary(std::mem::take(data));
+            self.0.start_send_unpin(frame).map_err(io::Error::other)?;
+        }
+        self.0.poll_flush_unpin(cx).map_err(io::Error::other)
     }
 
     async fn close(&mut self) {

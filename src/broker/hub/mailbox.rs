@@ -2,7 +2,8 @@
 //! (messages and bytes); control events (replaced, shutdown) always get through.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
 use super::stored::Queued;
@@ -27,6 +28,8 @@ pub(crate) enum Event {
     BusClosed,
     /// The server is shutting down.
     Shutdown,
+    /// The keepalive wheel found the client silent past its limit.
+    Silent,
 }
 
 /// The queue a hub sender fills and a session empties: a plain deque and the session's waker
@@ -35,6 +38,10 @@ pub(crate) enum Event {
 #[derive(Default)]
 struct Shared {
     inner: Mutex<Inner>,
+    /// When the client was last heard, on the keepalive clock (ms).
+    heard: AtomicU64,
+    /// How long the client may stay silent (ms); 0 once the session is gone.
+    limit: AtomicU64,
 }
 
 #[derive(Default)]
@@ -48,6 +55,8 @@ struct Inner {
     dropped: bool,
     /// Set when the hub's sender is gone.
     closed: bool,
+    /// Set by the keepalive wheel: the client was silent past its limit.
+    silent: bool,
 }
 
 /// The sending side, kept by the hub.
@@ -127,11 +136,6 @@ pub(super) fn mailbox() -> (Sender, Mailbox) {
 }
 
 impl Mailbox {
-    /// The next event. Cancel-safe.
-    pub(crate) async fn recv(&mut self) -> Event {
-        std::future::poll_fn(|cx| self.poll_recv(cx)).await
-    }
-
     /// The next event, or `Pending` and the session is woken when there is one (senders
     /// change the mailbox and take the waker under the same lock: no wake-up is lost).
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
@@ -155,6 +159,9 @@ impl Mailbox {
         if inner.dropped {
             return Some(Event::TooSlow);
         }
+        if std::mem::take(&mut inner.silent) {
+            return Some(Event::Silent);
+        }
         let Some(event) = inner.queue.pop_front() else {
             // The hub's sender is gone: the session is gone from the hub.
             return inner.closed.then_some(Event::Shutdown);
@@ -168,6 +175,24 @@ impl Mailbox {
         Some(event)
     }
 
+    /// The client was heard at `now` (keepalive clock, ms).
+    pub(crate) fn heard(&self, now: u64) {
+        self.shared.heard.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether the client has been silent for its limit by `now` (keepalive clock, ms).
+    pub(crate) fn is_silent(&self, now: u64) -> bool {
+        silent_since(&self.shared, now)
+    }
+
+    /// Starts watching the client's silence: heard at `now`, it may stay silent `limit` ms.
+    /// The handle is for the keepalive wheel; it keeps no session alive.
+    pub(crate) fn watch(&self, now: u64, limit: u64) -> Watch {
+        self.shared.heard.store(now, Ordering::Relaxed);
+        self.shared.limit.store(limit.max(1), Ordering::Relaxed);
+        Watch(Arc::downgrade(&self.shared))
+    }
+
     /// Every QoS 1 message still waiting, in order (QoS 0 and control events are dropped).
     pub(super) fn drain(&mut self) -> Vec<Queued> {
         let mut inner = lock(&self.shared.inner);
@@ -179,5 +204,41 @@ impl Mailbox {
                 _ => None,
             })
             .collect()
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        // The session is over: the keepalive wheel lets go of it.
+        self.shared.limit.store(0, Ordering::Relaxed);
+    }
+}
+
+fn silent_since(shared: &Shared, now: u64) -> bool {
+    let deadline = shared.heard.load(Ordering::Relaxed) + shared.limit.load(Ordering::Relaxed);
+    deadline <= now
+}
+
+/// The keepalive wheel's handle on a session's mailbox (see [`Mailbox::watch`]).
+pub(crate) struct Watch(Weak<Shared>);
+
+impl Watch {
+    /// When the client's silence runs out (keepalive clock, ms), or `None` once the session
+    /// is gone.
+    pub(crate) fn deadline(&self) -> Option<u64> {
+        let shared = self.0.upgrade()?;
+        let limit = shared.limit.load(Ordering::Relaxed);
+        (limit > 0).then(|| shared.heard.load(Ordering::Relaxed) + limit)
+    }
+
+    /// Tells the session its client was silent too long (it checks again: it may have heard
+    /// from the client since, or not be reading on purpose).
+    pub(crate) fn tell_silent(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.update(|inner| {
+                inner.silent = true;
+                true
+            });
+        }
     }
 }

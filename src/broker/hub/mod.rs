@@ -21,7 +21,7 @@ mod routes;
 mod stored;
 
 pub use durable::{Durable, Receipt};
-pub(crate) use mailbox::{Event, Mailbox, MAILBOX_MESSAGES};
+pub(crate) use mailbox::{Event, Mailbox, Watch, MAILBOX_MESSAGES};
 pub(crate) use stored::{Parting, Queued, Resumed};
 
 use std::collections::HashMap;

@@ -9,11 +9,13 @@ mod incoming;
 
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
 use super::codec::Version;
@@ -26,7 +28,7 @@ use super::hub::{
 };
 use super::throttle::TokenBucket;
 use super::v5;
-use super::{Gateway, Transport};
+use super::{keepalive, Gateway, Transport};
 use crate::auth::Identity;
 use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
 use crate::metrics;
@@ -50,7 +52,7 @@ pub(super) async fn start<T: Transport>(
     gateway: &Gateway,
     transport: &mut T,
     mut admitted: Box<Admitted>,
-    context: Context,
+    origin: Origin,
 ) -> Option<(Box<Session>, Result<(), End>)> {
     tracing::Span::current().record("client", tracing::field::display(&admitted.client_id));
     let hub = &gateway.inner.hub;
@@ -90,7 +92,7 @@ pub(super) async fn start<T: Transport>(
         mailbox: attached.mailbox,
         persistent: !admitted.clean,
         client_id: admitted.client_id.clone(),
-        context,
+        origin,
         version: admitted.version,
         max_packet_out: admitted.max_packet_out,
         inflight: VecDeque::new(),
@@ -102,14 +104,15 @@ pub(super) async fn start<T: Transport>(
         inbuf: std::mem::take(&mut admitted.inbuf),
         outbuf: BytesMut::new(),
         next_pkid: 0,
-        // MQTT: the server may close after one and a half keepalive periods of silence.
-        idle_limit: Duration::from_millis(u64::from(admitted.keepalive) * 1500),
-        last_heard: Instant::now(),
         violations: 0,
         bucket: TokenBucket::new(limits.publish_rate, limits.publish_burst),
-        throttled_until: None,
+        throttle: None,
         will: admitted.will.take().map(Box::new),
     });
+    // MQTT: the server may close after one and a half keepalive periods of silence.
+    let (now, limit) = (keepalive::now_ms(), u64::from(admitted.keepalive) * 1500);
+    let watch = session.mailbox.watch(now, limit);
+    gateway.inner.keepalive.watch(watch, now + limit);
     let present = attached.resumed.is_some();
     match admitted.version {
         Version::V4 => session.send(Packet::ConnAck(ConnAck::new(
@@ -159,6 +162,13 @@ pub(super) fn serve<T: Transport>(
         Box::pin(session.finish(transport, end).instrument(span)).await;
         drop(permit);
     }
+}
+
+/// What woke a waiting session.
+enum Wake {
+    Event(Event),
+    Read(io::Result<usize>),
+    Unthrottled,
 }
 
 /// Why a session ended (for the log).
@@ -235,7 +245,7 @@ pub(super) struct Session {
     /// Broker-side client id, `<user id>.<device>`.
     client_id: Arc<str>,
     /// Where the connection comes from (for the log).
-    context: Context,
+    origin: Origin,
     /// The protocol the client speaks.
     version: Version,
     /// MQTT 5: the largest packet the client accepts (larger deliveries are not sent).
@@ -254,19 +264,18 @@ pub(super) struct Session {
     inbuf: BytesMut,
     outbuf: BytesMut,
     next_pkid: u16,
-    idle_limit: Duration,
-    last_heard: Instant,
     violations: u32,
     bucket: TokenBucket,
-    /// Over the publish rate: the socket is not read until then.
-    throttled_until: Option<Instant>,
+    /// Over the publish rate: the socket is not read until this fires (boxed: only a
+    /// throttled session has a timer).
+    throttle: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The Last Will (topic, payload): published when the connection ends without DISCONNECT.
     will: Option<Box<(String, Bytes)>>,
 }
 
 /// A connection's transport and address, which its log lines name.
 #[derive(Clone, Copy)]
-pub(super) struct Context {
+pub(super) struct Origin {
     pub kind: &'static str,
     pub peer: SocketAddr,
 }
@@ -282,7 +291,7 @@ impl Session {
     /// connection's life: a span kept per connection costs about 400 bytes (its formatted
     /// fields and the registry's slot), a sixth of an idle connection.
     fn span(&self) -> tracing::Span {
-        let Context { kind, peer } = self.context;
+        let Origin { kind, peer } = self.origin;
         tracing::info_span!("mqtt", %kind, %peer, client = %self.client_id)
     }
 
@@ -291,8 +300,9 @@ impl Session {
     pub(super) async fn finish<T: Transport>(mut self: Box<Self>, mut transport: T, end: End) {
         if let (Version::V5, Some(ending)) = (self.version, end.ending()) {
             self.answer(v5::Answer::Disconnect(ending));
-            let _ = self.flush(&mut transport).await;
         }
+        // What the session still had to say (acknowledgements, the DISCONNECT).
+        let _ = self.flush(&mut transport).await;
         if let (Some(will), false) = (self.will.take(), matches!(end, End::Disconnect)) {
             self.publish_will(&will.0, &will.1).await;
         }
@@ -317,56 +327,85 @@ impl Session {
         transport.close().await;
     }
 
-    async fn run<T: Transport>(&mut self, transport: &mut T) -> End {
-        loop {
-            // Handle whatever is already buffered (bytes that arrived with the CONNECT, too).
-            if let Err(end) = self.drain_input().await {
-                let _ = self.flush(transport).await;
-                return end;
-            }
-            if let Err(e) = self.flush(transport).await {
-                return End::Io(e);
-            }
-            let throttled = self.throttled_until;
-            let wake = throttled.unwrap_or(self.last_heard + self.idle_limit);
-            tokio::select! {
-                read = transport.read(&mut self.inbuf), if throttled.is_none() => match read {
-                    Ok(0) => return End::Closed,
-                    Ok(_) => self.last_heard = Instant::now(),
-                    Err(e) => return End::Io(e),
-                },
-                event = self.mailbox.recv() => {
-                    if let Err(end) = self.on_event(event) {
-                        let _ = self.flush(transport).await;
-                        return end;
-                    }
-                    for _ in 1..EVENTS_PER_FLUSH {
-                        let Some(event) = self.mailbox.try_recv() else { break };
-                        if let Err(end) = self.on_event(event) {
-                            let _ = self.flush(transport).await;
-                            return end;
-                        }
-                    }
+    /// Serves the client until the session ends (what is still to be written is written by
+    /// [`Session::finish`]). Nothing larger than a reference lives across its waits: this
+    /// future is most of what an idle connection's task holds (an async block: an async fn
+    /// would keep a second copy of its arguments).
+    #[allow(clippy::manual_async_fn)]
+    fn run<'a, T: Transport>(&'a mut self, transport: &'a mut T) -> impl Future<Output = End> + 'a {
+        async move {
+            loop {
+                // Handle whatever is already buffered (bytes that arrived with the CONNECT, too).
+                if let Err(end) = self.drain_input().await {
+                    return end;
                 }
-                _ = tokio::time::sleep_until(wake) => {
-                    if throttled.is_none() {
-                        return End::Idle;
-                    }
-                    // A throttled client was sending all along: its silence is ours.
-                    self.throttled_until = None;
-                    self.last_heard = Instant::now();
+                if let Err(e) = self.flush(transport).await {
+                    return End::Io(e);
+                }
+                // Polled by hand rather than a select over futures: what an idle connection's
+                // task keeps while it waits is two references.
+                let woke = std::future::poll_fn(|cx| self.poll_wake(cx, transport)).await;
+                if let Err(end) = self.on_wake(woke) {
+                    return end;
                 }
             }
         }
     }
 
-    async fn flush<T: Transport>(&mut self, transport: &mut T) -> io::Result<()> {
-        if self.outbuf.is_empty() {
-            return Ok(());
+    fn on_wake(&mut self, woke: Wake) -> Result<(), End> {
+        let event = match woke {
+            Wake::Read(Ok(0)) => return Err(End::Closed),
+            Wake::Read(Ok(_)) => {
+                self.mailbox.heard(keepalive::now_ms());
+                return Ok(());
+            }
+            Wake::Read(Err(e)) => return Err(End::Io(e)),
+            Wake::Unthrottled => {
+                // A throttled client was sending all along: its silence is ours.
+                self.mailbox.heard(keepalive::now_ms());
+                return Ok(());
+            }
+            Wake::Event(event) => event,
+        };
+        self.on_event(event)?;
+        for _ in 1..EVENTS_PER_FLUSH {
+            let Some(event) = self.mailbox.try_recv() else {
+                break;
+            };
+            self.on_event(event)?;
         }
+        Ok(())
+    }
+
+    /// What the session waits for: an event in its mailbox, bytes from the client (unless
+    /// throttled), or the end of the throttle.
+    fn poll_wake<T: Transport>(&mut self, cx: &mut Context<'_>, transport: &mut T) -> Poll<Wake> {
+        if let Poll::Ready(event) = self.mailbox.poll_recv(cx) {
+            return Poll::Ready(Wake::Event(event));
+        }
+        match &mut self.throttle {
+            Some(throttle) => {
+                ready!(throttle.as_mut().poll(cx));
+                self.throttle = None;
+                Poll::Ready(Wake::Unthrottled)
+            }
+            None => transport.poll_read(cx, &mut self.inbuf).map(Wake::Read),
+        }
+    }
+
+    /// Writes what the session has to say. (Not an async fn, whose state would keep a copy
+    /// of each argument besides the write's.)
+    fn flush<'a, T: Transport>(
+        &mut self,
+        transport: &'a mut T,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a {
         // Taken whole: an idle connection holds no output buffer either.
-        let data = std::mem::take(&mut self.outbuf).freeze();
-        transport.write(data).await
+        let mut data = std::mem::take(&mut self.outbuf).freeze();
+        let nothing = data.is_empty();
+        std::future::poll_fn(move |cx| match nothing {
+            true => Poll::Ready(Ok(())),
+            false => transport.poll_write(cx, &mut data),
+        })
     }
 
     /// Handles every whole packet in the input buffer, stopping at a PUBLISH that has to wait
@@ -397,13 +436,13 @@ impl Session {
     /// holds no whole packet or the rate limit holds the next PUBLISH back.
     fn next_request(&mut self) -> Result<Option<(Packet, Option<u32>)>, End> {
         let max = self.gateway.limits().max_payload_size;
-        while self.throttled_until.is_none() {
+        while self.throttle.is_none() {
             let whole = codec::packet_len(&self.inbuf).is_some_and(|n| n <= self.inbuf.len());
             let is_publish = self.inbuf.first().is_some_and(|b| b >> 4 == 3);
             if whole && is_publish {
                 if let Err(wait) = self.bucket.take() {
                     metrics::PUBLISHES_THROTTLED.inc();
-                    self.throttled_until = Some(Instant::now() + wait);
+                    self.throttle = Some(Box::pin(tokio::time::sleep(wait)));
                     break;
                 }
             }
@@ -500,6 +539,15 @@ impl Session {
             Event::TooSlow => Err(End::TooSlow),
             Event::BusClosed => Err(End::Bus),
             Event::Shutdown => Err(End::Shutdown),
+            // Checked here again: the client may have been heard since the wheel looked, and
+            // a throttled session is not reading on purpose.
+            Event::Silent if self.throttle.is_none() => {
+                match self.mailbox.is_silent(keepalive::now_ms()) {
+                    true => Err(End::Idle),
+                    false => Ok(()),
+                }
+            }
+            Event::Silent => Ok(()),
         }
     }
 
