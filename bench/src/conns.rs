@@ -320,7 +320,7 @@ async fn level(n: usize, target: Target) -> anyhow::Result<()> {
         rounds.push((got, last.duration_since(fired).as_secs_f64() * 1000.0));
     }
     println!(
-        "| {n} | {} | {connect_secs:.1} s ({:.0}/s) | {:.1} MiB | {:.1} MiB | {per_conn:.1} KiB | {}/{n}, {}/{n} | {:.0} ms | {:.0} ms |",
+        "| {n} | {} | {connect_secs:.1} s ({:.0}/s) | {:.1} MiB | {:.1} MiB | {per_conn:.2} KiB | {}/{n}, {}/{n} | {:.0} ms | {:.0} ms |",
         target.name(),
         n as f64 / connect_secs,
         base_rss as f64 / 1024.0,

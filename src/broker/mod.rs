@@ -34,6 +34,24 @@ use crate::bus::Publisher;
 use crate::config::GatewayConfig;
 pub use hub::{Hub, Peers};
 
+/// What a client connection runs over (named in its log lines).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    Tls,
+    Ws,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Tcp => "tcp",
+            Kind::Tls => "tls",
+            Kind::Ws => "ws",
+        })
+    }
+}
+
 /// A byte stream carrying MQTT packets (a TCP socket, or WebSocket binary frames).
 pub trait Transport: Send + 'static {
     /// Appends received bytes to `buf`; `Ok(0)` means the peer closed. Polled (not a future
@@ -159,9 +177,9 @@ impl Gateway {
         &self.inner.shutdown
     }
 
-    /// Runs one client connection from `peer` to its end; `kind` (`tcp`, `tls`, `ws`) names
+    /// Runs one client connection from `peer` to its end; `kind` names
     /// the transport in logs.
-    pub async fn serve<T: Transport>(&self, transport: T, kind: &'static str, peer: SocketAddr) {
+    pub async fn serve<T: Transport>(&self, transport: T, kind: Kind, peer: SocketAddr) {
         let span = tracing::info_span!("mqtt", %kind, %peer, client = tracing::field::Empty);
         let origin = session::Origin { kind, peer };
         let permit = self.inner.permits.clone().try_acquire_owned().ok();

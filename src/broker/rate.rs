@@ -32,11 +32,11 @@ impl ConnectRate {
         }
         let mut buckets = lock(&self.buckets);
         if buckets.len() >= SWEEP_AT {
-            buckets.retain(|_, bucket| !bucket.is_full());
+            buckets.retain(|_, bucket| !bucket.is_full(self.rate, self.rate));
         }
         let bucket = buckets
             .entry(ip)
-            .or_insert_with(|| TokenBucket::new(self.rate, self.rate));
-        bucket.take().is_ok()
+            .or_insert_with(|| TokenBucket::full(self.rate));
+        bucket.take(self.rate, self.rate).is_ok()
     }
 }

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::either::Either;
 use tokio_util::task::TaskTracker;
 
-use super::{Gateway, Transport};
+use super::{Gateway, Kind, Transport};
 use crate::net::{accept_loop, Stream};
 
 struct TcpTransport(Stream);
@@ -75,8 +75,8 @@ pub async fn serve(
         let gateway = gateway.clone();
         async move {
             let kind = match &stream {
-                Either::Left(_) => "tcp",
-                Either::Right(_) => "tls",
+                Either::Left(_) => Kind::Tcp,
+                Either::Right(_) => Kind::Tls,
             };
             gateway.serve(TcpTransport(stream), kind, peer).await
         }

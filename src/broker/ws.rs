@@ -10,7 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::task::{ready, Context, Poll};
 
-use super::{Gateway, Transport};
+use super::{Gateway, Kind, Transport};
 
 /// Boxed: a WebSocket is 368 bytes, and each move of the transport in an async fn keeps its
 /// own copy in the connection task's state.
@@ -72,7 +72,7 @@ pub async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             gateway
-                .serve(WsTransport(Box::new(socket)), "ws", peer)
+                .serve(WsTransport(Box::new(socket)), Kind::Ws, peer)
                 .await
         })
 }

@@ -148,11 +148,8 @@ impl Hub {
         if let Some(peers) = &state.peers {
             peers.held(&client_id, true);
         }
-        state
-            .by_user
-            .entry(identity.user_id.clone())
-            .or_default()
-            .push(sid);
+        let user = super::UserKey(identity.clone());
+        state.by_user.entry(user).or_default().push(sid);
         let entry = Entry {
             identity,
             client_id,

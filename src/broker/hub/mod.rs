@@ -24,6 +24,7 @@ pub use durable::{Durable, Receipt};
 pub(crate) use mailbox::{Event, Mailbox, Watch, MAILBOX_MESSAGES};
 pub(crate) use stored::{Parting, Queued, Resumed};
 
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, Weak};
@@ -69,11 +70,38 @@ struct Entry {
     expiry: Duration,
 }
 
+/// A user's id as a map key, read from the identity of one of the user's sessions (the
+/// same text, not a copy of it).
+#[derive(Clone)]
+struct UserKey(Arc<Identity>);
+
+impl std::borrow::Borrow<str> for UserKey {
+    fn borrow(&self) -> &str {
+        &self.0.user_id
+    }
+}
+
+impl std::hash::Hash for UserKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes: lookups by `&str` find it.
+        self.0.user_id.as_str().hash(state);
+    }
+}
+
+impl PartialEq for UserKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.user_id == other.0.user_id
+    }
+}
+
+impl Eq for UserKey {}
+
 #[derive(Default)]
 struct State {
     sessions: HashMap<u64, Entry>,
     by_client: HashMap<Arc<str>, u64>,
-    by_user: HashMap<String, Vec<u64>>,
+    /// A user's sessions (most users have one or two devices: kept inline).
+    by_user: HashMap<UserKey, SmallVec<[u64; 2]>>,
     routes: Routes,
     /// Set at shutdown or when the bus is gone: new sessions are told at once.
     closed: Option<fn() -> Event>,
@@ -91,10 +119,11 @@ impl State {
                 peers.held(&entry.client_id, false);
             }
         }
-        if let Some(sids) = self.by_user.get_mut(&entry.identity.user_id) {
+        let user = entry.identity.user_id.as_str();
+        if let Some(sids) = self.by_user.get_mut(user) {
             sids.retain(|s| *s != sid);
             if sids.is_empty() {
-                self.by_user.remove(&entry.identity.user_id);
+                self.by_user.remove(user);
             }
         }
         Some(entry)
@@ -247,7 +276,7 @@ impl Hub {
     /// How many live connections (devices) `user_id` has.
     pub fn live_devices(&self, user_id: &str) -> usize {
         let state = lock(&self.state);
-        let sids = state.by_user.get(user_id).map(Vec::as_slice).unwrap_or(&[]);
+        let sids = state.by_user.get(user_id).map_or(&[][..], |s| s.as_slice());
         sids.iter()
             .filter(|sid| {
                 state
@@ -322,7 +351,7 @@ impl crate::calls::Presence for Hub {
 
     fn keeps_sessions(&self, user_id: &str) -> bool {
         let state = lock(&self.state);
-        let sids = state.by_user.get(user_id).map(Vec::as_slice).unwrap_or(&[]);
+        let sids = state.by_user.get(user_id).map_or(&[][..], |s| s.as_slice());
         sids.iter()
             .any(|sid| state.sessions.get(sid).is_some_and(|e| e.persistent))
     }

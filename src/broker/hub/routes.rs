@@ -2,7 +2,12 @@
 //! filters (admins only) per session. Matching a topic is one lookup plus the wildcard holders.
 //! A bus that routes by interest is told when a filter gains its first holder and loses its
 //! last one.
+//!
+//! Sized for one subscription per connection (a user's notifications topic): the filter's text
+//! is kept once, shared by the map from filter to holders and the session's list of what it
+//! holds, and both lists keep their first entry inline (a `Vec` allocated room for four).
 
+use smallvec::SmallVec;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -10,14 +15,17 @@ use crate::broker::codec::QoS;
 use crate::bus::Interest;
 use crate::model::topic::{filter_matches, has_wildcard};
 
+/// The sessions holding one exact filter, and their QoS.
+type Holders = SmallVec<[(u64, QoS); 1]>;
+
 #[derive(Default)]
 pub(super) struct Routes {
     /// Exact filter to the sessions holding it and their QoS.
-    exact: HashMap<String, Vec<(u64, QoS)>>,
+    exact: HashMap<Arc<str>, Holders>,
     /// Wildcard filters and their QoS, per session.
     wildcard: HashMap<u64, Vec<(String, QoS)>>,
-    /// Exact filters per session, for teardown.
-    held: HashMap<u64, Vec<String>>,
+    /// Exact filters per session (the keys of `exact`), for teardown.
+    held: HashMap<u64, SmallVec<[Arc<str>; 1]>>,
     /// How many subscriptions of each filter the bus must carry here: all but those fed by
     /// their session's own queue (cluster mode's persistent sessions). Counted only for a bus
     /// that routes by interest (a copy of every filter: 90 bytes a connection otherwise).
@@ -33,13 +41,13 @@ impl Routes {
         let exact = self
             .exact
             .iter()
-            .flat_map(|(filter, sids)| sids.iter().map(move |(sid, _)| (*sid, filter)));
+            .flat_map(|(filter, sids)| sids.iter().map(move |(sid, _)| (*sid, &**filter)));
         let wildcard = (self.wildcard.iter())
-            .flat_map(|(sid, filters)| filters.iter().map(move |(filter, _)| (*sid, filter)));
+            .flat_map(|(sid, filters)| filters.iter().map(move |(f, _)| (*sid, f.as_str())));
         let mut carried: HashMap<String, usize> = HashMap::new();
         for (sid, filter) in exact.chain(wildcard) {
-            if !self.fed.contains(&(sid, filter.clone())) {
-                *carried.entry(filter.clone()).or_default() += 1;
+            if !self.fed.contains(&(sid, filter.to_owned())) {
+                *carried.entry(filter.to_owned()).or_default() += 1;
             }
         }
         for filter in carried.keys() {
@@ -59,9 +67,12 @@ impl Routes {
                 .or_default()
                 .push((filter.to_owned(), qos));
         } else {
-            self.held.entry(sid).or_default().push(filter.to_owned());
-            let sids = self.exact.entry(filter.to_owned()).or_default();
-            sids.push((sid, qos));
+            let key = match self.exact.get_key_value(filter) {
+                Some((key, _)) => key.clone(),
+                None => Arc::from(filter),
+            };
+            self.held.entry(sid).or_default().push(key.clone());
+            self.exact.entry(key).or_default().push((sid, qos));
         }
         if fed {
             self.fed.insert((sid, filter.to_owned()));
@@ -104,7 +115,7 @@ impl Routes {
             }
         }
         if let Some(filters) = self.held.get_mut(&sid) {
-            filters.retain(|f| f != filter);
+            filters.retain(|f| &**f != filter);
             if filters.is_empty() {
                 self.held.remove(&sid);
             }
@@ -143,12 +154,15 @@ impl Routes {
     /// A session's filters and their QoS.
     pub(super) fn filters_of(&self, sid: u64) -> Vec<(String, QoS)> {
         let mut out: Vec<(String, QoS)> = self.wildcard.get(&sid).cloned().unwrap_or_default();
-        for filter in self.held.get(&sid).map(Vec::as_slice).unwrap_or(&[]) {
-            let qos = self
-                .exact
-                .get(filter)
+        for filter in self
+            .held
+            .get(&sid)
+            .map(|held| held.as_slice())
+            .unwrap_or(&[])
+        {
+            let qos = (self.exact.get(filter))
                 .and_then(|sids| sids.iter().find(|(s, _)| *s == sid).map(|(_, q)| *q));
-            out.push((filter.clone(), qos.unwrap_or(QoS::AtMostOnce)));
+            out.push((filter.to_string(), qos.unwrap_or(QoS::AtMostOnce)));
         }
         out
     }
@@ -156,7 +170,7 @@ impl Routes {
     /// The sessions holding exactly `filter`, with their QoS.
     pub(super) fn holders(&self, filter: &str) -> Vec<(u64, QoS)> {
         if !has_wildcard(filter) {
-            return self.exact.get(filter).cloned().unwrap_or_default();
+            return self.exact.get(filter).map_or_else(Vec::new, |h| h.to_vec());
         }
         let holding = self.wildcard.iter().filter_map(|(sid, filters)| {
             let (_, qos) = filters.iter().find(|(f, _)| f == filter)?;
@@ -167,7 +181,7 @@ impl Routes {
 
     /// The sessions `topic` reaches, each with the highest QoS of its matching filters.
     pub(super) fn matches(&self, topic: &str) -> Vec<(u64, QoS)> {
-        let mut targets = self.exact.get(topic).cloned().unwrap_or_default();
+        let mut targets = self.exact.get(topic).map_or_else(Vec::new, |h| h.to_vec());
         for (sid, filters) in &self.wildcard {
             let qos = filters
                 .iter()

@@ -28,7 +28,7 @@ use super::hub::{
 };
 use super::throttle::TokenBucket;
 use super::v5;
-use super::{keepalive, Gateway, Transport};
+use super::{keepalive, Gateway, Kind, Transport};
 use crate::auth::Identity;
 use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
 use crate::metrics;
@@ -95,17 +95,16 @@ pub(super) async fn start<T: Transport>(
         origin,
         version: admitted.version,
         max_packet_out: admitted.max_packet_out,
-        inflight: VecDeque::new(),
-        receive_max: admitted.receive_max.map_or(usize::MAX, usize::from),
+        unacked: None,
+        receive_max: admitted.receive_max.map_or(u32::MAX, u32::from),
         outstanding: 0,
-        held: VecDeque::new(),
         acked_event: 0,
         identity: admitted.identity.clone(),
         inbuf: std::mem::take(&mut admitted.inbuf),
         outbuf: BytesMut::new(),
         next_pkid: 0,
         violations: 0,
-        bucket: TokenBucket::new(limits.publish_rate, limits.publish_burst),
+        bucket: TokenBucket::full(limits.publish_burst),
         throttle: None,
         will: admitted.will.take().map(Box::new),
     });
@@ -250,14 +249,15 @@ pub(super) struct Session {
     version: Version,
     /// MQTT 5: the largest packet the client accepts (larger deliveries are not sent).
     max_packet_out: Option<u32>,
-    /// Sent at QoS 1 and not yet acknowledged (persistent sessions only), oldest first.
-    inflight: VecDeque<Queued>,
+    /// What a persistent session keeps until the client acknowledges it, and what waits for
+    /// room under MQTT 5's Receive Maximum (boxed, made on first use: a clean session with no
+    /// receive maximum never needs it).
+    unacked: Option<Box<Unacked>>,
     /// MQTT 5 Receive Maximum: QoS 1 messages the client takes unacknowledged at once; past
     /// it, deliveries wait in `held` until acknowledgements come.
-    receive_max: usize,
+    receive_max: u32,
     /// QoS 1 messages sent and not yet acknowledged (any session).
-    outstanding: usize,
-    held: VecDeque<(QoS, Queued)>,
+    outstanding: u32,
     /// The highest durable event-log sequence the client acknowledged.
     acked_event: u64,
     identity: Arc<Identity>,
@@ -276,8 +276,17 @@ pub(super) struct Session {
 /// A connection's transport and address, which its log lines name.
 #[derive(Clone, Copy)]
 pub(super) struct Origin {
-    pub kind: &'static str,
+    pub kind: Kind,
     pub peer: SocketAddr,
+}
+
+/// A session's deliveries that wait for an acknowledgement or for room.
+#[derive(Default)]
+struct Unacked {
+    /// Sent at QoS 1 and not yet acknowledged (persistent sessions only), oldest first.
+    inflight: VecDeque<Queued>,
+    /// Held back by the client's Receive Maximum, oldest first.
+    held: VecDeque<(QoS, Queued)>,
 }
 
 impl Session {
@@ -309,12 +318,12 @@ impl Session {
         let Session {
             registration,
             mailbox,
-            inflight,
+            unacked,
             next_pkid,
             acked_event,
-            held,
             ..
         } = *self;
+        let Unacked { inflight, held } = unacked.map(|u| *u).unwrap_or_default();
         let parting = Parting {
             inflight: inflight.into(),
             last_pkid: next_pkid,
@@ -440,7 +449,8 @@ impl Session {
             let whole = codec::packet_len(&self.inbuf).is_some_and(|n| n <= self.inbuf.len());
             let is_publish = self.inbuf.first().is_some_and(|b| b >> 4 == 3);
             if whole && is_publish {
-                if let Err(wait) = self.bucket.take() {
+                let limits = self.gateway.limits();
+                if let Err(wait) = self.bucket.take(limits.publish_rate, limits.publish_burst) {
                     metrics::PUBLISHES_THROTTLED.inc();
                     self.throttle = Some(Box::pin(tokio::time::sleep(wait)));
                     break;
@@ -505,13 +515,18 @@ impl Session {
             Packet::PubAck(ack) => {
                 self.outstanding = self.outstanding.saturating_sub(1);
                 while self.outstanding < self.receive_max {
-                    let Some((qos, message)) = self.held.pop_front() else {
+                    let next = self.unacked.as_mut().and_then(|u| u.held.pop_front());
+                    let Some((qos, message)) = next else {
                         break;
                     };
                     self.deliver(qos, message)?;
                 }
-                if let Some(i) = self.inflight.iter().position(|m| m.pkid == Some(ack.pkid)) {
-                    let Some(acked) = self.inflight.remove(i) else {
+                if let Some(unacked) = &mut self.unacked {
+                    let inflight = &mut unacked.inflight;
+                    let Some(i) = inflight.iter().position(|m| m.pkid == Some(ack.pkid)) else {
+                        return Ok(None);
+                    };
+                    let Some(acked) = inflight.remove(i) else {
                         return Ok(None);
                     };
                     if let Some(receipt) = &acked.receipt {
@@ -551,6 +566,11 @@ impl Session {
         }
     }
 
+    /// The deliveries waiting for an acknowledgement or room (made on first use).
+    fn unacked(&mut self) -> &mut Unacked {
+        self.unacked.get_or_insert_with(Box::default)
+    }
+
     fn send(&mut self, packet: Packet) {
         match self.version {
             Version::V4 => codec::encode(packet, &mut self.outbuf),
@@ -576,8 +596,9 @@ impl Session {
     fn deliver(&mut self, qos: QoS, mut message: Queued) -> Result<(), End> {
         if qos != QoS::AtMostOnce && self.outstanding >= self.receive_max {
             metrics::DELIVERIES_HELD.inc();
-            self.held.push_back((qos, message));
-            if self.held.len() > MAILBOX_MESSAGES {
+            let held = &mut self.unacked().held;
+            held.push_back((qos, message));
+            if held.len() > MAILBOX_MESSAGES {
                 return Err(End::TooSlow);
             }
             return Ok(());
@@ -610,7 +631,7 @@ impl Session {
             publish.dup = message.dup;
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             publish.pkid = self.next_pkid;
-            self.outstanding += 1;
+            self.outstanding = self.outstanding.saturating_add(1);
         }
         let pkid = publish.pkid;
         // MQTT 5 tells the client how long the message has left.
@@ -621,13 +642,14 @@ impl Session {
             }
             _ => self.send(Packet::Publish(publish)),
         }
+        metrics::MESSAGES_SENT.inc();
         if qos != QoS::AtMostOnce && self.persistent {
             message.pkid = Some(pkid);
-            self.inflight.push_back(message);
-        }
-        metrics::MESSAGES_SENT.inc();
-        if self.inflight.len() > MAILBOX_MESSAGES {
-            return Err(End::TooSlow);
+            let inflight = &mut self.unacked().inflight;
+            inflight.push_back(message);
+            if inflight.len() > MAILBOX_MESSAGES {
+                return Err(End::TooSlow);
+            }
         }
         Ok(())
     }
@@ -643,9 +665,9 @@ impl Session {
             let mut publish = Publish::from_bytes(name, QoS::AtLeastOnce, message.payload.clone());
             publish.pkid = pkid;
             publish.dup = true;
-            self.outstanding += 1;
+            self.outstanding = self.outstanding.saturating_add(1);
             self.send(Packet::Publish(publish));
-            self.inflight.push_back(message);
+            self.unacked().inflight.push_back(message);
         }
         if resumed.dropped > 0 {
             let detail = format!(
