@@ -34,13 +34,7 @@ fn party(id: &str) -> Party {
 }
 
 fn user(id: &str, role: Role) -> Identity {
-    Identity {
-        user_id: id.into(),
-        username: id.into(),
-        first_name: String::new(),
-        last_name: String::new(),
-        role,
-    }
+    Identity::new(id, id, "", "", role)
 }
 
 /// A chat publish through the bridge's checks: the topic ACL, payload validation, stamping,

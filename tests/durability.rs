@@ -248,6 +248,6 @@ fn token_subcommand_signs_with_the_secret() {
     let id = Authenticator::new(SECRET.as_bytes())
         .verify(token.trim())
         .unwrap();
-    assert_eq!((id.user_id.as_str(), id.role), ("ops", Role::Admin));
-    assert_eq!(id.username, "Ops");
+    assert_eq!((id.user_id(), id.role), ("ops", Role::Admin));
+    assert_eq!(id.username(), "Ops");
 }

@@ -94,7 +94,7 @@ async fn dev_tokens_only_in_dev_mode() {
         .await;
     assert_eq!(status, StatusCode::OK);
     let id = dev.auth.verify(body["token"].as_str().unwrap()).unwrap();
-    assert_eq!((id.user_id.as_str(), id.username.as_str()), ("zed", "Zed"));
+    assert_eq!((id.user_id(), id.username()), ("zed", "Zed"));
     let (status, _) = dev
         .post("/api/dev/token/", "", json!({"user_id": "a b"}))
         .await;

@@ -83,11 +83,11 @@ pub async fn initiate(
     OptionalJson(body): OptionalJson<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Initiated>), ApiError> {
     let (receiver_id, conversation_id, call_type) = initiate_body(&body)?;
-    if receiver_id == caller.user_id {
+    if receiver_id == caller.user_id() {
         return Err(ApiError::BadRequest("you cannot call yourself".into()));
     }
     let conversations = &state.conversations;
-    if !conversations.is_member(&conversation_id, &caller.user_id) {
+    if !conversations.is_member(&conversation_id, caller.user_id()) {
         return Err(ApiError::Forbidden(
             "you are not a member of this conversation".into(),
         ));
@@ -155,8 +155,8 @@ pub async fn accept(
     let id = call_id(&id)?;
     let device_id = body.device()?;
     let action = Action::Accept {
-        by: caller.user_id.clone(),
-        username: caller.username.clone(),
+        by: caller.user_id().to_owned(),
+        username: caller.username().to_owned(),
         device_id,
     };
     Ok(Json(CallReply(state.calls.transition(id, action).await?)))
@@ -171,8 +171,8 @@ pub async fn reject(
 ) -> Result<Json<CallReply>, ApiError> {
     let id = call_id(&id)?;
     let action = Action::Reject {
-        by: caller.user_id.clone(),
-        username: caller.username.clone(),
+        by: caller.user_id().to_owned(),
+        username: caller.username().to_owned(),
     };
     Ok(Json(CallReply(state.calls.transition(id, action).await?)))
 }
@@ -207,7 +207,7 @@ pub async fn end(
     let id = call_id(&id)?;
     let hangup_reason = body.hangup_reason()?;
     let action = Action::End {
-        by: caller.user_id.clone(),
+        by: caller.user_id().to_owned(),
         hangup_reason,
     };
     Ok(Json(CallReply(state.calls.transition(id, action).await?)))
@@ -225,7 +225,7 @@ pub async fn get(
         .fetch(id)
         .await?
         .ok_or_else(|| ApiError::NotFound("call not found".into()))?;
-    if !call.is_party(&caller.user_id) {
+    if !call.is_party(caller.user_id()) {
         return Err(ApiError::Forbidden(
             "you are not a party to this call".into(),
         ));
@@ -260,7 +260,7 @@ pub async fn history(
                 .map_err(|_| ApiError::BadRequest("before must be a call id".into()))?,
         ),
     };
-    let calls = state.calls.history(&caller.user_id, before, limit).await?;
+    let calls = state.calls.history(caller.user_id(), before, limit).await?;
     let next_before = if calls.len() == limit {
         calls.last().map(|c| c.id)
     } else {

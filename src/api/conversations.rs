@@ -83,7 +83,7 @@ pub async fn get(
         .get(cid)
         .ok_or_else(|| ApiError::NotFound("conversation not found".into()))?;
     let who = &caller.0;
-    if who.role != Role::Service && !conv.members.contains(&who.user_id) {
+    if who.role != Role::Service && !conv.members.contains(who.user_id()) {
         return Err(ApiError::Forbidden(
             "not a member of this conversation".into(),
         ));

@@ -45,7 +45,7 @@ pub async fn turn(
         .turn
         .as_ref()
         .ok_or_else(|| ApiError::NotFound("no TURN server is configured".into()))?;
-    Ok(Json(turn::credentials(turn, &caller.user_id, unix_now())))
+    Ok(Json(turn::credentials(turn, caller.user_id(), unix_now())))
 }
 
 /// `POST /api/dev/token` `{user_id, username}`: a user token for the demo page (`--dev` only).

@@ -41,7 +41,7 @@ pub fn authorize_subscribe(
         return Err(Denied::Subscribe);
     }
     match classify(filter) {
-        TopicKind::Notifications(uid) if uid == who.user_id => Ok(()),
+        TopicKind::Notifications(uid) if uid == who.user_id() => Ok(()),
         TopicKind::Chat(cid) if is_member(cid) => Ok(()),
         TopicKind::Chat(_) => Err(Denied::NotMember),
         _ => Err(Denied::Subscribe),
@@ -74,7 +74,7 @@ pub fn may_receive(who: &Identity, topic: &str, is_member: impl FnOnce(&str) -> 
         return true;
     }
     match classify(topic) {
-        TopicKind::Notifications(uid) => uid == who.user_id,
+        TopicKind::Notifications(uid) => uid == who.user_id(),
         TopicKind::Chat(cid) => is_member(cid),
         TopicKind::Other => false,
     }
@@ -85,13 +85,7 @@ mod tests {
     use super::*;
 
     fn who(uid: &str, role: Role) -> Identity {
-        Identity {
-            user_id: uid.into(),
-            username: uid.into(),
-            first_name: String::new(),
-            last_name: String::new(),
-            role,
-        }
+        Identity::new(uid, uid, "", "", role)
     }
     fn member(cid: &str) -> bool {
         cid == "c1"

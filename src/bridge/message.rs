@@ -200,8 +200,8 @@ pub fn stamp(msg: &ChatMessage<'_>, sender: &Identity) -> Vec<u8> {
             out.raw(key, value.get());
         }
     }
-    out.text("sender_id", &sender.user_id);
-    out.text("sender_username", &sender.username);
+    out.text("sender_id", sender.user_id());
+    out.text("sender_username", sender.username());
     out.text("id", &new_message_id());
     out.text("ts", &now_rfc3339());
     out.finish()
@@ -298,13 +298,7 @@ mod tests {
     use crate::auth::Role;
 
     fn mallory() -> Identity {
-        Identity {
-            user_id: "m".into(),
-            username: "mallory".into(),
-            first_name: String::new(),
-            last_name: String::new(),
-            role: Role::User,
-        }
+        Identity::new("m", "mallory", "", "", Role::User)
     }
 
     #[test]

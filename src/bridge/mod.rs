@@ -58,13 +58,13 @@ impl Bridge {
         let identity = self.auth.verify(password.unwrap_or(""))?;
         match username {
             None | Some("") => Ok(identity),
-            Some(u) if u == identity.user_id => Ok(identity),
+            Some(u) if u == identity.user_id() => Ok(identity),
             Some(_) => Err(ConnectRefused::UsernameMismatch),
         }
     }
 
     fn is_member<'a>(&'a self, who: &'a Identity) -> impl Fn(&str) -> bool + 'a {
-        move |cid| self.store.conversations.is_member(cid, &who.user_id)
+        move |cid| self.store.conversations.is_member(cid, who.user_id())
     }
 
     /// Decides one SUBSCRIBE filter.
@@ -139,7 +139,7 @@ impl Bridge {
                     offered_by.as_deref(),
                 )?;
                 if let (signaling::Kind::Offer, Some(call)) = (kind, &call) {
-                    self.calls.record_offer(call, &who.user_id);
+                    self.calls.record_offer(call, who.user_id());
                 }
                 Ok(copies)
             });

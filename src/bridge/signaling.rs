@@ -123,7 +123,7 @@ pub fn relay(
     let Some(call) = call else {
         return refuse(ErrorCode::CallNotFound, "no such call");
     };
-    if !call.is_party(&who.user_id) {
+    if !call.is_party(who.user_id()) {
         return refuse(ErrorCode::NotAParty, "you are not a party to this call");
     }
     if call.conversation_id != cid {
@@ -138,7 +138,7 @@ pub fn relay(
             format!("the call is {}", call.status.as_str()),
         );
     }
-    let is_caller = call.caller.id == who.user_id;
+    let is_caller = call.caller.id == who.user_id();
     if let Some(bound) = &call.accepted_device {
         if !is_caller && bound != sender.device {
             return refuse(
@@ -162,7 +162,7 @@ pub fn relay(
         Kind::Answer => {
             let answer = description(msg, "answer", "answer")?;
             let answer_ok = match offered_by {
-                Some(offerer) => offerer != who.user_id,
+                Some(offerer) => offerer != who.user_id(),
                 None => !is_caller || call.status == Status::Active,
             };
             if !answer_ok {
@@ -179,23 +179,23 @@ pub fn relay(
     event.text("type", kind_name);
     event.text("call_id", &call.id.to_string());
     event.text("conversation_id", &call.conversation_id);
-    event.text("sender_id", &who.user_id);
-    event.text("sender_username", &who.username);
+    event.text("sender_id", who.user_id());
+    event.text("sender_username", who.username());
     event.text_or_null("device_id", call.accepted_device.as_deref());
     event.text("id", &new_message_id());
     event.text("ts", &now_rfc3339());
     match kind {
         Kind::Offer => {
-            event.text("caller_id", &who.user_id);
-            event.text("caller_username", &who.username);
+            event.text("caller_id", who.user_id());
+            event.text("caller_username", who.username());
             event.text("call_type", call.call_type.as_str());
         }
-        Kind::Answer => event.text("receiver_id", &who.user_id),
+        Kind::Answer => event.text("receiver_id", who.user_id()),
         Kind::Candidate => {}
     }
     event.raw(field, value.get());
     let payload = bytes::Bytes::from(event.finish());
-    let other = call.other_party(&who.user_id);
+    let other = call.other_party(who.user_id());
     let parties = [call.caller.id.as_str(), call.receiver.id.as_str()];
     Ok(vec![
         Message::to_users(chat_topic(cid), payload.clone(), &parties),
@@ -210,13 +210,7 @@ mod tests {
     use crate::bridge::message::parse_chat;
 
     fn user(id: &str) -> Identity {
-        Identity {
-            user_id: id.into(),
-            username: format!("{id}-name"),
-            first_name: String::new(),
-            last_name: String::new(),
-            role: Role::User,
-        }
+        Identity::new(id, &format!("{id}-name"), "", "", Role::User)
     }
 
     fn call(status: Status) -> Call {

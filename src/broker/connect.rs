@@ -152,7 +152,7 @@ pub(super) async fn admit<T: Transport>(
             };
             // Boxed: it is passed along by value, and each async fn keeps its own copy.
             Some(Box::new(Admitted {
-                client_id: namespaced_client_id(&identity.user_id, &client_id).into(),
+                client_id: namespaced_client_id(identity.user_id(), &client_id).into(),
                 assigned_id: client_id != hello.client_id,
                 identity: Arc::new(identity),
                 keepalive,
@@ -235,9 +235,9 @@ fn decide(gateway: &Gateway, hello: &Hello, room: Room) -> Result<(Identity, Str
     // A connection that takes over one of the user's client ids replaces it: no new room.
     let hub = &gateway.inner.hub;
     let max = gateway.limits().max_connections_per_user;
-    let broker_id = namespaced_client_id(&identity.user_id, &client_id);
-    if hub.live_devices(&identity.user_id) >= max && !hub.is_live(&broker_id) {
-        info!(user = %identity.user_id, max, "too many connections for this user, refusing");
+    let broker_id = namespaced_client_id(identity.user_id(), &client_id);
+    if hub.live_devices(identity.user_id()) >= max && !hub.is_live(&broker_id) {
+        info!(user = %identity.user_id(), max, "too many connections for this user, refusing");
         metrics::CONNECTS_OVER_USER_LIMIT.inc();
         return refuse(Refused::Busy);
     }

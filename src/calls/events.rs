@@ -78,10 +78,10 @@ fn call_notification(call: &Call, actor: Actor<'_>, verb: &str) -> String {
 /// `incoming_video_call`), with the caller's claims as the actor.
 pub fn incoming_call(call: &Call, caller: &Identity) -> String {
     let actor = Actor {
-        id: &caller.user_id,
-        username: &caller.username,
-        first_name: &caller.first_name,
-        last_name: &caller.last_name,
+        id: caller.user_id(),
+        username: caller.username(),
+        first_name: caller.first_name(),
+        last_name: caller.last_name(),
     };
     let verb = format!("incoming_{}_call", call.call_type.as_str());
     call_notification(call, actor, &verb)

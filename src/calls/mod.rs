@@ -91,10 +91,10 @@ fn new_call(id: u64, caller: &Identity, req: &NewCall, now: u64, ring: Duration)
     Call {
         id,
         caller: Party {
-            id: caller.user_id.clone(),
-            username: caller.username.clone(),
-            first_name: caller.first_name.clone(),
-            last_name: caller.last_name.clone(),
+            id: caller.user_id().to_owned(),
+            username: caller.username().to_owned(),
+            first_name: caller.first_name().to_owned(),
+            last_name: caller.last_name().to_owned(),
         },
         receiver: Party {
             id: req.receiver_id.clone(),
@@ -348,7 +348,7 @@ impl Calls {
                 conversation_id,
             }) => {
                 let event = events::busy(&receiver_id, &conversation_id);
-                self.announce_now(&caller.user_id, &event).await?;
+                self.announce_now(caller.user_id(), &event).await?;
                 return Err(CallError::Busy {
                     receiver_id,
                     conversation_id,
@@ -369,11 +369,11 @@ impl Calls {
         let mut live = lock(&self.inner.live);
         // Glare: the receiver is already ringing the caller. The first call wins; the second
         // caller is pointed at it.
-        for id in live.calls_of(&caller.user_id) {
+        for id in live.calls_of(caller.user_id()) {
             if let Some(existing) = live.call(*id).cloned() {
                 if existing.status == Status::Ringing
                     && existing.caller.id == req.receiver_id
-                    && existing.receiver.id == caller.user_id
+                    && existing.receiver.id == caller.user_id()
                 {
                     return Err(CallError::Glare(
                         existing.caller.username.clone(),

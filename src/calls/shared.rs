@@ -98,13 +98,13 @@ impl Calls {
         };
         let created = cluster
             .pg
-            .create_call(&caller.user_id, &req.receiver_id, make)
+            .create_call(caller.user_id(), &req.receiver_id, make)
             .await?;
         let (locked, call) = match created {
             Created::New(locked, call) => (locked, call),
             Created::Busy => {
                 let event = events::busy(&req.receiver_id, &req.conversation_id);
-                self.announce_now(&caller.user_id, &event).await?;
+                self.announce_now(caller.user_id(), &event).await?;
                 return Err(CallError::Busy {
                     receiver_id: req.receiver_id,
                     conversation_id: req.conversation_id,

@@ -121,7 +121,7 @@ impl Hub {
         let Some(record) = durable.load(client_id).await? else {
             return Ok(());
         };
-        if record.user_id != identity.user_id {
+        if record.user_id != identity.user_id() {
             return Ok(()); // broker-side ids start with the user id: never another's
         }
         let mut state = lock(&self.state);
@@ -215,7 +215,7 @@ impl Hub {
             return false;
         };
         let who = &entry.identity;
-        let audience = who.role == Role::Admin || message.audience.includes(&who.user_id);
+        let audience = who.role == Role::Admin || message.audience.includes(who.user_id());
         if !audience || !self.may_receive(who, topic) {
             receipt.acknowledge();
             return true;
@@ -256,7 +256,7 @@ impl Hub {
             let about = crate::bridge::message::ErrorRef::default();
             let code = crate::bridge::message::ErrorCode::QueueOverflow;
             let event = crate::bridge::message::error_event(code, &detail, &about);
-            let topic = crate::model::topic::notifications_topic(&entry.identity.user_id);
+            let topic = crate::model::topic::notifications_topic(entry.identity.user_id());
             let queued = Queued::new(topic.into(), event.into());
             sender.deliver(super::Event::Deliver(QoS::AtLeastOnce, queued));
         }

@@ -63,7 +63,7 @@ impl Hub {
                     ..
                 }) => stored.from_log.map(|through| {
                     let bounds = (through, stored.logged_before);
-                    self.logged_since(&state, sid, &identity.user_id, bounds)
+                    self.logged_since(&state, sid, identity.user_id(), bounds)
                 }),
                 _ => None,
             })

@@ -77,20 +77,20 @@ struct UserKey(Arc<Identity>);
 
 impl std::borrow::Borrow<str> for UserKey {
     fn borrow(&self) -> &str {
-        &self.0.user_id
+        self.0.user_id()
     }
 }
 
 impl std::hash::Hash for UserKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         // As `str` hashes: lookups by `&str` find it.
-        self.0.user_id.as_str().hash(state);
+        self.0.user_id().hash(state);
     }
 }
 
 impl PartialEq for UserKey {
     fn eq(&self, other: &Self) -> bool {
-        self.0.user_id == other.0.user_id
+        self.0.user_id() == other.0.user_id()
     }
 }
 
@@ -119,7 +119,7 @@ impl State {
                 peers.held(&entry.client_id, false);
             }
         }
-        let user = entry.identity.user_id.as_str();
+        let user = entry.identity.user_id();
         if let Some(sids) = self.by_user.get_mut(user) {
             sids.retain(|s| *s != sid);
             if sids.is_empty() {
@@ -228,7 +228,7 @@ impl Hub {
 
     fn may_receive(&self, who: &Identity, topic: &str) -> bool {
         acl::may_receive(who, topic, |cid| {
-            self.store.conversations.is_member(cid, &who.user_id)
+            self.store.conversations.is_member(cid, who.user_id())
         })
     }
 
@@ -448,7 +448,7 @@ impl Hub {
                 continue; // its queue delivers it
             }
             let who = &entry.identity;
-            if who.role != Role::Admin && !message.audience.includes(&who.user_id) {
+            if who.role != Role::Admin && !message.audience.includes(who.user_id()) {
                 continue;
             }
             if !self.may_receive(who, topic) {

@@ -20,17 +20,13 @@ impl Hub {
         let logged_before = self.store.sessions.last_seq()?;
         let mut state = lock(&self.state);
         for (client_id, record) in records {
-            let identity = Arc::new(Identity {
-                user_id: record.user_id.clone(),
-                username: record.user_id.clone(),
-                first_name: String::new(),
-                last_name: String::new(),
-                role: if record.admin {
-                    Role::Admin
-                } else {
-                    Role::User
-                },
-            });
+            let role = if record.admin {
+                Role::Admin
+            } else {
+                Role::User
+            };
+            let id = &record.user_id;
+            let identity = Arc::new(Identity::new(id, id, "", "", role));
             let mut stored = Stored::new(0, Instant::now() + self.sessions.expiry());
             stored.from_log = Some(record.delivered_through);
             stored.logged_before = logged_before;
@@ -63,7 +59,7 @@ impl Hub {
             return;
         };
         let record = SessionRecord {
-            user_id: entry.identity.user_id.clone(),
+            user_id: entry.identity.user_id().to_owned(),
             admin: entry.identity.role == Role::Admin,
             filters: state
                 .routes

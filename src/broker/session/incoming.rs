@@ -111,7 +111,7 @@ impl Session {
 
     /// Sends an `error` event to this client's own notifications topic.
     async fn report(&self, code: ErrorCode, detail: &str, about: &ErrorRef) {
-        let topic = notifications_topic(&self.identity.user_id);
+        let topic = notifications_topic(self.identity.user_id());
         let event = Message::new(topic, error_event(code, detail, about));
         if let Err(e) = self.gateway.inner.publisher.publish(event).await {
             self.span()

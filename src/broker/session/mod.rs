@@ -127,7 +127,7 @@ pub(super) async fn start<T: Transport>(
             });
         }
     }
-    info!(user = %session.identity.user_id, role = ?session.identity.role, present, "connected");
+    info!(user = %session.identity.user_id(), role = ?session.identity.role, present, "connected");
     metrics::CONNECTIONS_TOTAL.inc();
     if session.version == Version::V5 {
         metrics::CONNECTIONS_V5.inc();
@@ -292,7 +292,7 @@ struct Unacked {
 impl Session {
     /// The client id the client chose: its device, for calls bound to a device.
     fn device(&self) -> &str {
-        let user = self.identity.user_id.len();
+        let user = self.identity.user_id().len();
         self.client_id.get(user + 1..).unwrap_or_default()
     }
 
@@ -675,7 +675,7 @@ impl Session {
                 resumed.dropped
             );
             let event = error_event(ErrorCode::QueueOverflow, &detail, &ErrorRef::default());
-            let topic = Bytes::from(notifications_topic(&self.identity.user_id));
+            let topic = Bytes::from(notifications_topic(self.identity.user_id()));
             self.deliver(QoS::AtLeastOnce, Queued::new(topic, Bytes::from(event)))?;
         }
         for m in resumed.queue {
