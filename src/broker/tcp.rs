@@ -21,30 +21,19 @@ thread_local! {
 
 impl Transport for TcpTransport {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
-        let Either::Left(tcp) = &mut self.0 else {
-            let tls = Pin::new(&mut self.0);
-            return SCRATCH.with_borrow_mut(|chunk| {
-                let mut read = ReadBuf::new(chunk);
-                ready!(tls.poll_read(cx, &mut read))?;
-                buf.extend_from_slice(read.filled());
-                Poll::Ready(Ok(read.filled().len()))
-            });
-        };
         // Wait for data holding no buffer, then read through the thread's scratch chunk: the
         // session's buffer holds only what arrived (an idle connection's, nearly nothing). (A
         // chunk on the stack was zeroed on every read: a tenth of a call flow's instructions.)
-        loop {
-            ready!(tcp.poll_read_ready(cx))?;
-            let read: io::Result<usize> = SCRATCH.with_borrow_mut(|chunk| {
-                let n = tcp.try_read(chunk)?;
-                buf.extend_from_slice(&chunk[..n]);
-                Ok(n)
-            });
-            match read {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                read => return Poll::Ready(read),
-            }
-        }
+        // A read that leaves room in the chunk drained the socket, and tokio then waits for
+        // the next readiness event without trying another read that would only say
+        // `WouldBlock` (a system call per message saved).
+        let stream = Pin::new(&mut self.0);
+        SCRATCH.with_borrow_mut(|chunk| {
+            let mut read = ReadBuf::new(chunk);
+            ready!(stream.poll_read(cx, &mut read))?;
+            buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(read.filled().len()))
+        })
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {

@@ -345,8 +345,13 @@ impl Session {
         async move {
             loop {
                 // Handle whatever is already buffered (bytes that arrived with the CONNECT, too).
-                if let Err(end) = self.drain_input().await {
-                    return end;
+                match self.drain_input().await {
+                    // The sessions this client's messages went to were woken on this thread:
+                    // they write their deliveries before this one writes its PUBACKs (what a
+                    // receiver waits for comes first, as a single-threaded broker does it).
+                    Ok(true) => tokio::task::yield_now().await,
+                    Ok(false) => {}
+                    Err(end) => return end,
                 }
                 if let Err(e) = self.flush(transport).await {
                     return End::Io(e);
@@ -418,8 +423,9 @@ impl Session {
     }
 
     /// Handles every whole packet in the input buffer, stopping at a PUBLISH that has to wait
-    /// for the rate limit.
-    async fn drain_input(&mut self) -> Result<(), End> {
+    /// for the rate limit; says whether it handled a PUBLISH.
+    async fn drain_input(&mut self) -> Result<bool, End> {
+        let mut published = false;
         loop {
             let next = self.next_request();
             let Some((packet, expiry)) = next? else { break };
@@ -427,7 +433,10 @@ impl Session {
             // connection's task, idle or not. A subscription change (rare, and it may log
             // from the hub) runs in the connection's log context; a PUBLISH writes its own.
             let span = match packet {
-                Packet::Publish(_) => tracing::Span::none(),
+                Packet::Publish(_) => {
+                    published = true;
+                    tracing::Span::none()
+                }
                 _ => self.span(),
             };
             let request = Box::pin(self.on_request(packet, expiry).instrument(span));
@@ -437,7 +446,7 @@ impl Session {
         if self.inbuf.is_empty() {
             self.inbuf = BytesMut::new();
         }
-        Ok(())
+        Ok(published)
     }
 
     /// Handles the buffered packets that need no waiting, up to the next PUBLISH, SUBSCRIBE or
