@@ -134,6 +134,20 @@ pub struct GatewayConfig {
     /// CONNACK "server unavailable". 0 turns it off (the default: carrier NAT puts many phones
     /// behind one address).
     pub connect_rate_per_address: u32,
+    /// Threads that run MQTT over TCP (each its own single-threaded runtime, sharing the
+    /// listening socket); 0 picks half the CPUs, at least one. MQTT over WebSocket and the
+    /// REST API run on the shared worker pool.
+    pub mqtt_tcp_threads: usize,
+}
+
+impl GatewayConfig {
+    /// How many threads run MQTT over TCP.
+    pub fn tcp_threads(&self) -> usize {
+        match self.mqtt_tcp_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -149,6 +163,7 @@ impl Default for GatewayConfig {
             max_subscriptions: 100,
             max_connections_per_user: 32,
             connect_rate_per_address: 0,
+            mqtt_tcp_threads: 0,
         }
     }
 }

@@ -254,12 +254,15 @@ impl Server {
             shutdown.clone(),
             tracker.clone(),
         );
-        tracker.spawn(broker::tcp::serve(
+        let threads = settings.config.gateway.tcp_threads();
+        broker::tcp::serve_on_threads(
             mqtt,
+            threads,
             gateway.clone(),
             tracker.clone(),
             settings.tls.clone(),
-        ));
+        )
+        .context("starting the MQTT listener's threads")?;
         let state = AppState::new(Services {
             conversations,
             auth,

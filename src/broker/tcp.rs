@@ -4,6 +4,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::either::Either;
@@ -71,4 +72,56 @@ pub async fn serve(
         }
     })
     .await
+}
+
+/// Runs the MQTT-over-TCP listener and its sessions on `threads` threads of their own, each a
+/// single-threaded runtime accepting from the same socket: a message between two clients of
+/// one thread is read, routed and written without waking another thread. (On tokio's shared
+/// worker pool every socket event woke an idle worker as well, about 15 µs of a relayed
+/// message's latency at a light load: BENCHMARKS.md, relay.) Sessions are tracked by
+/// `tracker` like every other; each thread ends once the server stopped and they are done.
+/// Returns once every thread accepts.
+pub fn serve_on_threads(
+    listener: TcpListener,
+    threads: usize,
+    gateway: Gateway,
+    tracker: TaskTracker,
+    tls: Option<crate::tls::TlsAcceptor>,
+) -> io::Result<()> {
+    let listener = listener.into_std()?;
+    let (started, starting) = std::sync::mpsc::channel();
+    let threads = threads.max(1);
+    for n in 0..threads {
+        let listener = listener.try_clone()?;
+        let (gateway, tracker, tls) = (gateway.clone(), tracker.clone(), tls.clone());
+        let started = started.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("mqtt-tcp-{n}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = started.send(Ok(()));
+                    let shutdown = gateway.shutdown_token().clone();
+                    tracker.spawn(serve(listener, gateway, tracker.clone(), tls));
+                    // Sessions run here until they end after the server stopped (bounded).
+                    shutdown.cancelled().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+                })
+            })?;
+    }
+    for _ in 0..threads {
+        starting
+            .recv()
+            .map_err(|_| io::Error::other("an MQTT thread ended"))??;
+    }
+    Ok(())
 }

@@ -345,13 +345,16 @@ impl Session {
         async move {
             loop {
                 // Handle whatever is already buffered (bytes that arrived with the CONNECT, too).
-                match self.drain_input().await {
-                    // The sessions this client's messages went to were woken on this thread:
-                    // they write their deliveries before this one writes its PUBACKs (what a
-                    // receiver waits for comes first, as a single-threaded broker does it).
-                    Ok(true) => tokio::task::yield_now().await,
-                    Ok(false) => {}
+                let published = match self.drain_input().await {
+                    Ok(published) => published,
                     Err(end) => return end,
+                };
+                // The sessions this client's messages went to were woken on this thread: they
+                // write their deliveries before this one writes its PUBACKs (what a receiver
+                // waits for comes first, as a single-threaded broker does it). (Only a flag
+                // lives across the yield: the task is sized by its largest wait.)
+                if published {
+                    tokio::task::yield_now().await;
                 }
                 if let Err(e) = self.flush(transport).await {
                     return End::Io(e);
