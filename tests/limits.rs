@@ -111,6 +111,17 @@ async fn a_client_that_stops_reading_is_dropped_and_others_carry_on() {
             assert_eq!(bob.recv().await.json()["payload"]["n"], i);
         }
     }
+    // Her session ended while she still reads nothing (it does not wait for her to read what
+    // it had left to write): Bob's is the only one open.
+    let mut open = 0;
+    for _ in 0..200 {
+        open = s.metric("callbus_mqtt_connections_open").await;
+        if open == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(open, 1, "the stalled session is still open");
     // Mallory's connection was closed: reading drains what was buffered, then ends.
     let mut sink = vec![0u8; 1 << 20];
     let mut total = 0usize;

@@ -150,6 +150,20 @@ impl Mailbox {
         Poll::Pending
     }
 
+    /// Ready once the hub dropped the session for falling behind (the session is woken then,
+    /// even while it waits for its client to take a write).
+    pub(crate) fn poll_dropped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = lock(&self.shared.inner);
+        if inner.dropped {
+            return Poll::Ready(());
+        }
+        match &mut inner.waiter {
+            Some(waker) => waker.clone_from(cx.waker()),
+            waiter => *waiter = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
     /// The next event if one is waiting.
     pub(crate) fn try_recv(&mut self) -> Option<Event> {
         Self::take(&mut lock(&self.shared.inner))

@@ -42,6 +42,10 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 /// packet id, an empty property length).
 const PUBLISH_OVERHEAD: usize = 12;
 
+/// How long an ending session waits to write its last words (acknowledgements, an MQTT 5
+/// DISCONNECT) and to close its stream: a client that stopped reading does not hold it.
+const LAST_WRITE: Duration = Duration::from_secs(1);
+
 /// Mailbox events written per wake-up before the output is flushed.
 const EVENTS_PER_FLUSH: usize = 64;
 
@@ -310,8 +314,13 @@ impl Session {
         if let (Version::V5, Some(ending)) = (self.version, end.ending()) {
             self.answer(v5::Answer::Disconnect(ending));
         }
-        // What the session still had to say (acknowledgements, the DISCONNECT).
-        let _ = self.flush(&mut transport).await;
+        // What the session still had to say (acknowledgements, the DISCONNECT), unless the
+        // client is gone or stopped reading; bounded either way.
+        if !matches!(end, End::TooSlow | End::Closed | End::Io(_)) {
+            if !self.outbuf.is_empty() {
+                let _ = tokio::time::timeout(LAST_WRITE, self.flush(&mut transport)).await;
+            }
+        }
         if let (Some(will), false) = (self.will.take(), matches!(end, End::Disconnect)) {
             self.publish_will(&will.0, &will.1).await;
         }
@@ -333,7 +342,7 @@ impl Session {
         registration.close(mailbox, parting);
         metrics::CONNECTIONS_OPEN.dec();
         info!(reason = %end, "disconnected");
-        transport.close().await;
+        let _ = tokio::time::timeout(LAST_WRITE, transport.close()).await;
     }
 
     /// Serves the client until the session ends (what is still to be written is written by
@@ -356,8 +365,12 @@ impl Session {
                 if published {
                     tokio::task::yield_now().await;
                 }
-                if let Err(e) = self.flush(transport).await {
-                    return End::Io(e);
+                if !self.outbuf.is_empty() {
+                    match self.flush(transport).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return End::TooSlow,
+                        Err(e) => return End::Io(e),
+                    }
                 }
                 // Polled by hand rather than a select over futures: what an idle connection's
                 // task keeps while it waits is two references.
@@ -410,18 +423,22 @@ impl Session {
         }
     }
 
-    /// Writes what the session has to say. (Not an async fn, whose state would keep a copy
-    /// of each argument besides the write's.)
+    /// Writes what the session has to say (there is something). A write the client does not
+    /// take while the hub drops the session for falling behind ends with `WouldBlock`: a
+    /// client that stopped reading does not hold its session. (Not an async fn, whose state
+    /// would keep a copy of each argument besides the write's.)
     fn flush<'a, T: Transport>(
-        &mut self,
+        &'a mut self,
         transport: &'a mut T,
     ) -> impl Future<Output = io::Result<()>> + Send + 'a {
         // Taken whole: an idle connection holds no output buffer either.
         let mut data = std::mem::take(&mut self.outbuf).freeze();
-        let nothing = data.is_empty();
-        std::future::poll_fn(move |cx| match nothing {
-            true => Poll::Ready(Ok(())),
-            false => transport.poll_write(cx, &mut data),
+        let mailbox = &mut self.mailbox;
+        std::future::poll_fn(move |cx| match transport.poll_write(cx, &mut data) {
+            Poll::Pending if mailbox.poll_dropped(cx).is_ready() => {
+                Poll::Ready(Err(io::ErrorKind::WouldBlock.into()))
+            }
+            written => written,
         })
     }
 
