@@ -316,10 +316,9 @@ impl Session {
         }
         // What the session still had to say (acknowledgements, the DISCONNECT), unless the
         // client is gone or stopped reading; bounded either way.
-        if !matches!(end, End::TooSlow | End::Closed | End::Io(_)) {
-            if !self.outbuf.is_empty() {
-                let _ = tokio::time::timeout(LAST_WRITE, self.flush(&mut transport)).await;
-            }
+        let gone = matches!(end, End::TooSlow | End::Closed | End::Io(_));
+        if !gone && !self.outbuf.is_empty() {
+            let _ = tokio::time::timeout(LAST_WRITE, self.flush(&mut transport)).await;
         }
         if let (Some(will), false) = (self.will.take(), matches!(end, End::Disconnect)) {
             self.publish_will(&will.0, &will.1).await;
