@@ -118,6 +118,8 @@ pub fn serve_on_threads(
                 })
             })?;
     }
+    // Only the threads hold senders now: one that ends without starting is noticed.
+    drop(started);
     for _ in 0..threads {
         starting
             .recv()

@@ -143,6 +143,11 @@ impl Mailbox {
         if let Some(event) = Self::take(&mut inner) {
             return Poll::Ready(event);
         }
+        Self::wait(&mut inner, cx)
+    }
+
+    /// Leaves the session's waker for the next sender.
+    fn wait<T>(inner: &mut Inner, cx: &mut Context<'_>) -> Poll<T> {
         match &mut inner.waiter {
             Some(waker) => waker.clone_from(cx.waker()),
             waiter => *waiter = Some(cx.waker().clone()),
@@ -157,11 +162,7 @@ impl Mailbox {
         if inner.dropped {
             return Poll::Ready(());
         }
-        match &mut inner.waiter {
-            Some(waker) => waker.clone_from(cx.waker()),
-            waiter => *waiter = Some(cx.waker().clone()),
-        }
-        Poll::Pending
+        Self::wait(&mut inner, cx)
     }
 
     /// The next event if one is waiting.
@@ -196,7 +197,8 @@ impl Mailbox {
 
     /// Whether the client has been silent for its limit by `now` (keepalive clock, ms).
     pub(crate) fn is_silent(&self, now: u64) -> bool {
-        silent_since(&self.shared, now)
+        let shared = &self.shared;
+        shared.heard.load(Ordering::Relaxed) + shared.limit.load(Ordering::Relaxed) <= now
     }
 
     /// Starts watching the client's silence: heard at `now`, it may stay silent `limit` ms.
@@ -226,11 +228,6 @@ impl Drop for Mailbox {
         // The session is over: the keepalive wheel lets go of it.
         self.shared.limit.store(0, Ordering::Relaxed);
     }
-}
-
-fn silent_since(shared: &Shared, now: u64) -> bool {
-    let deadline = shared.heard.load(Ordering::Relaxed) + shared.limit.load(Ordering::Relaxed);
-    deadline <= now
 }
 
 /// The keepalive wheel's handle on a session's mailbox (see [`Mailbox::watch`]).
