@@ -3,8 +3,11 @@
 //! accepted as JSON strings or non-negative integers and normalised to strings.
 
 use serde_json::Value;
+use std::cell::Cell;
+use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Longest id we accept, in bytes (all allowed characters are ASCII).
 pub const MAX_ID_LEN: usize = 64;
@@ -38,12 +41,19 @@ pub fn id_from_json_or_str(value: &Value) -> Option<String> {
 /// drawn once per process and a counter. Unique, not secret; a random draw per message was a
 /// system call on every relayed message.
 pub fn new_message_id() -> String {
+    let mut out = Vec::with_capacity(32);
+    write_message_id(&mut out);
+    String::from_utf8(out).unwrap_or_default() // hex digits
+}
+
+/// Appends a [`new_message_id`] to `out`.
+pub fn write_message_id(out: &mut Vec<u8>) {
     static PREFIX: OnceLock<[u8; 8]> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(PREFIX.get_or_init(random_bytes::<8>));
     bytes[8..].copy_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
-    hex(&bytes)
+    write_hex(out, &bytes);
 }
 
 /// `N` random bytes as lowercase hex.
@@ -68,18 +78,56 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 fn hex(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    write_hex(&mut out, bytes);
+    String::from_utf8(out).unwrap_or_default() // hex digits
+}
+
+fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
+        out.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]]);
     }
-    out
 }
 
 /// The current time as RFC 3339 with milliseconds, e.g. `2026-11-23T21:41:26.123Z`.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    let mut out = Vec::with_capacity(24);
+    write_rfc3339_millis(&mut out, SystemTime::now());
+    String::from_utf8(out).unwrap_or_default() // ASCII
+}
+
+/// Appends `time` as RFC 3339 with milliseconds. Every relayed message carries one, so the
+/// date and time to the second are formatted once per second per thread and the milliseconds
+/// appended.
+pub fn write_rfc3339_millis(out: &mut Vec<u8>, time: SystemTime) {
+    thread_local! {
+        /// The last second formatted: seconds since the epoch, `YYYY-MM-DDTHH:MM:SS.`.
+        static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    }
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (secs, millis) = (since.as_secs(), since.subsec_millis());
+    let prefix = SECOND.with(|second| {
+        let (cached, prefix) = second.get();
+        if cached == secs {
+            return Some(prefix);
+        }
+        let whole = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs));
+        let mut text = String::with_capacity(20);
+        // `YYYY-MM-DDTHH:MM:SSZ`; humantime refuses years past 9999 (with an error a String's
+        // writer passes on, where `to_string` would panic).
+        let formatted = write!(text, "{whole}").is_ok() && text.len() == 20;
+        let mut prefix = [b'.'; 20];
+        prefix[..19].copy_from_slice(text.as_bytes().get(..19).filter(|_| formatted)?);
+        second.set((secs, prefix));
+        Some(prefix)
+    });
+    let Some(prefix) = prefix else {
+        return out.extend_from_slice(b"9999-12-31T23:59:59.999Z");
+    };
+    out.extend_from_slice(&prefix);
+    let digit = |n: u32| b'0' + (n % 10) as u8;
+    out.extend_from_slice(&[digit(millis / 100), digit(millis / 10), digit(millis), b'Z']);
 }
 
 #[cfg(test)]
@@ -124,5 +172,31 @@ mod tests {
         let token = random_hex::<8>();
         assert_eq!(token.len(), 16);
         assert_ne!(token, random_hex::<8>());
+    }
+
+    #[test]
+    fn times_are_written_as_humantime_writes_them() {
+        let base = UNIX_EPOCH + Duration::from_secs(1_796_356_799); // 2026-12-04T04:39:59Z
+                                                                    // Within a second, across it, far back, before the epoch (as the epoch) and far ahead.
+        let offsets_ms = [0, 1, 9, 10, 99, 100, 999, 1000, 1001, 86_400_000];
+        let mut times: Vec<SystemTime> = offsets_ms
+            .iter()
+            .map(|&ms| base + Duration::from_millis(ms))
+            .collect();
+        times.extend([UNIX_EPOCH, UNIX_EPOCH + Duration::from_millis(1)]);
+        for time in times {
+            let mut out = Vec::new();
+            write_rfc3339_millis(&mut out, time);
+            let expected = humantime::format_rfc3339_millis(time).to_string();
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+        let before_epoch = UNIX_EPOCH - Duration::from_secs(5);
+        let mut out = Vec::new();
+        write_rfc3339_millis(&mut out, before_epoch);
+        assert_eq!(&out[..], b"1970-01-01T00:00:00.000Z");
+        out.clear(); // past what RFC 3339 writes (year 10000): the last time it can
+        write_rfc3339_millis(&mut out, UNIX_EPOCH + Duration::from_secs(253_402_300_800));
+        assert_eq!(&out[..], b"9999-12-31T23:59:59.999Z");
+        assert_eq!(now_rfc3339().len(), 24);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! - relay [rate] [count] [runs]: 3 KB and 300 B messages from A to B at a fixed rate through a
 //!   bare rumqttd, Debian's Mosquitto, callbus's chat path and its signaling path (bridge and
-//!   mirror to B's notifications), each in turn, `runs` times (5); medians and ratios.
+//!   mirror to B's notifications), each in turn, `runs` times (5); medians, ratios and the
+//!   servers' CPU and context switches per message. CALLBUS_BENCH_RELAY_PATHS=1,3 runs some.
 //! - calls [seconds] [pairs...]: C concurrent caller/callee pairs running the whole flow over
 //!   REST and MQTT (1, 10, 100), in process and against a separate process (server CPU per flow).
 //! - conns [N...] [ws|tcp|mosquitto...]: N idle MQTT clients against callbus over WebSocket, over

@@ -105,6 +105,17 @@ async fn send(
     driver.abort();
 }
 
+/// A path not run.
+const SKIPPED: Figures = Figures {
+    p50: f64::NAN,
+    p90: f64::NAN,
+    p99: f64::NAN,
+    max: f64::NAN,
+    lost: 0,
+    cpu_us: f64::NAN,
+    switches: f64::NAN,
+};
+
 #[derive(Clone, Copy)]
 pub(crate) struct Figures {
     p50: f64,
@@ -112,6 +123,10 @@ pub(crate) struct Figures {
     p99: f64,
     max: f64,
     lost: usize,
+    /// The server's CPU time per message, µs (user and system, whole run; NaN in process).
+    cpu_us: f64,
+    /// The server's context switches per message (all its threads).
+    switches: f64,
 }
 
 fn figures(mut l: Vec<f64>, count: usize) -> Figures {
@@ -122,6 +137,8 @@ fn figures(mut l: Vec<f64>, count: usize) -> Figures {
         p99: percentile(&l, 99.0),
         max: l.last().copied().unwrap_or(f64::NAN),
         lost: count - l.len(),
+        cpu_us: f64::NAN,
+        switches: f64::NAN,
     }
 }
 
@@ -138,6 +155,8 @@ fn median(runs: &[Figures]) -> Figures {
         p99: mid(|f| f.p99),
         max: mid(|f| f.max),
         lost: runs.iter().map(|f| f.lost).sum(),
+        cpu_us: mid(|f| f.cpu_us),
+        switches: mid(|f| f.switches),
     }
 }
 
@@ -235,8 +254,40 @@ dynamic_filters = true
 async fn through_mosquitto(rate: usize, count: usize) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let _proc = crate::conns::spawn_mosquitto(dir.path(), port).await?;
-    through_broker(port, rate, count).await
+    let proc = crate::conns::spawn_mosquitto(dir.path(), port).await?;
+    let cost = Cost::start(proc.0.id());
+    let figures = through_broker(port, rate, count).await?;
+    Ok(cost.add_to(figures, count))
+}
+
+/// What a server process spends from a start on: CPU time and context switches.
+struct Cost {
+    pid: u32,
+    ticks: u64,
+    switches: u64,
+}
+
+impl Cost {
+    fn start(pid: u32) -> Cost {
+        let ticks = crate::util::cpu_ticks(pid);
+        let switches = crate::util::context_switches(pid);
+        Cost {
+            pid,
+            ticks,
+            switches,
+        }
+    }
+
+    /// `figures` with the cost since the start per message of `count`.
+    fn add_to(self, figures: Figures, count: usize) -> Figures {
+        let ticks = crate::util::cpu_ticks(self.pid) - self.ticks;
+        let switches = crate::util::context_switches(self.pid) - self.switches;
+        Figures {
+            cpu_us: ticks as f64 * 10_000.0 / count as f64,
+            switches: switches as f64 / count as f64,
+            ..figures
+        }
+    }
 }
 
 /// callbus in its own process, as Mosquitto is, with `engine` as its embedded bus.
@@ -256,7 +307,9 @@ async fn through_callbus(
     ];
     let cb = Remote::start_with(&config).await?;
     let port = cb.mqtt;
-    through(&cb, (port, port), ("a", "b"), route, rate, count).await
+    let cost = Cost::start(cb.pid());
+    let figures = through(&cb, (port, port), ("a", "b"), route, rate, count).await?;
+    Ok(cost.add_to(figures, count))
 }
 
 /// One table row.
@@ -296,15 +349,26 @@ pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
         PATHS.map(|p| format!("{p} p50 / p99")).join(" | ")
     );
     println!("|---{}|", "|---".repeat(PATHS.len()));
+    // CALLBUS_BENCH_RELAY_PATHS: the paths to run, by their 0-based place in the table (for
+    // example `1,3` for Mosquitto and callbus signaling); the others print as NaN.
+    let only: Option<Vec<usize>> = std::env::var("CALLBUS_BENCH_RELAY_PATHS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect());
     let mut all: Vec<[Figures; PATHS.len()]> = Vec::new();
     for run in 1..=runs {
-        let figures = [
-            through_raw_rumqttd(rate, count).await?,
-            through_mosquitto(rate, count).await?,
-            through_callbus(Route::Chat, "direct", rate, count).await?,
-            through_callbus(Route::Signaling, "direct", rate, count).await?,
-            through_callbus(Route::Signaling, "rumqttd", rate, count).await?,
-        ];
+        let mut figures = [SKIPPED; PATHS.len()];
+        for (i, f) in figures.iter_mut().enumerate() {
+            if !only.as_ref().is_none_or(|o| o.contains(&i)) {
+                continue;
+            }
+            *f = match i {
+                0 => through_raw_rumqttd(rate, count).await?,
+                1 => through_mosquitto(rate, count).await?,
+                2 => through_callbus(Route::Chat, "direct", rate, count).await?,
+                3 => through_callbus(Route::Signaling, "direct", rate, count).await?,
+                _ => through_callbus(Route::Signaling, "rumqttd", rate, count).await?,
+            };
+        }
         let cells = figures.map(|f| format!("{:.0} / {:.0} (lost {})", f.p50, f.p99, f.lost));
         println!("| {run} | {} |", cells.join(" | "));
         all.push(figures);
@@ -334,5 +398,14 @@ pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
         &medians[3],
         &medians[4],
     );
+    println!(
+        "\nServer cost per message, medians (CPU from /proc over the whole run at 10 ms \
+         resolution; the in-process rumqttd is not measured):\n"
+    );
+    println!("| path | CPU µs/msg | context switches/msg |");
+    println!("|---|---|---|");
+    for (name, f) in PATHS.iter().zip(&medians).skip(1) {
+        println!("| {name} | {:.1} | {:.2} |", f.cpu_us, f.switches);
+    }
     Ok(())
 }

@@ -10,9 +10,10 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::borrow::Cow;
+use std::time::SystemTime;
 
 use crate::auth::Identity;
-use crate::ids::{new_message_id, now_rfc3339};
+use crate::ids::{new_message_id, now_rfc3339, write_message_id, write_rfc3339_millis};
 
 /// Client-sent fields that claim an identity; always replaced or removed.
 const IDENTITY_FIELDS: [&str; 5] = [
@@ -161,8 +162,17 @@ impl JsonObject {
     }
 
     fn string(&mut self, s: &str) {
-        // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut self.out, s);
+        // Most texts (ids, names, keys, times) have nothing JSON escapes: `"`, `\` and the
+        // control characters.
+        if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.out.reserve(s.len() + 2);
+            self.out.push(b'"');
+            self.out.extend_from_slice(s.as_bytes());
+            self.out.push(b'"');
+        } else {
+            // Writing a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut self.out, s);
+        }
     }
 
     /// A string field.
@@ -185,6 +195,17 @@ impl JsonObject {
         self.out.extend_from_slice(json.as_bytes());
     }
 
+    /// The `id` (fresh) and `ts` (now) fields every relayed message carries.
+    /// Both are written in place: neither has anything to escape.
+    pub(super) fn id_and_ts(&mut self) {
+        self.key("id");
+        self.out.push(b'"');
+        write_message_id(&mut self.out);
+        self.out.extend_from_slice(b"\",\"ts\":\"");
+        write_rfc3339_millis(&mut self.out, SystemTime::now());
+        self.out.push(b'"');
+    }
+
     pub(super) fn finish(mut self) -> Vec<u8> {
         self.out.push(b'}');
         self.out
@@ -202,8 +223,7 @@ pub fn stamp(msg: &ChatMessage<'_>, sender: &Identity) -> Vec<u8> {
     }
     out.text("sender_id", sender.user_id());
     out.text("sender_username", sender.username());
-    out.text("id", &new_message_id());
-    out.text("ts", &now_rfc3339());
+    out.id_and_ts();
     out.finish()
 }
 
@@ -299,6 +319,31 @@ mod tests {
 
     fn mallory() -> Identity {
         Identity::new("m", "mallory", "", "", Role::User)
+    }
+
+    #[test]
+    fn texts_are_written_as_serde_json_writes_them() {
+        let texts = [
+            "plain",
+            "",
+            "quo\"te",
+            "back\\slash",
+            "ctl\u{1}",
+            "tab\t",
+            "nl\n",
+            "del\u{7f}",
+            "ünïcødé",
+            "emoji 🎉",
+            "</script>",
+            "\u{2028}",
+        ];
+        for text in texts {
+            let mut out = JsonObject::with_capacity(0);
+            out.text(text, text);
+            let written = String::from_utf8(out.finish()).unwrap();
+            let expected = serde_json::json!({ text: text }).to_string();
+            assert_eq!(written, expected, "{text:?}");
+        }
     }
 
     #[test]

@@ -124,22 +124,15 @@ impl Bridge {
                 );
             };
             let relayed = signaling::call_id(&msg).and_then(|id| {
-                let call = self
-                    .calls
-                    .get(id)
-                    .map_err(|e| (ErrorCode::CallNotFound, e.to_string()))?;
-                let offered_by = self.calls.last_offer_by(id);
                 let sender = signaling::Sender { who, device };
-                let copies = signaling::relay(
-                    &sender,
-                    cid,
-                    kind,
-                    &msg,
-                    call.as_ref(),
-                    offered_by.as_deref(),
-                )?;
-                if let (signaling::Kind::Offer, Some(call)) = (kind, &call) {
-                    self.calls.record_offer(call, who.user_id());
+                let copies = self
+                    .calls
+                    .with_call(id, |call, offered_by| {
+                        signaling::relay(&sender, cid, kind, &msg, call, offered_by)
+                    })
+                    .map_err(|e| (ErrorCode::CallNotFound, e.to_string()))??;
+                if kind == signaling::Kind::Offer {
+                    self.calls.record_offer(id, who.user_id());
                 }
                 Ok(copies)
             });

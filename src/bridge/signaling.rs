@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use super::message::{AnyString, ChatMessage, ErrorCode, JsonObject};
 use crate::auth::Identity;
 use crate::bus::Message;
-use crate::ids::{id_from_json, new_message_id, now_rfc3339};
+use crate::ids::id_from_json;
 use crate::model::call::{Call, Status};
 use crate::model::topic::{chat_topic, notifications_topic};
 
@@ -182,8 +182,7 @@ pub fn relay(
     event.text("sender_id", who.user_id());
     event.text("sender_username", who.username());
     event.text_or_null("device_id", call.accepted_device.as_deref());
-    event.text("id", &new_message_id());
-    event.text("ts", &now_rfc3339());
+    event.id_and_ts();
     match kind {
         Kind::Offer => {
             event.text("caller_id", who.user_id());

@@ -247,13 +247,29 @@ impl Calls {
         });
     }
 
-    /// A call as this node knows it without waiting (in cluster mode: the in-memory copy of
-    /// live and recently ended calls, which every change reaches before it is announced).
-    pub fn get(&self, id: u64) -> Result<Option<Call>, StoreError> {
-        match &self.inner.cluster {
-            Some(cluster) => Ok(cluster.calls().get(id)),
-            None => self.current(&lock(&self.inner.live), id),
+    /// Runs `f` on a call as this node knows it without waiting, and on who sent its latest
+    /// offer if known. A live call is looked at in place, under the lock its changes take, so
+    /// `f` should be short; in cluster mode it sees the in-memory copy of live and recently
+    /// ended calls, which every change reaches before it is announced.
+    pub fn with_call<R>(
+        &self,
+        id: u64,
+        f: impl FnOnce(Option<&Call>, Option<&str>) -> R,
+    ) -> Result<R, StoreError> {
+        if let Some(cluster) = &self.inner.cluster {
+            let replica = cluster.calls();
+            let (call, offered_by) = (replica.get(id), replica.offered_by(id));
+            return Ok(f(call.as_ref(), offered_by.as_deref()));
         }
+        let live = lock(&self.inner.live);
+        if let Some(call) = live.call(id) {
+            let offered_by = live.last_offer_by.get(&id).map(String::as_str);
+            return Ok(f(Some(call), offered_by));
+        }
+        drop(live);
+        // Not live: ended (or never was); no offer of it is remembered.
+        let call = self.inner.store.calls.get(id)?;
+        Ok(f(call.as_ref(), None))
     }
 
     /// A call as last written: live ones from memory, others from the store. Takes the live
@@ -305,23 +321,15 @@ impl Calls {
         self.inner.push.is_some()
     }
 
-    /// Who sent the latest offer of a live call, if known.
-    pub fn last_offer_by(&self, id: u64) -> Option<String> {
-        match &self.inner.cluster {
-            Some(cluster) => cluster.calls().offered_by(id),
-            None => lock(&self.inner.live).last_offer_by.get(&id).cloned(),
-        }
-    }
-
-    /// Records that `by` sent an offer for `call`, if the call is still live (in cluster mode
-    /// on every node).
-    pub fn record_offer(&self, call: &Call, by: &str) {
+    /// Records that `by` sent an offer for call `id`, if the call is still live (in cluster
+    /// mode on every node).
+    pub fn record_offer(&self, id: u64, by: &str) {
         if let Some(cluster) = &self.inner.cluster {
-            return cluster.offered(call.id, by);
+            return cluster.offered(id, by);
         }
         let mut live = lock(&self.inner.live);
-        if live.calls_of(&call.caller.id).contains(&call.id) {
-            live.last_offer_by.insert(call.id, by.to_owned());
+        if live.call(id).is_some() {
+            live.last_offer_by.insert(id, by.to_owned());
         }
     }
 

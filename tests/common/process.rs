@@ -160,9 +160,14 @@ async fn spawn_inner(wrapper: &[&str], dir: &Path, args: &[&str], log: Option<&s
         })
         .spawn()
         .expect("spawn callbus");
-    let proc = Proc { child, http, mqtt };
+    let mut proc = Proc { child, http, mqtt };
     let client = reqwest::Client::new();
-    for _ in 0..200 {
+    // Up to 30 s: a cluster node's start (PostgreSQL, NATS, its streams) on a loaded 2-core
+    // machine has taken more than 5.
+    for _ in 0..1200 {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("callbus exited before it became healthy: {status}");
+        }
         if let Ok(r) = client
             .get(format!("http://127.0.0.1:{http}/healthz"))
             .send()
