@@ -83,24 +83,6 @@ pub enum BadPayload {
 #[derive(serde::Deserialize)]
 pub(super) struct Text<'a>(#[serde(borrow)] pub Cow<'a, str>);
 
-/// Any JSON string, not kept (checks that a value is a string). Read as JSON text: an SDP is a
-/// few KB with an escape on every line, and decoding it only to drop it was a quarter of a
-/// signaling message's instructions.
-pub(super) struct AnyString;
-
-impl<'de> Deserialize<'de> for AnyString {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = <&RawValue>::deserialize(d)?;
-        match raw.get().starts_with('"') {
-            true => Ok(AnyString),
-            false => Err(serde::de::Error::invalid_type(
-                serde::de::Unexpected::Other("a value that is not a string"),
-                &"a string",
-            )),
-        }
-    }
-}
-
 /// A JSON object's fields, values as JSON text.
 struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 

@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod message;
+mod scan;
 pub mod signaling;
 
 use crate::auth::{AuthError, Authenticator, Identity};

@@ -4,9 +4,9 @@
 
 use serde_json::value::RawValue;
 use serde_json::Value;
-use std::borrow::Cow;
 
-use super::message::{AnyString, ChatMessage, ErrorCode, JsonObject};
+use super::message::{ChatMessage, ErrorCode, JsonObject};
+use super::scan;
 use crate::auth::Identity;
 use crate::bus::Message;
 use crate::ids::id_from_json;
@@ -52,13 +52,21 @@ pub fn call_id(msg: &ChatMessage<'_>) -> Result<u64, Refusal> {
         .or_else(|_| refuse(ErrorCode::CallNotFound, "no such call"))
 }
 
-/// An SDP description as checked: `{"type": ..., "sdp": "..."}`, other fields allowed.
-#[derive(serde::Deserialize)]
-struct Description<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[allow(dead_code)] // checked to be a string, not kept
-    sdp: AnyString,
+/// Whether `json` is an SDP description: an object with a string `type` equal to `expected`
+/// and a string `sdp`, each once; other fields are allowed.
+fn is_description(json: &str, expected: &str) -> bool {
+    let (mut kind, mut sdp) = (None, None);
+    for (key, value) in scan::fields(json).into_iter().flatten() {
+        let slot = match () {
+            _ if scan::string_is(key, "type") => &mut kind,
+            _ if scan::string_is(key, "sdp") => &mut sdp,
+            _ => continue,
+        };
+        if slot.replace(value).is_some() {
+            return false; // a field given twice
+        }
+    }
+    kind.is_some_and(|k| scan::string_is(k, expected)) && sdp.is_some_and(scan::is_string)
 }
 
 /// Checks an SDP description object (`{"type": expected, "sdp": "..."}`); its JSON text.
@@ -67,9 +75,9 @@ fn description<'a>(
     field: &str,
     expected: &str,
 ) -> Result<&'a RawValue, Refusal> {
-    let checked = msg.field(field).filter(|raw| {
-        serde_json::from_str::<Description<'_>>(raw.get()).is_ok_and(|d| d.kind == expected)
-    });
+    let checked = msg
+        .field(field)
+        .filter(|raw| is_description(raw.get(), expected));
     checked.ok_or_else(|| {
         (
             ErrorCode::BadPayload,
@@ -78,19 +86,22 @@ fn description<'a>(
     })
 }
 
-/// An ICE candidate as checked: a `candidate` string; `sdpMid`, `sdpMLineIndex` optional.
-#[derive(serde::Deserialize)]
-struct Candidate {
-    #[allow(dead_code)] // checked to be a string, not kept
-    candidate: AnyString,
+/// Whether `json` is an ICE candidate: an object with a string `candidate`, once (`sdpMid`,
+/// `sdpMLineIndex` and others allowed).
+fn is_candidate(json: &str) -> bool {
+    let mut candidate = None;
+    for (key, value) in scan::fields(json).into_iter().flatten() {
+        if scan::string_is(key, "candidate") && candidate.replace(value).is_some() {
+            return false;
+        }
+    }
+    candidate.is_some_and(scan::is_string)
 }
 
 /// Checks an ICE candidate object; its JSON text. An empty candidate string is allowed: it
 /// signals the end of candidates.
 fn candidate<'a>(msg: &ChatMessage<'a>) -> Result<&'a RawValue, Refusal> {
-    let checked = msg
-        .field("candidate")
-        .filter(|raw| serde_json::from_str::<Candidate>(raw.get()).is_ok());
+    let checked = msg.field("candidate").filter(|raw| is_candidate(raw.get()));
     checked.ok_or_else(|| {
         (
             ErrorCode::BadPayload,
@@ -324,18 +335,33 @@ mod tests {
             r#"{"type":"offer","sdp":["v=0"]}"#,
             r#"{"type":"offer"}"#,
             r#"{"type":"answer","sdp":"v=0"}"#,
+            r#"{"type":"offer","sdp":"v=0","type":"answer"}"#,
+            r#"{"type":"offer","sdp":"v=0","sdp":"v=1"}"#,
+            r#"{"typ\u0065":"answer","sdp":"v=0"}"#,
+            r#"{"type":1,"sdp":"v=0"}"#,
+            r#"["type","offer","sdp","v=0"]"#,
         ];
         for offer in offers {
             let bad = format!(r#"{{"type":"call.offer","call_id":"17","offer":{offer}}}"#);
             let got = run("a", "c1", bad.as_bytes(), ringing(), None);
             assert_eq!(got.err(), Some(ErrorCode::BadPayload), "{offer}");
         }
-        for candidate in [r#"{"candidate":1}"#, r#"{"candidate":false}"#, "{}"] {
+        let candidates = [
+            r#"{"candidate":1}"#,
+            r#"{"candidate":false}"#,
+            "{}",
+            r#"{"candidate":"a","candidate":"b"}"#,
+            r#""candidate""#,
+        ];
+        for candidate in candidates {
             let bad =
                 format!(r#"{{"type":"call.candidate","call_id":"17","candidate":{candidate}}}"#);
             let got = run("a", "c1", bad.as_bytes(), ringing(), None);
             assert_eq!(got.err(), Some(ErrorCode::BadPayload), "{candidate}");
         }
+        // Keys and values as JSON allows them: escaped, spaced, in any order.
+        let fine = r#"{"call_id":"17", "offer": { "sd\u0070" : "v=0\"}" , "x":{"type":"answer"}, "type":"off\u0065r" },"type":"call.offer"}"#;
+        assert!(run("a", "c1", fine.as_bytes(), ringing(), None).is_ok());
         let no_id = br#"{"type":"call.candidate","candidate":{"candidate":""}}"#;
         let code = call_id(&parse_chat(no_id).unwrap()).map_err(|(code, _)| code);
         assert_eq!(code, Err(ErrorCode::BadPayload));
