@@ -1,8 +1,8 @@
 //! Reading a JSON object that serde has already checked: its top-level fields, found by
 //! skipping strings with `memchr` instead of parsing them again. A payload is checked once
 //! when it is read ([`super::message::parse_chat`]); the signaling checks then need two fields
-//! of an SDP description of a few KB, and a second serde pass over it was a fifth of what the
-//! bridge spent on a signaling message.
+//! of an SDP description of a few KB, and a second serde pass over it was a tenth of the
+//! bridge's instructions per signaling message (callgrind; BENCHMARKS.md).
 //!
 //! Given text that is not valid JSON, these functions still never panic; they may end early.
 

@@ -57,10 +57,12 @@ pub fn call_id(msg: &ChatMessage<'_>) -> Result<u64, Refusal> {
 fn is_description(json: &str, expected: &str) -> bool {
     let (mut kind, mut sdp) = (None, None);
     for (key, value) in scan::fields(json).into_iter().flatten() {
-        let slot = match () {
-            _ if scan::string_is(key, "type") => &mut kind,
-            _ if scan::string_is(key, "sdp") => &mut sdp,
-            _ => continue,
+        let slot = if scan::string_is(key, "type") {
+            &mut kind
+        } else if scan::string_is(key, "sdp") {
+            &mut sdp
+        } else {
+            continue;
         };
         if slot.replace(value).is_some() {
             return false; // a field given twice
