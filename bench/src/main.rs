@@ -4,6 +4,9 @@
 //!   bare rumqttd, Debian's Mosquitto, callbus's chat path and its signaling path (bridge and
 //!   mirror to B's notifications), each in turn, `runs` times (5); medians, ratios and the
 //!   servers' CPU and context switches per message. CALLBUS_BENCH_RELAY_PATHS=1,3 runs some.
+//! - hops [rate] [count]: relay's Mosquitto, chat and signaling paths once each with their
+//!   system calls traced (`perf`): each message's time from the sender's write through the
+//!   server's wakeup, read, work and write to the receiver's read, hop by hop.
 //! - calls [seconds] [pairs...]: C concurrent caller/callee pairs running the whole flow over
 //!   REST and MQTT (1, 10, 100), in process and against a separate process (server CPU per flow).
 //! - conns [N...] [ws|tcp|mosquitto...]: N idle MQTT clients against callbus over WebSocket, over
@@ -24,6 +27,7 @@ mod calls;
 mod cluster;
 mod conns;
 mod engines;
+mod hops;
 mod notified;
 mod relay;
 mod sessions;
@@ -48,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
     println!("machine: {}", util::machine());
     match scenario {
         "relay" => relay::run(num(1, 2000), num(2, 10_000), num(3, 5)).await?,
+        "hops" => relay::hops(num(1, 2000), num(2, 4000)).await?,
         "calls" | "calls-cpu" => {
             // calls [seconds per level] [pairs...]; calls-cpu runs only the server CPU part
             let mut levels: Vec<usize> =
@@ -89,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown scenario {other}: use relay, calls, calls-cpu, conns, sessions, notified, storm, soak, cluster or all"
+                "unknown scenario {other}: use relay, hops, calls, calls-cpu, conns, sessions, notified, storm, soak, cluster or all"
             )
         }
     }

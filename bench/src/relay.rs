@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::conns::free_port;
+use crate::hops::{Hops, Trace};
 use crate::util::{mqtt_client, percentile, Api, Remote};
 
 static START: OnceLock<Instant> = OnceLock::new();
@@ -81,15 +82,16 @@ async fn receive(mut events: EventLoop, count: usize) -> Vec<f64> {
     latencies
 }
 
-/// Sends `count` messages at `rate`/s on `topic`; drives the sender's event loop meanwhile.
+/// Sends `count` messages at `rate`/s on `topic`, driving the sender's event loop until
+/// `receiver` has them all (or gave up): its latencies.
 async fn send(
     client: rumqttc::AsyncClient,
     mut events: EventLoop,
     topic: String,
     (route, call_id): (Route, u64),
-    rate: usize,
-    count: usize,
-) {
+    (rate, count): (usize, usize),
+    receiver: tokio::task::JoinHandle<Vec<f64>>,
+) -> anyhow::Result<Vec<f64>> {
     let driver = tokio::spawn(async move { while events.poll().await.is_ok() {} });
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
@@ -101,8 +103,9 @@ async fn send(
             break;
         }
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let latencies = receiver.await;
     driver.abort();
+    Ok(latencies?)
 }
 
 /// A path not run.
@@ -191,8 +194,16 @@ pub(crate) async fn through(
     let (a, a_events) = mqtt_client(ports.0, &format!("{a_id}1"), a_id, &a_token, &[]).await?;
     let receiver = tokio::spawn(receive(b_events, count));
     let topic = format!("chat/{cid}");
-    send(a, a_events, topic, (route, call_id), rate, count).await;
-    let figures = figures(receiver.await?, count);
+    let latencies = send(
+        a,
+        a_events,
+        topic,
+        (route, call_id),
+        (rate, count),
+        receiver,
+    )
+    .await?;
+    let figures = figures(latencies, count);
     if route == Route::Signaling {
         rest.post(&format!("/api/calls/{call_id}/end/"), a_id, json!({}))
             .await?;
@@ -215,8 +226,9 @@ async fn through_broker(port: u16, rate: usize, count: usize) -> anyhow::Result<
     let (_b, b_events) = mqtt_client(port, "b1", "", "", std::slice::from_ref(&topic)).await?;
     let (a, a_events) = mqtt_client(port, "a1", "", "", &[]).await?;
     let receiver = tokio::spawn(receive(b_events, count));
-    send(a, a_events, topic, (Route::Signaling, 17), rate, count).await;
-    Ok(figures(receiver.await?, count))
+    let route = (Route::Signaling, 17);
+    let latencies = send(a, a_events, topic, route, (rate, count), receiver).await?;
+    Ok(figures(latencies, count))
 }
 
 async fn through_raw_rumqttd(rate: usize, count: usize) -> anyhow::Result<Figures> {
@@ -250,14 +262,21 @@ dynamic_filters = true
     through_broker(port, rate, count).await
 }
 
-/// Debian's Mosquitto in its own process.
-async fn through_mosquitto(rate: usize, count: usize) -> anyhow::Result<Figures> {
+/// Debian's Mosquitto in its own process; with `trace`, its hops too.
+async fn through_mosquitto(
+    rate: usize,
+    count: usize,
+    trace: bool,
+) -> anyhow::Result<(Figures, Option<Hops>)> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let proc = crate::conns::spawn_mosquitto(dir.path(), port).await?;
-    let cost = Cost::start(proc.0.id());
+    let pid = proc.0.id();
+    let tracing = trace.then(|| Trace::attach(pid, dir.path())).transpose()?;
+    let cost = Cost::start(pid);
     let figures = through_broker(port, rate, count).await?;
-    Ok(cost.add_to(figures, count))
+    let figures = cost.add_to(figures, count);
+    Ok((figures, tracing.map(Trace::finish).transpose()?))
 }
 
 /// What a server process spends from a start on: CPU time and context switches.
@@ -290,13 +309,14 @@ impl Cost {
     }
 }
 
-/// callbus in its own process, as Mosquitto is, with `engine` as its embedded bus.
+/// callbus in its own process, as Mosquitto is, with `engine` as its embedded bus; with
+/// `trace`, its hops too.
 async fn through_callbus(
     route: Route,
     engine: &str,
-    rate: usize,
-    count: usize,
-) -> anyhow::Result<Figures> {
+    (rate, count): (usize, usize),
+    trace: bool,
+) -> anyhow::Result<(Figures, Option<Hops>)> {
     // The default per-connection limit (200 publishes/s) is for real clients; this sends
     // `rate` from one connection on purpose.
     let engine = format!("\"{engine}\"");
@@ -307,9 +327,14 @@ async fn through_callbus(
     ];
     let cb = Remote::start_with(&config).await?;
     let port = cb.mqtt;
+    let dir = tempfile::tempdir()?;
+    let tracing = trace
+        .then(|| Trace::attach(cb.pid(), dir.path()))
+        .transpose()?;
     let cost = Cost::start(cb.pid());
     let figures = through(&cb, (port, port), ("a", "b"), route, rate, count).await?;
-    Ok(cost.add_to(figures, count))
+    let figures = cost.add_to(figures, count);
+    Ok((figures, tracing.map(Trace::finish).transpose()?))
 }
 
 /// One table row.
@@ -342,7 +367,7 @@ const PATHS: [&str; 5] = [
 pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
     println!(
         "\n## relay: {count} messages at {rate} msg/s (1 in 5 of 3 KB, others 300 B), QoS 1, \
-         latency in µs; {runs} runs, each path once per run in turn"
+         latency in µs; {runs} runs, each path once per run in turn, each run starting one path later"
     );
     println!(
         "| run | {} |",
@@ -355,18 +380,32 @@ pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
         .ok()
         .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect());
     let mut all: Vec<[Figures; PATHS.len()]> = Vec::new();
+    let load = (rate, count);
+    let chosen: Vec<usize> = (0..PATHS.len())
+        .filter(|i| only.as_ref().is_none_or(|o| o.contains(i)))
+        .collect();
     for run in 1..=runs {
         let mut figures = [SKIPPED; PATHS.len()];
-        for (i, f) in figures.iter_mut().enumerate() {
-            if !only.as_ref().is_none_or(|o| o.contains(&i)) {
-                continue;
-            }
-            *f = match i {
+        // Each run starts one path later than the one before, so that no path always runs
+        // first (or last) while the host's load drifts.
+        let mut order = chosen.clone();
+        let len = order.len().max(1);
+        order.rotate_left((run - 1) % len);
+        for i in order {
+            figures[i] = match i {
                 0 => through_raw_rumqttd(rate, count).await?,
-                1 => through_mosquitto(rate, count).await?,
-                2 => through_callbus(Route::Chat, "direct", rate, count).await?,
-                3 => through_callbus(Route::Signaling, "direct", rate, count).await?,
-                _ => through_callbus(Route::Signaling, "rumqttd", rate, count).await?,
+                1 => through_mosquitto(rate, count, false).await?.0,
+                2 => through_callbus(Route::Chat, "direct", load, false).await?.0,
+                3 => {
+                    through_callbus(Route::Signaling, "direct", load, false)
+                        .await?
+                        .0
+                }
+                _ => {
+                    through_callbus(Route::Signaling, "rumqttd", load, false)
+                        .await?
+                        .0
+                }
             };
         }
         let cells = figures.map(|f| format!("{:.0} / {:.0} (lost {})", f.p50, f.p99, f.lost));
@@ -406,6 +445,39 @@ pub async fn run(rate: usize, count: usize, runs: usize) -> anyhow::Result<()> {
     println!("|---|---|---|");
     for (name, f) in PATHS.iter().zip(&medians).skip(1) {
         println!("| {name} | {:.1} | {:.2} |", f.cpu_us, f.switches);
+    }
+    Ok(())
+}
+
+/// `relay`'s Mosquitto, chat and signaling paths once each under `perf`: each message's hops
+/// (see [`crate::hops`]), side by side.
+pub async fn hops(rate: usize, count: usize) -> anyhow::Result<()> {
+    println!(
+        "\n## hops: {count} messages at {rate} msg/s per path (as in relay), system calls \
+         traced by perf in the bench and the server"
+    );
+    let load = (rate, count);
+    let traced = |(figures, hops): (Figures, Option<Hops>)| {
+        let hops = hops.ok_or_else(|| anyhow::anyhow!("no trace"))?;
+        anyhow::Ok((figures, hops))
+    };
+    let mosquitto = traced(through_mosquitto(rate, count, true).await?)?;
+    let chat = traced(through_callbus(Route::Chat, "direct", load, true).await?)?;
+    let signaling = traced(through_callbus(Route::Signaling, "direct", load, true).await?)?;
+    crate::hops::table(&[
+        (PATHS[1], mosquitto.1),
+        (PATHS[2], chat.1),
+        (PATHS[3], signaling.1),
+    ]);
+    println!("\nThe same runs as the bench measures them (traced), µs:\n");
+    println!("| path | p50 | p90 | p99 | max | lost |");
+    println!("|---|---|---|---|---|---|");
+    for (name, figures) in [
+        (PATHS[1], mosquitto.0),
+        (PATHS[2], chat.0),
+        (PATHS[3], signaling.0),
+    ] {
+        row(name, &figures);
     }
     Ok(())
 }
