@@ -49,6 +49,23 @@ const LAST_WRITE: Duration = Duration::from_secs(1);
 /// Mailbox events written per wake-up before the output is flushed.
 const EVENTS_PER_FLUSH: usize = 64;
 
+/// Lets the tasks woken so far run before this one goes on. `tokio::task::yield_now` defers
+/// its wakeup until the runtime next polls its I/O driver, which on a thread with nothing else
+/// to do is an `epoll_wait` system call between the receivers' writes and the sender's
+/// PUBACK; a task that wakes itself instead goes straight to the back of the run queue, behind
+/// the receivers it woke.
+fn yield_to_woken() -> impl Future<Output = ()> {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+}
+
 /// Sets up an admitted connection's session: takes over (or resumes) its stored state, writes
 /// the CONNACK and replays what waited. Gives back the session and how the replay went (it
 /// may already have ended the session), or `None` when the connection cannot go on.
@@ -362,7 +379,7 @@ impl Session {
                 // waits for comes first, as a single-threaded broker does it). (Only a flag
                 // lives across the yield: the task is sized by its largest wait.)
                 if published {
-                    tokio::task::yield_now().await;
+                    yield_to_woken().await;
                 }
                 if !self.outbuf.is_empty() {
                     match self.flush(transport).await {
