@@ -825,3 +825,89 @@ async fn the_queue_bound_holds_in_the_cluster() {
         assert_eq!(phone.recv().await.json()["payload"]["n"], n);
     }
 }
+
+/// A chat message relayed while the stream elects a new leader (the NATS server that led it is
+/// lost) is still kept for a phone that is away: a QoS 1 PUBLISH is acknowledged only once the
+/// stream has stored it.
+#[tokio::test]
+async fn relayed_messages_are_kept_through_the_loss_of_the_streams_leader() {
+    let mut cluster = Cluster::start(3).await;
+    let (status, body) = put_members(cluster.node(0), "c1", &["alice", "bob"]).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut phone = (cluster.node(0))
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(granted(&phone.subscribe(&["chat/c1"]).await[0]));
+    leave(phone).await;
+
+    // The stream's leader is lost, not the server that keeps the phone's queue (that loss is
+    // `a_lost_queue_is_replayed_from_the_stream`'s); alice's node prefers another server.
+    let lost = stream_leader_apart_from_the_queue(&cluster).await;
+    let near = (lost + 1) % 3;
+    let mut alice = cluster.node(near).connect(Via::Tcp, "alice").await;
+    cluster.nats.kill(lost);
+    for n in 0..30 {
+        let text = json!({"type": "message", "text": n.to_string()});
+        alice.publish_json("chat/c1", text).await;
+    }
+
+    // Every one of them waits for the phone, in order. (Resuming needs JetStream's API, which
+    // may still be electing its own leader: a phone whose CONNACK does not come in time (5 s)
+    // tries again, as phones do.)
+    let mut attempts = 0;
+    let mut phone = loop {
+        let node = cluster.node(near);
+        match node
+            .try_connect_with(Via::Tcp, "bob", "phone", persistent)
+            .await
+        {
+            Ok(phone) => break phone,
+            Err(_) if attempts < 3 => attempts += 1,
+            Err(e) => panic!("the phone could not resume: {e:?}"),
+        }
+    };
+    assert!(phone.session_present);
+    for n in 0..30 {
+        let got = phone.recv().await.json();
+        assert_eq!(got["text"], n.to_string(), "{got}");
+    }
+}
+
+/// The number of the NATS server leading the stream, once that is not the server keeping the
+/// (one) consumer: the stream's leader is asked to step down until it is not.
+async fn stream_leader_apart_from_the_queue(cluster: &Cluster) -> usize {
+    let mut stream = callbus_stream(cluster).await;
+    let names: Vec<String> = stream
+        .consumer_names()
+        .filter_map(|name| async move { name.ok() })
+        .collect()
+        .await;
+    assert_eq!(names.len(), 1, "one queue: {names:?}");
+    let queue = stream
+        .consumer_info(&names[0])
+        .await
+        .expect("consumer info");
+    let keeper = queue.cluster.clone().and_then(|c| c.leader);
+    let url = cluster.nats.urls_from(0);
+    let first = url.split(',').next().expect("a NATS URL");
+    let client = async_nats::connect(first).await.expect("NATS");
+    for _ in 0..100 {
+        let info = stream.info().await.expect("stream info");
+        let leader = info.cluster.clone().and_then(|c| c.leader);
+        match leader {
+            Some(leader) if Some(&leader) != keeper.as_ref() => {
+                return leader.trim_start_matches("nats-").parse().expect("nats-N");
+            }
+            Some(_) => {
+                let stepdown = "$JS.API.STREAM.LEADER.STEPDOWN.CALLBUS";
+                client
+                    .request(stepdown, "".into())
+                    .await
+                    .expect("step down");
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the stream's leader stayed with the queue");
+}

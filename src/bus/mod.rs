@@ -139,6 +139,9 @@ pub trait Interest: Send + Sync + 'static {
     fn remove(&self, filter: &str);
 }
 
+/// Resolves once a published message is stored ([`Bus::publish_kept`]).
+pub type Kept = BoxFuture<'static, Result<(), BusError>>;
+
 /// Carries publishes in one order to every [`Deliver`]er.
 pub trait Bus: Send + Sync + 'static {
     /// Hands `message` to the bus after everything published before it. Waits while the bus is
@@ -150,6 +153,25 @@ pub trait Bus: Send + Sync + 'static {
     /// bus whose store is the node's own disk (its callers make that durable themselves).
     fn publish_durable(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>> {
         self.publish(message)
+    }
+
+    /// Whether a client's QoS 1 PUBLISH is acknowledged only once the bus stored it
+    /// ([`Bus::publish_kept`]): true for a bus whose store outlives any one node (cluster
+    /// mode). A bus whose store is the node's own keeps nothing for relays to wait for.
+    fn keeps_relays(&self) -> bool {
+        false
+    }
+
+    /// Publishes `message` as [`Bus::publish`] does (subscribers get it now) and gives back
+    /// what resolves once the bus stored it where it outlives any one node; see
+    /// [`Bus::keeps_relays`]. The returned future owns what it needs: a session keeps it
+    /// while it reads on.
+    fn publish_kept(&self, message: Message) -> BoxFuture<'_, Result<Kept, BusError>> {
+        Box::pin(async move {
+            self.publish(message).await?;
+            let kept: Kept = Box::pin(std::future::ready(Ok(())));
+            Ok(kept)
+        })
     }
 
     /// Resolves once every interest change made so far is in effect, so that a subscription
@@ -176,6 +198,16 @@ impl Publisher {
     /// See [`Bus::publish_durable`].
     pub async fn publish_durable(&self, message: Message) -> Result<(), BusError> {
         self.0.publish_durable(message).await
+    }
+
+    /// See [`Bus::keeps_relays`].
+    pub fn keeps_relays(&self) -> bool {
+        self.0.keeps_relays()
+    }
+
+    /// See [`Bus::publish_kept`].
+    pub async fn publish_kept(&self, message: Message) -> Result<Kept, BusError> {
+        self.0.publish_kept(message).await
     }
 
     /// See [`Bus::settled`].

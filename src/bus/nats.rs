@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::subject::{filter_subjects, subject_topic, topic_subject};
-use super::{envelope, Bus, BusError, Deliver, Interest, Message};
+use super::{envelope, Bus, BusError, Deliver, Interest, Kept, Message};
 use crate::metrics;
 
 /// How long a durable publish waits for JetStream's acknowledgement before sending again.
@@ -111,35 +111,47 @@ impl Bus for NatsBus {
     /// persistent sessions) has stored it when this resolves, and subscribers get it as any
     /// other publish.
     fn publish_durable(&self, message: Message) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move { self.publish_kept(message).await?.await })
+    }
+
+    fn keeps_relays(&self) -> bool {
+        true
+    }
+
+    /// Sent through JetStream (subscribers get it now); what it gives back resolves once the
+    /// stream stored it, sending it again (the stream keeps one copy: same message id) while
+    /// the stream elects a new leader, as it does when a NATS server is lost. Subscribers may
+    /// then get it twice; its `id` tells them.
+    fn publish_kept(&self, message: Message) -> BoxFuture<'_, Result<Kept, BusError>> {
         Box::pin(async move {
             let (subject, seq, payload) = self.wrap(&message)?;
-            // Sent again (the stream keeps one copy: same message id) while the stream
-            // elects a new leader, as it does when a NATS server is lost.
             let id = format!("{:016x}-{seq}", self.instance);
             let deadline = tokio::time::Instant::now() + DURABLE_WAIT;
-            loop {
-                let publish = async_nats::jetstream::message::PublishMessage::build()
-                    .payload(payload.clone())
-                    .message_id(&id);
-                let stored = async {
-                    let subject = subject.clone();
-                    self.jetstream.send_publish(subject, publish).await?.await?;
-                    Ok::<_, async_nats::Error>(())
-                };
-                match stored.await {
-                    Ok(()) => break,
-                    Err(e) if tokio::time::Instant::now() < deadline => {
-                        debug!(error = %e, "JetStream did not store a message yet");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "JetStream did not store a message");
-                        return Err(BusError::Closed);
-                    }
-                }
-            }
+            let jetstream = self.jetstream.clone();
+            let first = send_kept(&jetstream, &subject, &payload, &id).await;
             metrics::BUS_PUBLISHED.inc();
-            Ok(())
+            let kept: Kept = Box::pin(async move {
+                let mut attempt = first;
+                loop {
+                    let stored = match attempt {
+                        Ok(ack) => ack.await.map(drop).map_err(async_nats::Error::from),
+                        Err(e) => Err(e),
+                    };
+                    match stored {
+                        Ok(()) => return Ok(()),
+                        Err(e) if tokio::time::Instant::now() < deadline => {
+                            debug!(error = %e, "JetStream did not store a message yet");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "JetStream did not store a message");
+                            return Err(BusError::Closed);
+                        }
+                    }
+                    attempt = send_kept(&jetstream, &subject, &payload, &id).await;
+                }
+            });
+            Ok(kept)
         })
     }
 
@@ -151,6 +163,20 @@ impl Bus for NatsBus {
             }
         })
     }
+}
+
+/// Sends `payload` on `subject` through JetStream as message `id`: what resolves once the
+/// stream acknowledged it.
+async fn send_kept(
+    jetstream: &async_nats::jetstream::Context,
+    subject: &str,
+    payload: &Bytes,
+    id: &str,
+) -> Result<async_nats::jetstream::context::PublishAckFuture, async_nats::Error> {
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(payload.clone())
+        .message_id(id);
+    Ok(jetstream.send_publish(subject.to_owned(), publish).await?)
 }
 
 /// Applies interest changes in order: one reader task per filter.

@@ -74,11 +74,22 @@ impl Proc {
         client_id: &str,
         configure: impl FnOnce(&mut rumqttc::MqttOptions),
     ) -> Client {
-        let password = token(user, Role::User);
-        let ports = (self.http, self.mqtt);
-        Client::connect_to(ports, via, client_id, user, &password, configure)
+        self.try_connect_with(via, user, client_id, configure)
             .await
             .expect("connect")
+    }
+
+    /// [`Proc::connect_with`], or why the connection failed.
+    pub async fn try_connect_with(
+        &self,
+        via: Via,
+        user: &str,
+        client_id: &str,
+        configure: impl FnOnce(&mut rumqttc::MqttOptions),
+    ) -> Result<Client, rumqttc::ConnectionError> {
+        let password = token(user, Role::User);
+        let ports = (self.http, self.mqtt);
+        Client::connect_to(ports, via, client_id, user, &password, configure).await
     }
 
     /// A metric's value in this process's `/metrics`.

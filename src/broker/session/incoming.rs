@@ -10,7 +10,7 @@ use crate::bridge::PublishOutcome;
 use crate::broker::codec::Version;
 use crate::broker::codec::{Packet, Publish, QoS, SubAck, SubscribeReasonCode};
 use crate::broker::v5;
-use crate::bus::Message;
+use crate::bus::{Kept, Message};
 use crate::metrics;
 use crate::model::topic::{has_wildcard, notifications_topic};
 
@@ -38,14 +38,10 @@ impl Session {
         match outcome {
             PublishOutcome::Deliver(messages) => {
                 metrics::PUBLISHES_RELAYED.inc();
-                for message in messages {
-                    let message = message.expiring(expires_at_ms);
-                    inner
-                        .publisher
-                        .publish(message)
-                        .await
-                        .map_err(|_| End::Bus)?;
-                }
+                let kept = self.relay(messages, publish.qos, expires_at_ms).await?;
+                let (qos, pkid) = (publish.qos, publish.pkid);
+                self.acknowledge_after(kept, |session| session.acknowledge(qos, pkid));
+                Ok(())
             }
             PublishOutcome::Refuse {
                 code,
@@ -68,25 +64,53 @@ impl Session {
                     };
                     let reason = format!("{}: {detail}", code.as_str());
                     let pkid = publish.pkid;
-                    self.answer(v5::Answer::PubAck {
+                    let answer = v5::Answer::PubAck {
                         pkid,
                         refused,
                         reason,
-                    });
+                    };
+                    self.acknowledge_after(None, |session| session.answer(answer));
                 } else {
                     // v3.1.1 (and a v5 QoS 0 publish) has no negative acknowledgement: the
                     // refusal is an `error` event on the sender's own notifications topic.
                     self.report(code, &detail, &about).await;
-                    self.acknowledge(publish.qos, publish.pkid);
+                    let (qos, pkid) = (publish.qos, publish.pkid);
+                    self.acknowledge_after(None, |session| session.acknowledge(qos, pkid));
                 }
                 if self.violations >= self.gateway.limits().violation_limit {
                     return Err(End::Violations);
                 }
-                return Ok(());
+                Ok(())
             }
         }
-        self.acknowledge(publish.qos, publish.pkid);
-        Ok(())
+    }
+
+    /// Hands a PUBLISH's messages to the bus. In cluster mode a QoS 1 PUBLISH is acknowledged
+    /// only once the bus stored them (for persistent sessions on any node, whatever NATS
+    /// server is lost): what that waits for. Receivers get them now all the same.
+    async fn relay(
+        &self,
+        messages: Vec<Message>,
+        qos: QoS,
+        expires_at_ms: Option<u64>,
+    ) -> Result<Option<Kept>, End> {
+        let publisher = &self.gateway.inner.publisher;
+        let keep = qos == QoS::AtLeastOnce && publisher.keeps_relays();
+        let mut kept: Option<Kept> = None;
+        for message in messages {
+            let message = message.expiring(expires_at_ms);
+            if !keep {
+                publisher.publish(message).await.map_err(|_| End::Bus)?;
+                continue;
+            }
+            let stored = publisher.publish_kept(message).await;
+            let stored = stored.map_err(|_| End::Bus)?;
+            kept = Some(match kept.take() {
+                None => stored,
+                Some(earlier) => Box::pin(async move { earlier.await.and(stored.await) }),
+            });
+        }
+        Ok(kept)
     }
 
     /// Publishes the Last Will, checked and stamped like any publish.

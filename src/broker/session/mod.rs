@@ -31,8 +31,10 @@ use super::v5;
 use super::{keepalive, Gateway, Kind, Transport};
 use crate::auth::Identity;
 use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
+use crate::bus::{BusError, Kept};
 use crate::metrics;
 use crate::model::topic::notifications_topic;
+use sync_wrapper::SyncFuture;
 
 /// How long a connection taking over a live persistent session waits for the older connection
 /// to hand it back.
@@ -128,6 +130,7 @@ pub(super) async fn start<T: Transport>(
         bucket: TokenBucket::full(limits.publish_burst),
         throttle: None,
         will: admitted.will.take().map(Box::new),
+        acks_waiting: None,
     });
     // MQTT: the server may close after one and a half keepalive periods of silence.
     let (now, limit) = (keepalive::now_ms(), u64::from(admitted.keepalive) * 1500);
@@ -189,6 +192,8 @@ enum Wake {
     Event(Event),
     Read(io::Result<usize>),
     Unthrottled,
+    /// The oldest PUBLISH waiting for the bus to store it is stored (or could not be).
+    Kept(Result<(), BusError>),
 }
 
 /// Why a session ended (for the log).
@@ -292,7 +297,16 @@ pub(super) struct Session {
     throttle: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The Last Will (topic, payload): published when the connection ends without DISCONNECT.
     will: Option<Box<(String, Bytes)>>,
+    /// Acknowledgements (encoded) not yet written, oldest first, each with what it waits for:
+    /// the bus storing the PUBLISH (cluster mode), or nothing but the ones before it (MQTT
+    /// acknowledges in the order the PUBLISHes came). Made on first use.
+    acks_waiting: Option<Box<AcksWaiting>>,
 }
+
+/// Acknowledgements (encoded) not yet written, oldest first, each with what it waits for
+/// besides the ones before it.
+#[derive(Default)]
+struct AcksWaiting(VecDeque<(Option<SyncFuture<Kept>>, Bytes)>);
 
 /// A connection's transport and address, which its log lines name.
 #[derive(Clone, Copy)]
@@ -400,6 +414,12 @@ impl Session {
 
     fn on_wake(&mut self, woke: Wake) -> Result<(), End> {
         let event = match woke {
+            Wake::Kept(Ok(())) => {
+                self.release_acks();
+                return Ok(());
+            }
+            // Not acknowledged: the client sends it again when it is back.
+            Wake::Kept(Err(_)) => return Err(End::Bus),
             Wake::Read(Ok(0)) => return Err(End::Closed),
             Wake::Read(Ok(_)) => {
                 self.mailbox.heard(keepalive::now_ms());
@@ -426,6 +446,15 @@ impl Session {
     /// What the session waits for: an event in its mailbox, bytes from the client (unless
     /// throttled), or the end of the throttle.
     fn poll_wake<T: Transport>(&mut self, cx: &mut Context<'_>, transport: &mut T) -> Poll<Wake> {
+        let oldest = self
+            .acks_waiting
+            .as_mut()
+            .and_then(|acks| acks.0.front_mut());
+        if let Some((Some(kept), _)) = oldest {
+            if let Poll::Ready(stored) = Pin::new(kept).poll(cx) {
+                return Poll::Ready(Wake::Kept(stored));
+            }
+        }
         if let Poll::Ready(event) = self.mailbox.poll_recv(cx) {
             return Poll::Ready(Wake::Event(event));
         }
@@ -633,6 +662,37 @@ impl Session {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(Packet::PubAck(PubAck::new(pkid))),
             QoS::ExactlyOnce => self.send(Packet::PubRec(PubRec::new(pkid))),
+        }
+    }
+
+    /// Writes a PUBLISH's acknowledgement (with `write`) once `kept` resolved and every
+    /// acknowledgement before it is written; at once when nothing waits.
+    fn acknowledge_after(&mut self, kept: Option<Kept>, write: impl FnOnce(&mut Self)) {
+        if kept.is_none() && self.acks_waiting.is_none() {
+            return write(self);
+        }
+        let mark = self.outbuf.len();
+        write(self);
+        let ack = self.outbuf.split_off(mark).freeze();
+        let acks = self.acks_waiting.get_or_insert_with(Box::default);
+        acks.0.push_back((kept.map(SyncFuture::new), ack));
+    }
+
+    /// The oldest waiting PUBLISH is stored: writes its acknowledgement, and those after it
+    /// that wait for nothing else.
+    fn release_acks(&mut self) {
+        let Some(AcksWaiting(acks)) = self.acks_waiting.as_deref_mut() else {
+            return;
+        };
+        if let Some(oldest) = acks.front_mut() {
+            oldest.0 = None;
+        }
+        while let Some((None, ack)) = acks.front() {
+            self.outbuf.extend_from_slice(ack);
+            acks.pop_front();
+        }
+        if acks.is_empty() {
+            self.acks_waiting = None;
         }
     }
 
