@@ -443,8 +443,9 @@ impl Session {
         Ok(())
     }
 
-    /// What the session waits for: an event in its mailbox, bytes from the client (unless
-    /// throttled), or the end of the throttle.
+    /// What the session waits for: the bus storing the oldest PUBLISH whose acknowledgement
+    /// waits for that, an event in its mailbox, bytes from the client (unless throttled), or
+    /// the end of the throttle.
     fn poll_wake<T: Transport>(&mut self, cx: &mut Context<'_>, transport: &mut T) -> Poll<Wake> {
         let oldest = self
             .acks_waiting
