@@ -129,7 +129,10 @@ impl Bus for NatsBus {
             let deadline = tokio::time::Instant::now() + DURABLE_WAIT;
             let jetstream = self.jetstream.clone();
             let first = send_kept(&jetstream, &subject, &payload, &id).await;
-            metrics::BUS_PUBLISHED.inc();
+            let sent = first.is_ok();
+            if sent {
+                metrics::BUS_PUBLISHED.inc();
+            }
             let kept: Kept = Box::pin(async move {
                 let mut attempt = first;
                 loop {
@@ -138,7 +141,12 @@ impl Bus for NatsBus {
                         Err(e) => Err(e),
                     };
                     match stored {
-                        Ok(()) => return Ok(()),
+                        Ok(()) => {
+                            if !sent {
+                                metrics::BUS_PUBLISHED.inc(); // on a later attempt
+                            }
+                            return Ok(());
+                        }
                         Err(e) if tokio::time::Instant::now() < deadline => {
                             debug!(error = %e, "JetStream did not store a message yet");
                             tokio::time::sleep(Duration::from_millis(100)).await;
