@@ -722,12 +722,16 @@ async fn lose_every_queue(cluster: &Cluster) -> usize {
     names.len()
 }
 
-/// The cluster's JetStream stream, seen from the first NATS server.
-async fn callbus_stream(cluster: &Cluster) -> async_nats::jetstream::stream::Stream {
+/// A NATS client of the first NATS server.
+async fn first_nats(cluster: &Cluster) -> async_nats::Client {
     let url = cluster.nats.urls_from(0);
     let first = url.split(',').next().expect("a NATS URL");
-    let client = async_nats::connect(first).await.expect("NATS");
-    let stream = async_nats::jetstream::new(client)
+    async_nats::connect(first).await.expect("NATS")
+}
+
+/// The cluster's JetStream stream, seen from the first NATS server.
+async fn callbus_stream(cluster: &Cluster) -> async_nats::jetstream::stream::Stream {
+    let stream = async_nats::jetstream::new(first_nats(cluster).await)
         .get_stream("CALLBUS")
         .await
         .expect("the stream");
@@ -888,9 +892,7 @@ async fn stream_leader_apart_from_the_queue(cluster: &Cluster) -> usize {
         .await
         .expect("consumer info");
     let keeper = queue.cluster.clone().and_then(|c| c.leader);
-    let url = cluster.nats.urls_from(0);
-    let first = url.split(',').next().expect("a NATS URL");
-    let client = async_nats::connect(first).await.expect("NATS");
+    let client = first_nats(cluster).await;
     for _ in 0..100 {
         let info = stream.info().await.expect("stream info");
         let leader = info.cluster.clone().and_then(|c| c.leader);
