@@ -830,6 +830,33 @@ async fn the_queue_bound_holds_in_the_cluster() {
     }
 }
 
+/// A node started while its database is down (or still starting: a fresh container, crash
+/// recovery) waits for it instead of exiting.
+#[tokio::test]
+async fn a_node_waits_for_its_database() {
+    let mut cluster = Cluster::start(0).await;
+    cluster.pg.stop().expect("stop postgres");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (nats, database) = (cluster.nats.urls_from(0), cluster.pg.url());
+    let args = [
+        "--cluster",
+        &nats,
+        "--database",
+        &database,
+        "--node-id",
+        "n1",
+    ];
+    let pg = &mut cluster.pg;
+    let (node, resumed) = tokio::join!(common::process::spawn_with(dir.path(), &args), async {
+        // The database comes up a second after the node.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pg.resume().await
+    });
+    resumed.expect("restart postgres");
+    let (status, body) = put_members(&node, "c1", &["alice"]).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
 /// A chat message relayed while the stream elects a new leader (the NATS server that led it is
 /// lost) is still kept for a phone that is away: a QoS 1 PUBLISH is acknowledged only once the
 /// stream has stored it.

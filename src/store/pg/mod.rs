@@ -22,6 +22,9 @@ pub use sessions::StoredSession;
 use super::{Conversation, StoreError};
 use crate::sync::lock;
 
+/// How long a starting node waits for PostgreSQL to accept it.
+const START_WAIT: Duration = Duration::from_secs(30);
+
 /// The schema, one step per version. Never edit a step that has shipped: add one.
 const MIGRATIONS: &[(i32, &str)] = &[
     (
@@ -181,8 +184,22 @@ impl Pg {
             idle: Mutex::default(),
             slots: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
         });
-        pg.migrate().await?;
-        Ok(pg)
+        // PostgreSQL may be starting too (a fresh container, crash recovery): wait for it.
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        let mut told = false;
+        loop {
+            match pg.migrate().await {
+                Ok(()) => return Ok(pg),
+                Err(StoreError::Unavailable(e)) if tokio::time::Instant::now() < deadline => {
+                    if !told {
+                        warn!(error = %e, "PostgreSQL is not ready yet; waiting for it");
+                        told = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn conn(&self) -> Result<Conn<'_>, StoreError> {
