@@ -213,6 +213,12 @@ impl Authenticator {
                     _ => AuthError::Invalid,
                 }
             })?;
+        // RFC 7515 4.1.11: a token whose `crit` names extensions must be refused by whoever
+        // does not understand them, and callbus understands none. (`jku`, `jwk`, `x5u` and
+        // the like are never followed: keys come from configuration only.)
+        if data.header.crit.is_some() {
+            return Err(AuthError::Invalid);
+        }
         let c = data.claims;
         if !is_valid_id(&c.sub) {
             return Err(AuthError::BadSubject);

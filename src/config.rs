@@ -27,6 +27,58 @@ pub struct FileConfig {
     /// The embedded store (sled).
     #[serde(default)]
     pub storage: StorageConfig,
+    /// The HTTP port (REST, `/mqtt` before the upgrade).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Limits on starting calls.
+    #[serde(default)]
+    pub calls: CallsConfig,
+}
+
+/// The HTTP listener's bounds on sockets that have not finished a request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// HTTP connections at once (a WebSocket counts as an MQTT connection once upgraded); a
+    /// socket past it is closed at accept. 0: a quarter of the open-file limit.
+    pub max_connections: usize,
+    /// Time allowed for a request's head to arrive, counted from the connection's start or the
+    /// end of the previous response (so also how long an idle keep-alive connection stays).
+    pub header_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            header_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+}
+
+/// How often one user may start calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// Calls a user may start per minute, sustained; past it `initiate` answers 429.
+    pub initiate_per_minute: u32,
+    /// Calls a user may start at once above the sustained rate.
+    pub initiate_burst: u32,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            initiate_per_minute: 20,
+            initiate_burst: 10,
+        }
+    }
 }
 
 /// The embedded mode's bus.
@@ -90,6 +142,9 @@ pub struct SessionsConfig {
     pub queue_messages: usize,
     /// Most payload bytes queued for one session while it is away; past it the oldest go.
     pub queue_bytes: usize,
+    /// Most persistent sessions one user keeps; a new one past it expires the user's session
+    /// that has been away longest.
+    pub max_per_user: usize,
 }
 
 impl Default for SessionsConfig {
@@ -98,6 +153,7 @@ impl Default for SessionsConfig {
             expiry_secs: 600,
             queue_messages: 1000,
             queue_bytes: 4 * 1024 * 1024,
+            max_per_user: 32,
         }
     }
 }
@@ -134,6 +190,14 @@ pub struct GatewayConfig {
     /// CONNACK "server unavailable". 0 turns it off (the default: carrier NAT puts many phones
     /// behind one address).
     pub connect_rate_per_address: u32,
+    /// Sockets (TCP or WebSocket) accepted and not yet past CONNECT; one past it is closed at
+    /// once. 0: a quarter of the open-file limit.
+    pub max_pending_connects: usize,
+    /// Bytes all sockets not yet past CONNECT may hold together past the first 8 KiB of each;
+    /// one that would take the total past it is closed.
+    pub pending_connect_bytes: usize,
+    /// Largest CONNECT without a Last Will (one with a will may be `max_payload_size`).
+    pub max_connect_size: usize,
     /// Threads that run MQTT over TCP (each its own single-threaded runtime, sharing the
     /// listening socket); 0 picks half the CPUs, at least one. MQTT over WebSocket and the
     /// REST API run on the shared worker pool.
@@ -163,6 +227,9 @@ impl Default for GatewayConfig {
             max_subscriptions: 100,
             max_connections_per_user: 32,
             connect_rate_per_address: 0,
+            max_pending_connects: 0,
+            pending_connect_bytes: 16 * 1024 * 1024,
+            max_connect_size: 16 * 1024,
             mqtt_tcp_threads: 0,
         }
     }
@@ -180,6 +247,9 @@ impl GatewayConfig {
         }
         if self.max_connections == 0 || self.max_keepalive_secs == 0 || self.publish_rate == 0 {
             return bad("gateway.max_connections, max_keepalive_secs and publish_rate must be > 0");
+        }
+        if self.max_connect_size < 1024 || self.pending_connect_bytes < self.max_payload_size {
+            return bad("gateway.max_connect_size must be at least 1024 and pending_connect_bytes at least max_payload_size");
         }
         Ok(())
     }
@@ -224,9 +294,15 @@ impl FileConfig {
             source,
         })?;
         config.gateway.validate()?;
-        if config.sessions.queue_messages == 0 || config.sessions.queue_bytes == 0 {
+        let sessions = &config.sessions;
+        if sessions.queue_messages == 0 || sessions.queue_bytes == 0 || sessions.max_per_user == 0 {
             return Err(ConfigError::Invalid(
-                "sessions.queue_messages and queue_bytes must be > 0".into(),
+                "sessions.queue_messages, queue_bytes and max_per_user must be > 0".into(),
+            ));
+        }
+        if config.calls.initiate_per_minute == 0 || config.calls.initiate_burst == 0 {
+            return Err(ConfigError::Invalid(
+                "calls.initiate_per_minute and initiate_burst must be > 0".into(),
             ));
         }
         config.router.validate().map_err(ConfigError::Invalid)?;

@@ -11,7 +11,8 @@
 //!   [`push`]: the webhook that wakes sleeping phones.
 //! - [`store`]: durable state in sled (cluster mode: what nodes share, in PostgreSQL).
 //! - [`cluster`]: what a node knows of the others (liveness, membership changes).
-//! - [`auth`], [`ids`], [`config`]: identity, identifiers, configuration.
+//! - [`auth`], [`ids`], [`config`]: identity, identifiers, configuration; [`rate`]: token
+//!   buckets; [`net`]: accepting sockets.
 //! - [`sys`]: `$SYS/#` figures for operators.
 //! - [`server`]: wires the parts together.
 
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod push;
+pub mod rate;
 pub mod server;
 pub mod store;
 pub mod sync;

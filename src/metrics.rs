@@ -200,13 +200,43 @@ pub static CALL_TRANSITIONS: Metric = Metric::new(
     "counter",
     "Call state changes after creation (accept, reject, end, missed).",
 );
+pub static WS_CONTROL_FLOOD: Metric = Metric::new(
+    "callbus_ws_control_flood_total",
+    "counter",
+    "WebSocket connections closed for sending control frames (pings) past the budget.",
+);
+pub static HTTP_REFUSED: Metric = Metric::new(
+    "callbus_http_refused_total",
+    "counter",
+    "HTTP sockets closed at accept because [http] max_connections were open.",
+);
+pub static HTTP_HEADER_TIMEOUTS: Metric = Metric::new(
+    "callbus_http_header_timeouts_total",
+    "counter",
+    "HTTP connections closed because a request's head did not arrive in time (or it sat idle).",
+);
+pub static PENDING_REFUSED: Metric = Metric::new(
+    "callbus_mqtt_pending_refused_total",
+    "counter",
+    "MQTT sockets closed before CONNECT: past max_pending_connects or pending_connect_bytes.",
+);
+pub static SESSIONS_EVICTED: Metric = Metric::new(
+    "callbus_sessions_evicted_total",
+    "counter",
+    "Stored sessions expired early because their user made more than sessions.max_per_user.",
+);
+pub static CALLS_RATE_LIMITED: Metric = Metric::new(
+    "callbus_calls_rate_limited_total",
+    "counter",
+    "Call initiations refused with 429 (past [calls] initiate_per_minute).",
+);
 pub static CALLS_PRUNED: Metric = Metric::new(
     "callbus_calls_pruned_total",
     "counter",
     "Ended calls removed from the store past [storage] call_history_secs.",
 );
 
-const ALL: [&Metric; 34] = [
+const ALL: [&Metric; 40] = [
     &CONNECTIONS_OPEN,
     &CONNECTIONS_TOTAL,
     &CONNECTS_REFUSED,
@@ -241,6 +271,12 @@ const ALL: [&Metric; 34] = [
     &CALLS_INITIATED,
     &CALL_TRANSITIONS,
     &CALLS_PRUNED,
+    &WS_CONTROL_FLOOD,
+    &HTTP_REFUSED,
+    &HTTP_HEADER_TIMEOUTS,
+    &PENDING_REFUSED,
+    &SESSIONS_EVICTED,
+    &CALLS_RATE_LIMITED,
 ];
 
 /// Everything, in Prometheus text exposition format.

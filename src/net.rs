@@ -1,17 +1,24 @@
 //! Accepting TCP connections, with TLS when configured: the one accept loop behind the MQTT and
 //! HTTP listeners, with one handshake timeout and a defined state when file descriptors run
 //! out; and raising the open-file limit at startup.
+//!
+//! Each listener admits sockets through a [`Gate`]: a socket accepted while the gate is full is
+//! closed at once (and counted), so one port's flood of sockets that never finish (half-sent
+//! HTTP requests, CONNECTs that never come) holds at most the gate's share of the process's file
+//! descriptors and the other port keeps accepting.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::metrics;
+use crate::metrics::{self, Metric};
 use crate::tls::TlsAcceptor;
 
 /// An accepted connection: plain TCP, or TLS over it.
@@ -49,6 +56,54 @@ pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
     Ok((limit.rlim_cur, limit.rlim_max))
 }
 
+/// The soft open-file limit in force (what the process may hold now).
+pub fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed to it.
+    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur,
+        _ => 1024,
+    }
+}
+
+/// A configured share of the open-file limit: `configured`, or with 0 a quarter of the limit
+/// (at least 64).
+pub fn share_of_files(configured: usize) -> usize {
+    match configured {
+        0 => usize::try_from(open_file_limit() / 4).map_or(usize::MAX, |n| n.max(64)),
+        n => n,
+    }
+}
+
+/// How many sockets a listener holds before it has decided what they are, and the counter of
+/// the ones it closed for want of room.
+#[derive(Clone)]
+pub struct Gate {
+    permits: Arc<Semaphore>,
+    refused: &'static Metric,
+}
+
+impl Gate {
+    pub fn new(permits: usize, refused: &'static Metric) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(permits)),
+            refused,
+        }
+    }
+
+    /// A place for one more socket, or `None` (counted) when the gate is full.
+    pub fn enter(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.refused.inc();
+        }
+        permit
+    }
+}
+
 /// Whether an accept error means the process (or system) is out of file descriptors.
 fn out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
@@ -79,16 +134,18 @@ async fn handshake(
 }
 
 /// Accepts connections until `shutdown`, running `handle` for each on its own task tracked by
-/// `tracker`. Sockets set `TCP_NODELAY` (signaling is small and latency-bound); an accept error
+/// `tracker`, with the place it took in `gate` (a socket that finds no place is closed at
+/// once). Sockets set `TCP_NODELAY` (signaling is small and latency-bound); an accept error
 /// backs off briefly and never ends the loop; a failed handshake ends only its connection.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    gate: Gate,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     handle: F,
 ) where
-    F: Fn(Stream, SocketAddr) -> Fut + Clone + Send + 'static,
+    F: Fn(Stream, SocketAddr, OwnedSemaphorePermit) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut last_fd_log: Option<tokio::time::Instant> = None;
@@ -115,6 +172,11 @@ pub async fn accept_loop<F, Fut>(
             },
             _ = shutdown.cancelled() => return,
         };
+        let Some(place) = gate.enter() else {
+            // Closed at once: the descriptor is free again for the sockets already admitted.
+            drop(stream);
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             warn!(error = %e, "set_nodelay failed");
         }
@@ -127,7 +189,7 @@ pub async fn accept_loop<F, Fut>(
                     None => return,
                 },
             };
-            handle(stream, peer).await
+            handle(stream, peer, place).await
         });
     }
 }

@@ -75,29 +75,47 @@ impl Settings {
 }
 
 /// HTTP/1.1 with upgrades (for `/mqtt`) on each accepted socket, TLS first when configured.
-/// At shutdown each connection finishes the request in progress (bounded) and closes.
+/// At most `[http] max_connections` at once; a request's head must arrive within the header
+/// timeout, counted from the connection's start or its previous response (so an idle keep-alive
+/// connection ends then too). At shutdown each connection finishes the request in progress
+/// (bounded) and closes.
 async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
+    limits: &crate::config::HttpConfig,
     tls: Option<crate::tls::TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let gate = net::Gate::new(
+        net::share_of_files(limits.max_connections),
+        &crate::metrics::HTTP_REFUSED,
+    );
+    let header_timeout = limits.header_timeout();
     let handle = {
         let shutdown = shutdown.clone();
-        move |stream, peer| {
+        move |stream, peer, place| {
             let app = app
                 .clone()
                 .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
             let shutdown = shutdown.clone();
             async move {
+                // Held until the connection ends (or is upgraded to a WebSocket).
+                let _place = place;
                 let service = hyper_util::service::TowerToHyperService::new(app);
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_timeout)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
-                    _ = conn.as_mut() => return,
+                    ended = conn.as_mut() => {
+                        if ended.is_err_and(|e| e.is_timeout()) {
+                            crate::metrics::HTTP_HEADER_TIMEOUTS.inc();
+                        }
+                        return;
+                    }
                     _ = shutdown.cancelled() => {}
                 }
                 conn.as_mut().graceful_shutdown();
@@ -105,7 +123,7 @@ async fn serve_http(
             }
         }
     };
-    net::accept_loop(listener, tls, shutdown, tracker, handle).await
+    net::accept_loop(listener, tls, gate, shutdown, tracker, handle).await
 }
 
 /// Connects to NATS and PostgreSQL, puts the hub on the NATS bus, and joins the cluster.
@@ -272,12 +290,17 @@ impl Server {
             dev: settings.dev,
             cluster,
             storage,
+            initiations: crate::rate::KeyedRate::new(
+                f64::from(settings.config.calls.initiate_per_minute) / 60.0,
+                settings.config.calls.initiate_burst,
+            ),
         });
         let app = api::router(state, &cors_origins);
         let token = shutdown.clone();
         let tls = settings.tls.clone();
+        let http_limits = settings.config.http.clone();
         let task = tokio::spawn(async move {
-            serve_http(http, app, tls, token, tracker.clone()).await;
+            serve_http(http, app, &http_limits, tls, token, tracker.clone()).await;
             tracker.close();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         });

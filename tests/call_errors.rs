@@ -124,6 +124,7 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (_, got) = s.get(&format!("/api/calls/{id}/"), &alice).await;
     assert_eq!(got["status"], "ringing");
+    // A stranger is told no such call exists (the same as for an unknown id).
     let (status, _) = s.get(&format!("/api/calls/{id}/"), &s.token("carol")).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -136,11 +136,11 @@ async fn reject_and_cancel_reach_the_other_party() {
 
     let (_, call) = s.initiate("alice", json!("bob"), "voice").await;
     let id = call["id"].as_u64().unwrap();
-    // Only the receiver may reject; a stranger is not a party.
+    // Only the receiver may reject; to a stranger the call does not exist.
     let (status, _) = s.act(id, "reject", "alice", json!({})).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _) = s.act(id, "reject", "carol", json!({})).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(status, StatusCode::NOT_FOUND);
     // A bodiless POST works (frontends often send none).
     let resp = s
         .http_client

@@ -333,25 +333,7 @@ fn raw_connect_encoding_matches_the_codec() {
 
 /// Opens a WebSocket handshake offering `protocols`; returns the response head.
 async fn ws_handshake(s: &TestServer, protocols: &str) -> String {
-    let mut stream = TcpStream::connect(s.http).await.unwrap();
-    let request = format!(
-        "GET /mqtt HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: {protocols}\r\n\r\n",
-        s.http
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
-            .await
-            .expect("handshake answer in time")
-            .unwrap();
-        assert!(n > 0, "closed during handshake");
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap().to_lowercase()
+    common::raw::ws_open(s.http, protocols).await.1
 }
 
 #[tokio::test]

@@ -61,9 +61,10 @@ async fn service_manages_members_members_read() {
         get(&s, "/api/conversations/7", Some(&service)).await.0,
         StatusCode::OK
     );
-    // Removed member and outsiders: 403. Unknown: 404. No token: 401.
+    // Removed member and outsiders: 404, as for an unknown one (no existence probe). No
+    // token: 401.
     let (status, body) = get(&s, "/api/conversations/7/", Some(&s.token("2"))).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["error"].is_string());
     assert_eq!(
         get(&s, "/api/conversations/8/", Some(&service)).await.0,

@@ -5,54 +5,13 @@
 
 mod common;
 
-use callbus::auth::Role;
-use common::process::{spawn_via, spawn_with, token, Proc};
+use common::process::{mqtt, next, spawn_via, spawn_with};
+use common::raw::{cpu_seconds, open_files};
 use common::WAIT;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{Packet, QoS};
 use std::process::Command;
 use std::time::Duration;
 use tokio::net::TcpStream;
-
-async fn mqtt(proc: &Proc, user: &str) -> Result<(AsyncClient, EventLoop), String> {
-    let mut options = MqttOptions::new(format!("{user}-dev"), "127.0.0.1", proc.mqtt);
-    options.set_credentials(user, token(user, Role::User));
-    let (client, mut events) = AsyncClient::new(options, 10);
-    match tokio::time::timeout(WAIT, events.poll()).await {
-        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => Ok((client, events)),
-        other => Err(format!("{other:?}")),
-    }
-}
-
-/// The next incoming packet that `pick` accepts (others skipped), bounded by [`WAIT`].
-async fn next<T>(events: &mut EventLoop, pick: impl Fn(Packet) -> Option<T>) -> T {
-    loop {
-        let event = tokio::time::timeout(WAIT, events.poll()).await;
-        if let Event::Incoming(packet) = event.expect("in time").expect("connected") {
-            if let Some(found) = pick(packet) {
-                return found;
-            }
-        }
-    }
-}
-
-/// User plus system CPU seconds the process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ
-}
-
-fn open_files(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_refuses_calmly_and_recovers() {

@@ -71,7 +71,12 @@ impl Remote {
     pub async fn start_with(config: &[(&str, &str)]) -> anyhow::Result<Remote> {
         let dir = tempfile::tempdir()?;
         let mut text = callbus::config::DEFAULT_CONFIG.to_owned();
-        for (key, value) in config {
+        // Benches start calls back to back from few users, past what one real user may.
+        let unlimited = [
+            ("initiate_per_minute", "6000000"),
+            ("initiate_burst", "100000"),
+        ];
+        for (key, value) in unlimited.iter().chain(config) {
             let line = text
                 .lines()
                 .find(|l| l.starts_with(&format!("{key} = ")))
@@ -169,9 +174,12 @@ impl Callbus {
         let dir = tempfile::tempdir()?;
         // The default per-connection limit (200 publishes/s) is for real clients; the relay
         // scenario sends 2,000/s from one connection on purpose.
+        // Calls are started back to back from few users too.
         let config = DEFAULT_CONFIG
             .replace("publish_rate = 200", "publish_rate = 100000")
-            .replace("publish_burst = 500", "publish_burst = 100000");
+            .replace("publish_burst = 500", "publish_burst = 100000")
+            .replace("initiate_per_minute = 20", "initiate_per_minute = 6000000")
+            .replace("initiate_burst = 10", "initiate_burst = 100000");
         let mut settings = Settings::new(
             FileConfig::parse(&config)?,
             dir.path().join("data"),

@@ -15,11 +15,17 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
+        let mut headers = parts.headers.get_all(AUTHORIZATION).iter();
+        let header = headers
+            .next()
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
+        // Which one a proxy in front would have checked is unknown: neither is taken.
+        if headers.next().is_some() {
+            return Err(ApiError::BadRequest(
+                "more than one Authorization header".into(),
+            ));
+        }
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))

@@ -39,9 +39,14 @@ impl From<CallError> for ApiError {
             CallError::Transition(TransitionError::WrongState(_)) => {
                 ApiError::Conflict(e.to_string())
             }
+            // Who may not see a call is told it does not exist (ids are sequential: a 403
+            // would tell a stranger which calls exist).
+            CallError::Transition(TransitionError::NotAParty) => {
+                ApiError::NotFound("call not found".into())
+            }
             CallError::Transition(_) => ApiError::Forbidden(e.to_string()),
             CallError::Busy { .. } => ApiError::Conflict(e.to_string()),
-            CallError::Glare(_, ref call) => {
+            CallError::Glare(_, ref call) | CallError::Calling(ref call) => {
                 ApiError::ConflictWith(e.to_string(), json!({ "call": call.to_json() }))
             }
             CallError::Store(e) => ApiError::from(e),
@@ -83,6 +88,10 @@ pub async fn initiate(
     OptionalJson(body): OptionalJson<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Initiated>), ApiError> {
     let (receiver_id, conversation_id, call_type) = initiate_body(&body)?;
+    if let Err(wait) = state.initiations.admit(caller.user_id().to_owned()) {
+        crate::metrics::CALLS_RATE_LIMITED.inc();
+        return Err(ApiError::TooMany(wait));
+    }
     if receiver_id == caller.user_id() {
         return Err(ApiError::BadRequest("you cannot call yourself".into()));
     }
@@ -226,9 +235,7 @@ pub async fn get(
         .await?
         .ok_or_else(|| ApiError::NotFound("call not found".into()))?;
     if !call.is_party(caller.user_id()) {
-        return Err(ApiError::Forbidden(
-            "you are not a party to this call".into(),
-        ));
+        return Err(ApiError::NotFound("call not found".into()));
     }
     Ok(Json(CallReply(call)))
 }

@@ -84,9 +84,8 @@ pub async fn get(
         .ok_or_else(|| ApiError::NotFound("conversation not found".into()))?;
     let who = &caller.0;
     if who.role != Role::Service && !conv.members.contains(who.user_id()) {
-        return Err(ApiError::Forbidden(
-            "not a member of this conversation".into(),
-        ));
+        // As for a conversation that does not exist: a stranger learns nothing of it.
+        return Err(ApiError::NotFound("conversation not found".into()));
     }
     Ok(Json((*conv).clone()))
 }

@@ -26,6 +26,9 @@ pub enum ApiError {
     ConflictWith(String, serde_json::Value),
     #[error("{1}")]
     Status(StatusCode, String),
+    /// 429 with `Retry-After`: try again after this long.
+    #[error("too many requests: try again in {} s", .0.as_secs().max(1))]
+    TooMany(std::time::Duration),
     #[error("internal error")]
     Internal(String),
 }
@@ -39,6 +42,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::ConflictWith(..) => StatusCode::CONFLICT,
             ApiError::Status(status, _) => *status,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -55,7 +59,15 @@ impl IntoResponse for ApiError {
         {
             map.extend(extra.clone());
         }
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if let ApiError::TooMany(wait) = self {
+            // Whole seconds, rounded up (a client that waits that long gets in).
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.max(1).into());
+        }
+        response
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Services {
     /// The embedded store's free-space reserve, which decides whether a change may start (none
     /// in cluster mode: changes go to PostgreSQL).
     pub storage: Option<crate::store::SpaceGate>,
+    /// Calls started per user (`[calls] initiate_per_minute`; per node in cluster mode).
+    pub initiations: crate::rate::KeyedRate<String>,
 }
 
 impl FromRef<AppState> for Gateway {

@@ -52,6 +52,11 @@ pub(crate) fn packet_len(buf: &[u8]) -> Option<usize> {
 /// unsupported level (MQTT 3.1 is 3, MQTT 5 is 5) gets CONNACK "unacceptable protocol version"
 /// rather than a dropped socket.
 pub(crate) fn connect_protocol_level(buf: &[u8]) -> Option<u8> {
+    buf.get(connect_level_at(buf)?).copied()
+}
+
+/// Where a CONNECT's protocol level byte sits in `buf`, once the protocol name's length is in.
+fn connect_level_at(buf: &[u8]) -> Option<usize> {
     if buf.first()? >> 4 != 1 {
         return None;
     }
@@ -65,7 +70,16 @@ pub(crate) fn connect_protocol_level(buf: &[u8]) -> Option<u8> {
         }
     }
     let name_len = u16::from_be_bytes([*buf.get(pos)?, *buf.get(pos + 1)?]) as usize;
-    buf.get(pos + 2 + name_len).copied()
+    Some(pos + 2 + name_len)
+}
+
+/// The Will Flag of a CONNECT's flags byte.
+pub(crate) const WILL_FLAG: u8 = 0x04;
+
+/// The flags byte of a CONNECT at the start of `buf` (it follows the protocol level).
+pub(crate) fn connect_flags(buf: &[u8]) -> Option<u8> {
+    let level_at = connect_level_at(buf)?;
+    buf.get(level_at + 1).copied()
 }
 
 #[cfg(test)]
@@ -83,6 +97,8 @@ mod tests {
         assert_eq!(connect_protocol_level(&v31), Some(3));
         assert_eq!(connect_protocol_level(&[0x30, 0]), None);
         assert_eq!(connect_protocol_level(&[0x10]), None);
+        assert_eq!(connect_flags(&v4), Some(2));
+        assert_eq!(connect_flags(&v4[..9]), None);
     }
 
     #[test]

@@ -2,18 +2,31 @@
 //! JWT as its password, within the connect timeout. Refusals get their CONNACK only once the whole
 //! CONNECT has arrived, so a client that sends it over several frames is still reading when the
 //! answer comes (otherwise it sees a broken pipe instead of the reason).
+//!
+//! Before it has authenticated, a client can make the server hold little: a CONNECT without a
+//! Last Will may be `max_connect_size` (a will's payload may take it to `max_payload_size`),
+//! what pre-CONNECT sockets hold past 8 KiB each comes from the `pending_connect_bytes` they
+//! share, and a connection slot
+//! (`max_connections`) is taken only once the CONNECT is in, so sockets that never send one
+//! cannot refuse real clients.
 
 use bytes::BytesMut;
 use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::info;
 
 use super::codec::{self, ConnAck, ConnectReturnCode, Packet, Protocol, Version};
 use super::v5::{self, Refused};
-use super::{namespaced_client_id, Gateway, Transport};
+use super::{namespaced_client_id, Gateway, PendingBytes, Transport};
 use crate::auth::Identity;
 use crate::ids::{is_valid_id, random_hex};
 use crate::metrics;
+
+/// What a socket may hold before CONNECT without drawing on `pending_connect_bytes`: a CONNECT
+/// with a token fits, so only large ones (with a will) share the budget, and filling it refuses
+/// none of the ordinary ones.
+const FREE_BYTES: usize = 8 * 1024;
 
 /// A connection that passed its CONNECT.
 pub(super) struct Admitted {
@@ -130,15 +143,22 @@ pub(super) fn refuse(version: Version, refused: Refused, out: &mut BytesMut) {
     }
 }
 
-/// Reads and decides the CONNECT. On refusal the answer is written and `None` returned.
+/// Reads and decides the CONNECT of a client at `ip`. On refusal the answer is written and
+/// `None` returned; an admitted connection comes with its connection slot.
 pub(super) async fn admit<T: Transport>(
     gateway: &Gateway,
     transport: &mut T,
-    room: Room,
-) -> Option<Box<Admitted>> {
+    ip: std::net::IpAddr,
+) -> Option<(Box<Admitted>, Option<OwnedSemaphorePermit>)> {
     let mut inbuf = BytesMut::new();
+    let mut permit = None;
     let decided = match read_connect(gateway, transport, &mut inbuf).await {
         Ok(hello) => {
+            permit = gateway.inner.permits.clone().try_acquire_owned().ok();
+            let room = Room {
+                slot: permit.is_some(),
+                within_rate: gateway.inner.connect_rate.admit(ip).is_ok(),
+            };
             decide(gateway, &hello, room).map(|(identity, client_id)| (hello, identity, client_id))
         }
         Err(refusal) => Err(refusal),
@@ -151,7 +171,7 @@ pub(super) async fn admit<T: Transport>(
                 k => k.min(max),
             };
             // Boxed: it is passed along by value, and each async fn keeps its own copy.
-            Some(Box::new(Admitted {
+            let admitted = Box::new(Admitted {
                 client_id: namespaced_client_id(identity.user_id(), &client_id).into(),
                 assigned_id: client_id != hello.client_id,
                 identity: Arc::new(identity),
@@ -164,7 +184,8 @@ pub(super) async fn admit<T: Transport>(
                 max_packet_out: hello.max_packet_out,
                 session_expiry: hello.session_expiry,
                 receive_max: hello.receive_max,
-            }))
+            });
+            Some((admitted, permit))
         }
         Err(refusal) => {
             let mut out = BytesMut::new();
@@ -244,15 +265,34 @@ fn decide(gateway: &Gateway, hello: &Hello, room: Room) -> Result<(Identity, Str
     Ok((identity, client_id))
 }
 
-/// Reads the first packet, which must be a whole CONNECT for MQTT 3.1.1 or 5.
+/// Reads the first packet, which must be a whole CONNECT for MQTT 3.1.1 or 5, within the
+/// pre-CONNECT bounds.
 async fn read_connect<T: Transport>(
     gateway: &Gateway,
     transport: &mut T,
     buf: &mut BytesMut,
 ) -> Result<Hello, Refusal> {
-    let deadline = Instant::now() + gateway.limits().connect_timeout();
-    let max = gateway.limits().max_payload_size;
+    let limits = gateway.limits();
+    let deadline = Instant::now() + limits.connect_timeout();
+    let mut held = PendingBytes::new(&gateway.inner.pending_bytes);
     loop {
+        // Only a CONNECT with a will may be larger than max_connect_size.
+        let max = match codec::connect_flags(buf) {
+            Some(flags) if flags & codec::WILL_FLAG != 0 => limits.max_payload_size,
+            _ => limits.max_connect_size,
+        };
+        if codec::packet_len(buf).is_some_and(|len| len > max) {
+            info!(max, "CONNECT too large");
+            return Err(Refusal::Silent);
+        }
+        if !held.hold(
+            buf.capacity().saturating_sub(FREE_BYTES),
+            limits.pending_connect_bytes,
+        ) {
+            info!("pre-CONNECT bytes past pending_connect_bytes: closing");
+            metrics::PENDING_REFUSED.inc();
+            return Err(Refusal::Silent);
+        }
         if let Some(refusal) = unsupported_level(buf, max) {
             return Err(refusal);
         }

@@ -11,10 +11,8 @@ mod codec;
 mod connect;
 pub(crate) mod hub;
 mod keepalive;
-mod rate;
 mod session;
 pub mod tcp;
-mod throttle;
 mod v5;
 pub mod ws;
 
@@ -22,9 +20,10 @@ use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -117,6 +116,40 @@ pub fn namespaced_client_id(user_id: &str, client_id: &str) -> String {
     format!("{user_id}.{client_id}")
 }
 
+/// A pre-CONNECT socket's share of `pending_connect_bytes`, given back when it is dropped.
+pub(crate) struct PendingBytes<'a> {
+    total: &'a AtomicUsize,
+    held: usize,
+}
+
+impl<'a> PendingBytes<'a> {
+    pub(crate) fn new(total: &'a AtomicUsize) -> Self {
+        Self { total, held: 0 }
+    }
+
+    /// Holds `len` bytes in all (more or fewer than before); false, holding nothing more, when
+    /// that would take every pre-CONNECT socket's total past `budget`.
+    pub(crate) fn hold(&mut self, len: usize, budget: usize) -> bool {
+        if len <= self.held {
+            return true;
+        }
+        let more = len - self.held;
+        let before = self.total.fetch_add(more, Ordering::Relaxed);
+        if before + more > budget {
+            self.total.fetch_sub(more, Ordering::Relaxed);
+            return false;
+        }
+        self.held = len;
+        true
+    }
+}
+
+impl Drop for PendingBytes<'_> {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}
+
 /// What every connection shares: the hub, the bus, the policy, the limits, the shutdown signal.
 #[derive(Clone)]
 pub struct Gateway {
@@ -129,7 +162,11 @@ struct GatewayInner {
     bridge: Bridge,
     limits: GatewayConfig,
     permits: Arc<Semaphore>,
-    connect_rate: rate::ConnectRate,
+    /// Sockets not yet past CONNECT.
+    pending: crate::net::Gate,
+    /// Bytes those sockets hold together (see [`PendingBytes`]).
+    pending_bytes: AtomicUsize,
+    connect_rate: crate::rate::KeyedRate<std::net::IpAddr>,
     shutdown: CancellationToken,
     /// Where sessions run (so that shutdown can wait for them).
     tracker: TaskTracker,
@@ -147,7 +184,12 @@ impl Gateway {
         tracker: TaskTracker,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_connections));
-        let connect_rate = rate::ConnectRate::new(limits.connect_rate_per_address);
+        let pending = crate::net::Gate::new(
+            crate::net::share_of_files(limits.max_pending_connects),
+            &crate::metrics::PENDING_REFUSED,
+        );
+        let per_address = limits.connect_rate_per_address;
+        let connect_rate = crate::rate::KeyedRate::new(f64::from(per_address), per_address);
         // At shutdown every session is told through its mailbox.
         let on_shutdown = (hub.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -161,6 +203,8 @@ impl Gateway {
                 bridge,
                 limits,
                 permits,
+                pending,
+                pending_bytes: AtomicUsize::new(0),
                 connect_rate,
                 keepalive: keepalive::Keepalive::start(shutdown.clone()),
                 shutdown,
@@ -177,19 +221,29 @@ impl Gateway {
         &self.inner.shutdown
     }
 
-    /// Runs one client connection from `peer` to its end; `kind` names
-    /// the transport in logs.
-    pub async fn serve<T: Transport>(&self, transport: T, kind: Kind, peer: SocketAddr) {
+    /// The gate of sockets not yet past CONNECT (TCP sockets enter it at accept, WebSockets at
+    /// the upgrade).
+    pub fn pending(&self) -> &crate::net::Gate {
+        &self.inner.pending
+    }
+
+    /// Runs one client connection from `peer` to its end; `kind` names the transport in logs.
+    /// `pending` is its place among the sockets not yet past CONNECT, given back at CONNECT,
+    /// where it takes a connection slot instead.
+    pub async fn serve<T: Transport>(
+        &self,
+        transport: T,
+        kind: Kind,
+        peer: SocketAddr,
+        pending: OwnedSemaphorePermit,
+    ) {
         let span = tracing::info_span!("mqtt", %kind, %peer, client = tracing::field::Empty);
         let origin = session::Origin { kind, peer };
-        let permit = self.inner.permits.clone().try_acquire_owned().ok();
-        let room = connect::Room {
-            slot: permit.is_some(),
-            within_rate: self.inner.connect_rate.admit(peer.ip()),
-        };
         async move {
             let mut transport = transport;
-            let Some(admitted) = connect::admit(self, &mut transport, room).await else {
+            let admitted = connect::admit(self, &mut transport, peer.ip()).await;
+            drop(pending);
+            let Some((admitted, permit)) = admitted else {
                 transport.close().await;
                 return;
             };

@@ -61,16 +61,26 @@ pub async fn serve(
     tls: Option<crate::tls::TlsAcceptor>,
 ) {
     let shutdown = gateway.shutdown_token().clone();
-    accept_loop(listener, tls, shutdown, tracker, move |stream, peer| {
-        let gateway = gateway.clone();
-        async move {
-            let kind = match &stream {
-                Either::Left(_) => Kind::Tcp,
-                Either::Right(_) => Kind::Tls,
-            };
-            gateway.serve(TcpTransport(stream), kind, peer).await
-        }
-    })
+    let gate = gateway.pending().clone();
+    accept_loop(
+        listener,
+        tls,
+        gate,
+        shutdown,
+        tracker,
+        move |stream, peer, pending| {
+            let gateway = gateway.clone();
+            async move {
+                let kind = match &stream {
+                    Either::Left(_) => Kind::Tcp,
+                    Either::Right(_) => Kind::Tls,
+                };
+                gateway
+                    .serve(TcpTransport(stream), kind, peer, pending)
+                    .await
+            }
+        },
+    )
     .await
 }
 

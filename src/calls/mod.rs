@@ -43,6 +43,8 @@ pub enum CallError {
     },
     #[error("{0} is already calling you: accept that call instead")]
     Glare(String, Box<Call>),
+    #[error("you are already calling: end that call first")]
+    Calling(Box<Call>),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -377,16 +379,22 @@ impl Calls {
         let mut live = lock(&self.inner.live);
         // Glare: the receiver is already ringing the caller. The first call wins; the second
         // caller is pointed at it.
+        // One outgoing ring at a time, as on a phone (ringing several people at once would
+        // make each of them busy to everyone else).
         for id in live.calls_of(caller.user_id()) {
             if let Some(existing) = live.call(*id).cloned() {
-                if existing.status == Status::Ringing
-                    && existing.caller.id == req.receiver_id
-                    && existing.receiver.id == caller.user_id()
+                if existing.status != Status::Ringing {
+                    continue;
+                }
+                if existing.caller.id == req.receiver_id && existing.receiver.id == caller.user_id()
                 {
                     return Err(CallError::Glare(
                         existing.caller.username.clone(),
                         Box::new(existing),
                     ));
+                }
+                if existing.caller.id == caller.user_id() {
+                    return Err(CallError::Calling(Box::new(existing)));
                 }
             }
         }

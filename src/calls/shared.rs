@@ -114,6 +114,7 @@ impl Calls {
                 let name = existing.caller.username.clone();
                 return Err(CallError::Glare(name, Box::new(existing)));
             }
+            Created::Calling(existing) => return Err(CallError::Calling(Box::new(existing))),
         };
         self.wake_push();
         let call = self.announce_shared(cluster, locked, call).await;

@@ -15,6 +15,7 @@ mod client;
 pub mod cluster;
 pub mod node;
 pub mod process;
+pub mod raw;
 pub mod webhook;
 pub use client::*;
 
@@ -50,8 +51,16 @@ impl TestServer {
             .with_test_writer()
             .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
+        // Tests start calls back to back from the same few users: the default limit on
+        // starting calls is raised unless a test set its own.
+        let config = config
+            .replace(
+                "initiate_per_minute = 20\n",
+                "initiate_per_minute = 6000000\n",
+            )
+            .replace("initiate_burst = 10\n", "initiate_burst = 100000\n");
         let settings = Settings::new(
-            FileConfig::parse(config).expect("config"),
+            FileConfig::parse(&config).expect("config"),
             dir.path().join("data"),
             SECRET.to_vec(),
         );

@@ -3,6 +3,7 @@
 
 use callbus::auth::{Authenticator, Role};
 use reqwest::StatusCode;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -105,6 +106,38 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The shipped configuration with its `section.key` lines set as `set` says.
+pub fn configured(set: &[(&str, &str)]) -> String {
+    let mut lines: Vec<String> = callbus::config::DEFAULT_CONFIG
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    for (name, value) in set {
+        let (section, key) = name.split_once('.').expect("section.key");
+        let start = lines
+            .iter()
+            .position(|l| *l == format!("[{section}]"))
+            .unwrap_or_else(|| panic!("no [{section}] in the shipped config"));
+        let at = lines[start..]
+            .iter()
+            .position(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {name} in the shipped config"));
+        lines[start + at] = format!("{key} = {value}");
+    }
+    lines.join("\n") + "\n"
+}
+
+/// Starts callbus (through `wrapper`, if any) with the shipped configuration set as `set`
+/// says (`section.key`, value).
+pub async fn spawn_configured(wrapper: &[&str], dir: &Path, set: &[(&str, &str)]) -> Proc {
+    let text = configured(set);
+    std::fs::create_dir_all(dir).expect("data dir");
+    let path = dir.join("configured.toml");
+    std::fs::write(&path, text).expect("write the config");
+    let path = path.to_string_lossy().into_owned();
+    spawn_via(wrapper, dir, &["--config", &path]).await
+}
+
 pub async fn spawn_with(dir: &Path, args: &[&str]) -> Proc {
     spawn_via(&[], dir, args).await
 }
@@ -134,8 +167,28 @@ pub async fn spawn_logged(
     (proc, rx)
 }
 
+/// The shipped configuration with the limit on starting calls raised (tests start calls back to
+/// back from the same few users), written in the data dir `dir`.
+fn test_config(dir: &Path) -> std::path::PathBuf {
+    let text = callbus::config::DEFAULT_CONFIG
+        .replace(
+            "initiate_per_minute = 20\n",
+            "initiate_per_minute = 6000000\n",
+        )
+        .replace("initiate_burst = 10\n", "initiate_burst = 100000\n");
+    let path = dir.join("callbus-test.toml");
+    std::fs::create_dir_all(dir).expect("data dir");
+    std::fs::write(&path, text).expect("write the test config");
+    path
+}
+
 async fn spawn_inner(wrapper: &[&str], dir: &Path, args: &[&str], log: Option<&str>) -> Proc {
     let (http, mqtt) = (free_port(), free_port());
+    let config = test_config(dir);
+    let config = match args.contains(&"--config") {
+        true => Vec::new(),
+        false => vec!["--config".to_owned(), config.to_string_lossy().into_owned()],
+    };
     let exe = env!("CARGO_BIN_EXE_callbus");
     let mut command = match wrapper.split_first() {
         Some((program, rest)) => {
@@ -150,6 +203,7 @@ async fn spawn_inner(wrapper: &[&str], dir: &Path, args: &[&str], log: Option<&s
         .arg(dir)
         .args(["--http", &format!("127.0.0.1:{http}")])
         .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+        .args(&config)
         .args(args)
         .env("CALLBUS_JWT_SECRET", SECRET)
         .env("RUST_LOG", log.unwrap_or("warn"))
@@ -186,4 +240,27 @@ pub fn token(sub: &str, role: Role) -> String {
     Authenticator::new(SECRET.as_bytes())
         .issue(sub, None, role, 3600)
         .unwrap()
+}
+
+/// A rumqttc client of `user` (client id `<user>-dev`) past its CONNACK.
+pub async fn mqtt(proc: &Proc, user: &str) -> Result<(AsyncClient, EventLoop), String> {
+    let mut options = MqttOptions::new(format!("{user}-dev"), "127.0.0.1", proc.mqtt);
+    options.set_credentials(user, token(user, Role::User));
+    let (client, mut events) = AsyncClient::new(options, 10);
+    match tokio::time::timeout(super::WAIT, events.poll()).await {
+        Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => Ok((client, events)),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// The next incoming packet that `pick` accepts (others skipped), bounded by [`super::WAIT`].
+pub async fn next<T>(events: &mut EventLoop, pick: impl Fn(Packet) -> Option<T>) -> T {
+    loop {
+        let event = tokio::time::timeout(super::WAIT, events.poll()).await;
+        if let Event::Incoming(packet) = event.expect("in time").expect("connected") {
+            if let Some(found) = pick(packet) {
+                return found;
+            }
+        }
+    }
 }

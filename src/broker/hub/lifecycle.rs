@@ -11,7 +11,9 @@ use super::stored::{Parting, Queued, Resumed, Stored};
 use super::{Attached, Entry, Hub, Link, Registered, Registration, State};
 use crate::auth::Identity;
 use crate::broker::codec::QoS;
+use crate::metrics;
 use crate::sync::lock;
+use tracing::info;
 
 impl Hub {
     /// Attaches a connection of `identity` under its broker-side `client_id`. An older live
@@ -85,6 +87,9 @@ impl Hub {
                 (sid, Some(resumed))
             }
             None => {
+                if !clean {
+                    self.evict_over_limit(&mut state, identity.user_id());
+                }
                 let link = Link::Live { sender, conn };
                 let client_id = client_id.clone();
                 let sid = self.add(&mut state, identity.clone(), client_id, !clean, link);
@@ -133,6 +138,34 @@ impl Hub {
             _ => return None,
         }
         Some(wait)
+    }
+
+    /// Makes room for one more persistent session of `user`: while the user keeps
+    /// `max_per_user` of them, the one whose client has been away longest is expired (live
+    /// ones are bounded by the connection limit per user instead).
+    fn evict_over_limit(&self, state: &mut State, user: &str) {
+        let max = self.sessions.max_per_user;
+        loop {
+            let sids = state.by_user.get(user).map_or(&[][..], |s| s.as_slice());
+            let kept = sids
+                .iter()
+                .filter_map(|sid| Some((*sid, state.sessions.get(sid)?)));
+            let persistent: Vec<_> = kept.filter(|(_, e)| e.persistent).collect();
+            if persistent.len() < max {
+                return;
+            }
+            let away = persistent
+                .iter()
+                .filter(|(_, e)| matches!(e.link, Link::Away(_)))
+                .min_by_key(|(_, e)| e.attached_ms)
+                .map(|(sid, _)| *sid);
+            let Some(entry) = away.and_then(|sid| state.remove(sid)) else {
+                return;
+            };
+            info!(client = %entry.client_id, max, "stored session expired: its user keeps too many");
+            self.forget(&entry);
+            metrics::SESSIONS_EVICTED.inc();
+        }
     }
 
     pub(super) fn add(

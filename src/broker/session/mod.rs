@@ -26,7 +26,6 @@ use super::connect::Admitted;
 use super::hub::{
     Event, Mailbox, Parting, Queued, Registered, Registration, Resumed, MAILBOX_MESSAGES,
 };
-use super::throttle::TokenBucket;
 use super::v5;
 use super::{keepalive, Gateway, Kind, Transport};
 use crate::auth::Identity;
@@ -34,6 +33,7 @@ use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
 use crate::bus::{BusError, Kept};
 use crate::metrics;
 use crate::model::topic::notifications_topic;
+use crate::rate::TokenBucket;
 use sync_wrapper::SyncFuture;
 
 /// How long a connection taking over a live persistent session waits for the older connection

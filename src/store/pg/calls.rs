@@ -33,6 +33,8 @@ const LOCK_USERS: &str =
     "SELECT pg_advisory_xact_lock(1, hashtext($1)), pg_advisory_xact_lock(1, hashtext($2))";
 const GLARE: &str = "SELECT record, version FROM calls WHERE live AND status = 'ringing'
      AND caller_id = $1 AND receiver_id = $2 LIMIT 1";
+const CALLING: &str = "SELECT record, version FROM calls WHERE live AND status = 'ringing'
+     AND caller_id = $1 LIMIT 1";
 const BUSY: &str =
     "SELECT 1 FROM calls WHERE live AND (caller_id = $1 OR receiver_id = $1) LIMIT 1";
 const INSERT_PUSH: &str = "INSERT INTO push_jobs (call_id, deadline_ms, body) VALUES ($1, $2, $3)";
@@ -66,6 +68,8 @@ pub enum Created<'a> {
     Busy,
     /// The receiver is already ringing the caller: that call.
     Glare(Call),
+    /// The caller is already ringing someone: that call.
+    Calling(Call),
 }
 
 /// A connection holding one call's lock, with the call's events not yet announced: any a node
@@ -285,10 +289,11 @@ impl Pg {
         make: impl FnOnce(u64) -> (Call, Vec<Outgoing>, Option<PushJob>),
     ) -> Result<Created<'_>, StoreError> {
         let mut conn = self.conn().await?;
-        let mut statements = Vec::with_capacity(8);
+        let mut statements = Vec::with_capacity(9);
         for sql in [
             LOCK_USERS,
             GLARE,
+            CALLING,
             BUSY,
             NEXT_ID,
             LOCK,
@@ -298,8 +303,8 @@ impl Pg {
         ] {
             statements.push(conn.prepare(sql).await?);
         }
-        let [lock_users, glare, busy, next_id, lock_call, insert_call, insert_events_st, insert_push] =
-            <[Statement; 8]>::try_from(statements)
+        let [lock_users, glare, calling, busy, next_id, lock_call, insert_call, insert_events_st, insert_push] =
+            <[Statement; 9]>::try_from(statements)
                 .map_err(|_| StoreError::Corrupt("prepared statements".into()))?;
         let tx = conn.client()?.transaction().await.map_err(unavailable)?;
         let mut parties = [caller_id, receiver_id];
@@ -307,11 +312,13 @@ impl Pg {
         let users: [Param; 2] = [&parties[0], &parties[1]];
         let pair: [Param; 2] = [&receiver_id, &caller_id];
         let receiver: [Param; 1] = [&receiver_id];
+        let caller: [Param; 1] = [&caller_id];
         // One round trip, run in this order: both parties' locks, then, under them, glare,
-        // busy and a fresh id.
-        let (_, glare, busy, next) = tokio::try_join!(
+        // the caller's own ringing call, busy and a fresh id.
+        let (_, glare, calling, busy, next) = tokio::try_join!(
             tx.execute(&lock_users, &users),
             tx.query_opt(&glare, &pair),
+            tx.query_opt(&calling, &caller),
             tx.query_opt(&busy, &receiver),
             tx.query_one(&next_id, &[]),
         )
@@ -319,6 +326,10 @@ impl Pg {
         if let Some(row) = glare {
             let existing = rows_to_calls(&[row])?.remove(0);
             return Ok(Created::Glare(existing.call));
+        }
+        if let Some(row) = calling {
+            let existing = rows_to_calls(&[row])?.remove(0);
+            return Ok(Created::Calling(existing.call));
         }
         if busy.is_some() {
             return Ok(Created::Busy);
