@@ -208,7 +208,7 @@ pub static WS_CONTROL_FLOOD: Metric = Metric::new(
 pub static HTTP_REFUSED: Metric = Metric::new(
     "callbus_http_refused_total",
     "counter",
-    "HTTP sockets closed at accept because [http] max_connections were open.",
+    "HTTP connections closed, oldest first, to make room past [http] max_connections.",
 );
 pub static HTTP_HEADER_TIMEOUTS: Metric = Metric::new(
     "callbus_http_header_timeouts_total",
@@ -218,7 +218,7 @@ pub static HTTP_HEADER_TIMEOUTS: Metric = Metric::new(
 pub static PENDING_REFUSED: Metric = Metric::new(
     "callbus_mqtt_pending_refused_total",
     "counter",
-    "MQTT sockets closed before CONNECT: past max_pending_connects or pending_connect_bytes.",
+    "MQTT sockets closed before CONNECT: the oldest past max_pending_connects, or past pending_connect_bytes.",
 );
 pub static SESSIONS_EVICTED: Metric = Metric::new(
     "callbus_sessions_evicted_total",

@@ -2,23 +2,27 @@
 //! HTTP listeners, with one handshake timeout and a defined state when file descriptors run
 //! out; and raising the open-file limit at startup.
 //!
-//! Each listener admits sockets through a [`Gate`]: a socket accepted while the gate is full is
-//! closed at once (and counted), so one port's flood of sockets that never finish (half-sent
-//! HTTP requests, CONNECTs that never come) holds at most the gate's share of the process's file
-//! descriptors and the other port keeps accepting.
+//! Each listener admits sockets through a [`Gate`]: past its size the oldest socket that has
+//! not finished its request or CONNECT is closed (and counted), so one port's flood of sockets
+//! that never finish (half-sent HTTP requests, CONNECTs that never come) holds at most the
+//! gate's share of the process's file descriptors, the other port keeps accepting, and a real
+//! client that finishes promptly gets through.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::metrics::{self, Metric};
+use crate::sync::lock;
 use crate::tls::TlsAcceptor;
 
 /// An accepted connection: plain TCP, or TLS over it.
@@ -78,29 +82,75 @@ pub fn share_of_files(configured: usize) -> usize {
     }
 }
 
-/// How many sockets a listener holds before it has decided what they are, and the counter of
-/// the ones it closed for want of room.
+/// How many sockets a listener holds before it has decided what they are (a request head, a
+/// CONNECT), and the counter of the ones it closed to make room. When it is full, a newcomer
+/// takes the place of the oldest, which is told to go: a flood of sockets that never finish
+/// must then open a gate's worth of them within the moment a real client needs to finish its
+/// own, instead of merely keeping the gate full.
 #[derive(Clone)]
 pub struct Gate {
-    permits: Arc<Semaphore>,
+    inner: Arc<GateInner>,
+}
+
+struct GateInner {
+    max: usize,
     refused: &'static Metric,
+    /// The places taken, oldest first (ids only grow), each with what tells it to go.
+    places: Mutex<BTreeMap<u64, Arc<Notify>>>,
+    next: AtomicU64,
+}
+
+/// A socket's place in a [`Gate`], given back when dropped.
+pub struct Place {
+    gate: Arc<GateInner>,
+    id: u64,
+    evicted: Arc<Notify>,
 }
 
 impl Gate {
-    pub fn new(permits: usize, refused: &'static Metric) -> Self {
+    pub fn new(max: usize, refused: &'static Metric) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(permits)),
-            refused,
+            inner: Arc::new(GateInner {
+                max: max.max(1),
+                refused,
+                places: Mutex::default(),
+                next: AtomicU64::new(0),
+            }),
         }
     }
 
-    /// A place for one more socket, or `None` (counted) when the gate is full.
-    pub fn enter(&self) -> Option<OwnedSemaphorePermit> {
-        let permit = self.permits.clone().try_acquire_owned().ok();
-        if permit.is_none() {
-            self.refused.inc();
+    /// A place for one more socket; when the gate is full, the oldest socket is told to go
+    /// (and counted).
+    pub fn enter(&self) -> Place {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = Arc::new(Notify::new());
+        let mut places = lock(&self.inner.places);
+        if places.len() >= self.inner.max {
+            if let Some((_, oldest)) = places.pop_first() {
+                oldest.notify_one();
+                self.inner.refused.inc();
+            }
         }
-        permit
+        places.insert(id, evicted.clone());
+        drop(places);
+        Place {
+            gate: self.inner.clone(),
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Place {
+    /// Resolves once a newer socket took this place.
+    pub async fn evicted(&self) {
+        self.evicted.notified().await
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        lock(&self.gate.places).remove(&self.id);
     }
 }
 
@@ -134,8 +184,7 @@ async fn handshake(
 }
 
 /// Accepts connections until `shutdown`, running `handle` for each on its own task tracked by
-/// `tracker`, with the place it took in `gate` (a socket that finds no place is closed at
-/// once). Sockets set `TCP_NODELAY` (signaling is small and latency-bound); an accept error
+/// `tracker`, with the place it took in `gate`. Sockets set `TCP_NODELAY` (signaling is small and latency-bound); an accept error
 /// backs off briefly and never ends the loop; a failed handshake ends only its connection.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
@@ -145,7 +194,7 @@ pub async fn accept_loop<F, Fut>(
     tracker: TaskTracker,
     handle: F,
 ) where
-    F: Fn(Stream, SocketAddr, OwnedSemaphorePermit) -> Fut + Clone + Send + 'static,
+    F: Fn(Stream, SocketAddr, Place) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut last_fd_log: Option<tokio::time::Instant> = None;
@@ -172,11 +221,7 @@ pub async fn accept_loop<F, Fut>(
             },
             _ = shutdown.cancelled() => return,
         };
-        let Some(place) = gate.enter() else {
-            // Closed at once: the descriptor is free again for the sockets already admitted.
-            drop(stream);
-            continue;
-        };
+        let place = gate.enter();
         if let Err(e) = stream.set_nodelay(true) {
             warn!(error = %e, "set_nodelay failed");
         }
@@ -184,10 +229,16 @@ pub async fn accept_loop<F, Fut>(
         tracker.spawn(async move {
             let stream = match tls {
                 None => Either::Left(stream),
-                Some(tls) => match handshake(&tls, stream, peer).await {
-                    Some(stream) => Either::Right(stream),
-                    None => return,
-                },
+                Some(tls) => {
+                    let shaken = tokio::select! {
+                        shaken = handshake(&tls, stream, peer) => shaken,
+                        _ = place.evicted() => None,
+                    };
+                    match shaken {
+                        Some(stream) => Either::Right(stream),
+                        None => return,
+                    }
+                }
             };
             handle(stream, peer, place).await
         });

@@ -94,14 +94,14 @@ async fn serve_http(
     let header_timeout = limits.header_timeout();
     let handle = {
         let shutdown = shutdown.clone();
-        move |stream, peer, place| {
+        move |stream, peer, place: net::Place| {
             let app = app
                 .clone()
                 .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
             let shutdown = shutdown.clone();
             async move {
-                // Held until the connection ends (or is upgraded to a WebSocket).
-                let _place = place;
+                // Held until the connection ends (or is upgraded to a WebSocket); a connection
+                // told to make room is dropped.
                 let service = hyper_util::service::TowerToHyperService::new(app);
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -116,6 +116,7 @@ async fn serve_http(
                         }
                         return;
                     }
+                    _ = place.evicted() => return,
                     _ = shutdown.cancelled() => {}
                 }
                 conn.as_mut().graceful_shutdown();

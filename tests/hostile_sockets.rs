@@ -124,6 +124,14 @@ async fn slow_http_requests_are_timed_out_and_lock_no_one_out() {
         matches!(p, Packet::SubAck(_)).then_some(())
     })
     .await;
+    // And so is a REST request that is sent whole: the oldest half-sent one makes room.
+    let health = format!("http://127.0.0.1:{}/healthz", proc.http);
+    let status = timeout(Duration::from_secs(3), reqwest::get(&health))
+        .await
+        .expect("HTTP answers a whole request during the flood")
+        .unwrap()
+        .status();
+    assert!(status.is_success());
     // Every half-sent request is closed by the header timeout (or was closed at accept).
     for s in &mut half_sent {
         assert!(closed_within(s, WAIT).await, "a half-sent request was kept");
@@ -145,7 +153,7 @@ async fn sockets_that_never_connect_leave_http_and_real_clients_room() {
     let set = [("gateway.connect_timeout_ms", "1500")];
     let proc = spawn_configured(&wrapper, dir.path(), &set).await;
     let pid = proc.child.id();
-    // 380 MQTT sockets that never send a CONNECT, and as many WebSockets that never do.
+    // 380 MQTT sockets that never send a CONNECT.
     let mut silent = Vec::new();
     for _ in 0..380 {
         silent.push(TcpStream::connect(("127.0.0.1", proc.mqtt)).await.unwrap());
@@ -160,6 +168,9 @@ async fn sockets_that_never_connect_leave_http_and_real_clients_room() {
         .unwrap()
         .status();
     assert!(status.is_success());
+    // So is a real MQTT client, which CONNECTs at once: the oldest silent socket makes room.
+    let connected = timeout(Duration::from_secs(3), mqtt(&proc, "alice")).await;
+    assert!(matches!(connected, Ok(Ok(_))), "{:?}", connected.err());
     for s in &mut silent {
         assert!(closed_within(s, WAIT).await, "a silent socket was kept");
     }

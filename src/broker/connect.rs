@@ -149,10 +149,11 @@ pub(super) async fn admit<T: Transport>(
     gateway: &Gateway,
     transport: &mut T,
     ip: std::net::IpAddr,
+    pending: &crate::net::Place,
 ) -> Option<(Box<Admitted>, Option<OwnedSemaphorePermit>)> {
     let mut inbuf = BytesMut::new();
     let mut permit = None;
-    let decided = match read_connect(gateway, transport, &mut inbuf).await {
+    let decided = match read_connect(gateway, transport, &mut inbuf, pending).await {
         Ok(hello) => {
             permit = gateway.inner.permits.clone().try_acquire_owned().ok();
             let room = Room {
@@ -271,6 +272,7 @@ async fn read_connect<T: Transport>(
     gateway: &Gateway,
     transport: &mut T,
     buf: &mut BytesMut,
+    pending: &crate::net::Place,
 ) -> Result<Hello, Refusal> {
     let limits = gateway.limits();
     let deadline = Instant::now() + limits.connect_timeout();
@@ -329,6 +331,10 @@ async fn read_connect<T: Transport>(
             },
             _ = tokio::time::sleep_until(deadline) => {
                 info!("no CONNECT in time");
+                return Err(Refusal::Silent);
+            }
+            _ = pending.evicted() => {
+                info!("no CONNECT yet while newer sockets need the room: closing");
                 return Err(Refusal::Silent);
             }
             _ = gateway.inner.shutdown.cancelled() => return Err(Refusal::Silent),

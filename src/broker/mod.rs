@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -228,20 +228,20 @@ impl Gateway {
     }
 
     /// Runs one client connection from `peer` to its end; `kind` names the transport in logs.
-    /// `pending` is its place among the sockets not yet past CONNECT, given back at CONNECT,
-    /// where it takes a connection slot instead.
+    /// `pending` is its place among the sockets not yet past CONNECT (told to go when newer
+    /// ones need it), given back at CONNECT, where it takes a connection slot instead.
     pub async fn serve<T: Transport>(
         &self,
         transport: T,
         kind: Kind,
         peer: SocketAddr,
-        pending: OwnedSemaphorePermit,
+        pending: crate::net::Place,
     ) {
         let span = tracing::info_span!("mqtt", %kind, %peer, client = tracing::field::Empty);
         let origin = session::Origin { kind, peer };
         async move {
             let mut transport = transport;
-            let admitted = connect::admit(self, &mut transport, peer.ip()).await;
+            let admitted = connect::admit(self, &mut transport, peer.ip(), &pending).await;
             drop(pending);
             let Some((admitted, permit)) = admitted else {
                 transport.close().await;

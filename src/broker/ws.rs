@@ -10,8 +10,7 @@
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use std::io;
@@ -102,11 +101,7 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     // A WebSocket is a socket that has not CONNECTed yet, like a new TCP one.
-    let Some(pending) = gateway.pending().enter() else {
-        let busy =
-            serde_json::json!({"error": "too many connections are starting; try again shortly"});
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(busy)).into_response();
-    };
+    let pending = gateway.pending().enter();
     // Room for the largest packet plus framing.
     let max = gateway.limits().max_payload_size + 16;
     // tungstenite's read buffer is allocated per socket up front (its default, 128 KiB, would
