@@ -26,6 +26,40 @@ pub(crate) fn decode(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packe
     }
 }
 
+/// Whether a fixed header's first byte has the flags its packet type must have (MQTT-2.2.2-1
+/// and -2 for 3.1.1, MQTT 5 section 2.1.3: PUBLISH's are its own, PUBREL, SUBSCRIBE and
+/// UNSUBSCRIBE carry 0010, every other type 0000). A packet that breaks it closes the
+/// connection.
+pub(crate) fn flags_valid(first: u8) -> bool {
+    match first >> 4 {
+        3 => first & 0b0110 != 0b0110, // PUBLISH: any but QoS 3
+        6 | 8 | 10 => first & 0x0f == 0b0010,
+        _ => first & 0x0f == 0,
+    }
+}
+
+/// [`decode`] for a 3.1.1 session, refusing what the specification says to close on that
+/// the codec lets through: wrong fixed-header flags.
+pub(crate) fn decode_checked(buf: &mut BytesMut, max: usize) -> Result<Option<Packet>, String> {
+    if let Some(&first) = buf.first() {
+        if !flags_valid(first) {
+            return Err(format!("invalid fixed-header flags {first:#04x}"));
+        }
+    }
+    decode(buf, max).map_err(|e| e.to_string())
+}
+
+/// Whether a CONNECT's fixed header and flags byte are valid: the fixed-header flags are 0
+/// (MQTT-2.2.2-2) and the reserved flag is 0 (MQTT-3.1.2-3). (A 3.1.1 password without a user
+/// name, MQTT-3.1.2-22, is taken on purpose: the token is the whole credential, rumqttc sends
+/// it that way when the user name is empty, and MQTT 5 dropped the rule.)
+pub(crate) fn connect_header_valid(buf: &[u8]) -> bool {
+    match connect_flags(buf) {
+        Some(flags) => buf[0] == 0x10 && flags & 0x01 == 0,
+        None => true, // not in yet
+    }
+}
+
 /// Appends a packet's bytes to `out`.
 pub(crate) fn encode(packet: Packet, out: &mut BytesMut) {
     // Every packet we write is either small or a publish that was already accepted under the
@@ -99,6 +133,22 @@ mod tests {
         assert_eq!(connect_protocol_level(&[0x10]), None);
         assert_eq!(connect_flags(&v4), Some(2));
         assert_eq!(connect_flags(&v4[..9]), None);
+    }
+
+    #[test]
+    fn knows_each_packet_types_flags() {
+        assert!(flags_valid(0x30) && flags_valid(0x3b) && !flags_valid(0x36));
+        assert!(flags_valid(0x82) && !flags_valid(0x80) && !flags_valid(0x83));
+        assert!(flags_valid(0xa2) && flags_valid(0x62) && !flags_valid(0x60));
+        assert!(flags_valid(0xc0) && !flags_valid(0xc1) && !flags_valid(0xe2));
+        let v4 = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+        assert!(connect_header_valid(&v4) && connect_header_valid(&v4[..9]));
+        let mut bad = v4;
+        bad[9] = 0x03; // the reserved flag
+        assert!(!connect_header_valid(&bad));
+        let mut flagged = v4;
+        flagged[0] = 0x12;
+        assert!(!connect_header_valid(&flagged));
     }
 
     #[test]

@@ -35,8 +35,11 @@ pub(super) struct Admitted {
     pub client_id: Arc<str>,
     /// Keepalive granted, in seconds.
     pub keepalive: u16,
-    /// `clean_session`: false asks for a persistent session.
+    /// 3.1.1 `clean_session`, MQTT 5 Clean Start: true discards a stored session.
     pub clean: bool,
+    /// The session outlives the connection (3.1.1: `clean_session = 0`; MQTT 5: a Session
+    /// Expiry Interval above 0).
+    pub keep: bool,
     /// The Last Will (topic, payload), already checked against the ACL.
     pub will: Option<(String, bytes::Bytes)>,
     /// Bytes that arrived after the CONNECT.
@@ -59,6 +62,7 @@ struct Hello {
     version: Version,
     client_id: String,
     clean: bool,
+    keep: bool,
     keep_alive: u16,
     login: Option<(String, String)>,
     will: Option<(String, bytes::Bytes, bool)>,
@@ -73,6 +77,7 @@ impl Hello {
             version: Version::V4,
             client_id: c.client_id,
             clean: c.clean_session,
+            keep: !c.clean_session,
             keep_alive: c.keep_alive,
             login: c.login.map(|l| (l.username, l.password)),
             will: c.last_will.map(|w| (w.topic, w.message, w.retain)),
@@ -83,12 +88,15 @@ impl Hello {
     }
 
     /// A v5 session is kept after the connection only with a Session Expiry Interval, and
-    /// resumed only without Clean Start.
+    /// resumed only without Clean Start: the two are apart (MQTT 5 section 3.1.2.4; Clean
+    /// Start 1 with an expiry starts a session that is kept, Clean Start 0 without one resumes
+    /// a stored session that then ends with the connection).
     fn v5(c: v5::Connect) -> Hello {
         Hello {
             version: Version::V5,
             client_id: c.client_id,
-            clean: c.clean_start || c.session_expiry == 0,
+            clean: c.clean_start,
+            keep: c.session_expiry > 0,
             keep_alive: c.keep_alive,
             login: c.login,
             will: c.will,
@@ -178,6 +186,7 @@ pub(super) async fn admit<T: Transport>(
                 identity: Arc::new(identity),
                 keepalive,
                 clean: hello.clean,
+                keep: hello.keep,
                 will: hello.will.map(|(topic, message, _)| (topic, message)),
                 inbuf,
                 version: hello.version,
@@ -297,6 +306,10 @@ async fn read_connect<T: Transport>(
         }
         if let Some(refusal) = unsupported_level(buf, max) {
             return Err(refusal);
+        }
+        if !codec::connect_header_valid(buf) {
+            info!("CONNECT with invalid flags");
+            return Err(Refusal::Silent);
         }
         if codec::connect_protocol_level(buf) == Some(5) {
             match v5::read_connect(buf, max) {

@@ -92,8 +92,11 @@ pub fn fuzz_codec(bytes: &[u8], cut: usize, max: usize, mqtt5: bool) {
         }
         loop {
             let decoded = match version {
-                codec::Version::V4 => codec::decode(&mut buf, max).map(|p| p.map(|p| (p, None))),
+                codec::Version::V4 => codec::decode_checked(&mut buf, max)
+                    .map(|p| p.map(|p| (p, ())))
+                    .map_err(|_| rumqttc::mqttbytes::Error::MalformedPacket),
                 codec::Version::V5 => v5::decode(&mut buf, max)
+                    .map(|p| p.map(|(p, _)| (p, ())))
                     .map_err(|_| rumqttc::mqttbytes::Error::MalformedPacket),
             };
             match decoded {

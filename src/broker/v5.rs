@@ -80,12 +80,52 @@ fn topic_text(topic: Bytes) -> Result<String, Malformed> {
     String::from_utf8(topic.to_vec()).map_err(|_| Malformed("topic is not UTF-8".into()))
 }
 
-/// Reads the next v5 packet as its 3.1.1 counterpart, with a PUBLISH's Message Expiry
-/// Interval (seconds), or `None` if more bytes are needed.
+/// How a [`Malformed`] PUBLISH above Maximum QoS starts.
+pub(crate) const QOS_NOT_SUPPORTED: &str = "QoS not supported";
+
+/// What a v5 packet says beside its 3.1.1 counterpart.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Extra {
+    /// A PUBLISH's Message Expiry Interval (seconds).
+    pub message_expiry: Option<u32>,
+    /// A DISCONNECT's reason was 0x04: the client asks for its Will to be published.
+    pub with_will: bool,
+    /// A DISCONNECT's Session Expiry Interval (seconds), replacing the CONNECT's.
+    pub session_expiry: Option<u32>,
+}
+
+/// A DISCONNECT of remaining length 0 or 1 (reason 0x00 implied, or a reason and no
+/// properties: MQTT-3.14.2.1), which rumqttc's reader refuses or waits on.
+fn short_disconnect(buf: &mut BytesMut) -> Option<Extra> {
+    let with_will = match &buf[..] {
+        [0xE0, 0, ..] => false,
+        [0xE0, 1, reason, ..] => *reason == 0x04,
+        _ => return None,
+    };
+    let len = 2 + usize::from(buf[1]);
+    let _ = buf.split_to(len);
+    Some(Extra {
+        with_will,
+        ..Extra::default()
+    })
+}
+
+/// Reads the next v5 packet as its 3.1.1 counterpart, with what only v5 says ([`Extra`]), or
+/// `None` if more bytes are needed.
 pub(crate) fn decode(
     buf: &mut BytesMut,
     max: usize,
-) -> Result<Option<(v4::Packet, Option<u32>)>, Malformed> {
+) -> Result<Option<(v4::Packet, Extra)>, Malformed> {
+    if let Some(&first) = buf.first() {
+        if !super::codec::flags_valid(first) {
+            return Err(Malformed(format!(
+                "invalid fixed-header flags {first:#04x}"
+            )));
+        }
+    }
+    if let Some(extra) = short_disconnect(buf) {
+        return Ok(Some((v4::Packet::Disconnect, extra)));
+    }
     let packet = match wire::Packet::read(buf, Some(max as u32)) {
         Ok(packet) => packet,
         Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
@@ -94,7 +134,7 @@ pub(crate) fn decode(
         }
         Err(e) => return Err(Malformed(e.to_string())),
     };
-    let mut expiry = None;
+    let mut extra = Extra::default();
     let packet = match packet {
         wire::Packet::Publish(p) => {
             if p.properties
@@ -103,7 +143,11 @@ pub(crate) fn decode(
             {
                 return Err(Malformed("topic alias (Topic Alias Maximum is 0)".into()));
             }
-            expiry = p
+            // CONNACK said Maximum QoS 1 (MQTT 5 section 3.3.1.2: DISCONNECT 0x9B).
+            if p.qos == WireQoS::ExactlyOnce {
+                return Err(Malformed(format!("{QOS_NOT_SUPPORTED}: QoS 2")));
+            }
+            extra.message_expiry = p
                 .properties
                 .as_ref()
                 .and_then(|p| p.message_expiry_interval);
@@ -132,7 +176,12 @@ pub(crate) fn decode(
         wire::Packet::PubRel(a) => v4::Packet::PubRel(v4::PubRel::new(a.pkid)),
         wire::Packet::PubComp(a) => v4::Packet::PubComp(v4::PubComp::new(a.pkid)),
         wire::Packet::PingReq(_) => v4::Packet::PingReq,
-        wire::Packet::Disconnect(_) => v4::Packet::Disconnect,
+        wire::Packet::Disconnect(d) => {
+            use wire::DisconnectReasonCode as D;
+            extra.with_will = d.reason_code == D::DisconnectWithWillMessage;
+            extra.session_expiry = d.properties.and_then(|p| p.session_expiry_interval);
+            v4::Packet::Disconnect
+        }
         wire::Packet::Connect(..) => {
             let login = v4::Login::new("", "");
             let connect = v4::Connect::new(String::new());
@@ -144,7 +193,7 @@ pub(crate) fn decode(
         // AUTH (no enhanced authentication is offered) and server-only packets.
         _ => v4::Packet::PingResp,
     };
-    Ok(Some((packet, expiry)))
+    Ok(Some((packet, extra)))
 }
 
 /// Writes a 3.1.1 packet the session made as its v5 counterpart.
@@ -237,6 +286,7 @@ pub(crate) enum Ending {
     TooLarge,
     Protocol,
     Unavailable,
+    QosNotSupported,
 }
 
 /// What the server says in v5 that 3.1.1 cannot.
@@ -339,6 +389,7 @@ pub(crate) fn answer(answer: Answer, out: &mut BytesMut) {
                 Ending::TooLarge => D::PacketTooLarge,
                 Ending::Protocol => D::ProtocolError,
                 Ending::Unavailable => D::ServerBusy,
+                Ending::QosNotSupported => D::QoSNotSupported,
             };
             // Reason code and an empty property length, by hand: rumqttc writes a reason
             // without properties in a form its own reader refuses.

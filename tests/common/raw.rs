@@ -112,3 +112,187 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     };
     (field(11) + field(12)) / 100.0 // USER_HZ
 }
+
+/// An MQTT remaining length.
+pub fn varint(mut len: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        out.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            return;
+        }
+    }
+}
+
+/// A packet from its first byte and body.
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    varint(body.len(), &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+/// An MQTT string or binary field.
+pub fn field(bytes: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A CONNECT written by hand, for what client libraries will not send.
+#[derive(Clone, Default)]
+pub struct RawConnect {
+    /// 4 (3.1.1) or 5.
+    pub level: u8,
+    pub client_id: String,
+    pub clean: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// MQTT 5: the Session Expiry Interval property.
+    pub session_expiry: Option<u32>,
+    /// (topic, payload) of a Last Will.
+    pub will: Option<(String, Vec<u8>)>,
+    /// Overrides the first byte (0x10) and the flags byte the fields above make.
+    pub first_byte: Option<u8>,
+    pub flags: Option<u8>,
+}
+
+impl RawConnect {
+    pub fn v5(client_id: &str, user: &str, token: &str) -> Self {
+        Self {
+            level: 5,
+            client_id: client_id.into(),
+            clean: true,
+            username: Some(user.into()),
+            password: Some(token.into()),
+            ..Self::default()
+        }
+    }
+
+    pub fn v4(client_id: &str, user: &str, token: &str) -> Self {
+        Self {
+            level: 4,
+            ..Self::v5(client_id, user, token)
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        field(b"MQTT", &mut body);
+        body.push(self.level);
+        let mut flags = u8::from(self.clean) << 1;
+        flags |= if self.will.is_some() { 0x04 } else { 0 };
+        flags |= if self.username.is_some() { 0x80 } else { 0 };
+        flags |= if self.password.is_some() { 0x40 } else { 0 };
+        body.push(self.flags.unwrap_or(flags));
+        body.extend_from_slice(&60u16.to_be_bytes());
+        if self.level == 5 {
+            let mut props = Vec::new();
+            if let Some(secs) = self.session_expiry {
+                props.push(0x11);
+                props.extend_from_slice(&secs.to_be_bytes());
+            }
+            varint(props.len(), &mut body);
+            body.extend_from_slice(&props);
+        }
+        field(self.client_id.as_bytes(), &mut body);
+        if let Some((topic, payload)) = &self.will {
+            if self.level == 5 {
+                body.push(0); // no will properties
+            }
+            field(topic.as_bytes(), &mut body);
+            field(payload, &mut body);
+        }
+        for text in [&self.username, &self.password].into_iter().flatten() {
+            field(text.as_bytes(), &mut body);
+        }
+        packet(self.first_byte.unwrap_or(0x10), &body)
+    }
+}
+
+/// A raw MQTT connection: bytes out, whole packets (first byte, body) in.
+pub struct RawMqtt {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawMqtt {
+    pub async fn open(mqtt: SocketAddr) -> Self {
+        let stream = TcpStream::connect(mqtt)
+            .await
+            .expect("connect to the MQTT port");
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Opens a connection and sends `connect`; the CONNACK's (session present, code).
+    pub async fn connect(mqtt: SocketAddr, connect: &RawConnect) -> (Self, (bool, u8)) {
+        let mut raw = Self::open(mqtt).await;
+        raw.send(&connect.encode()).await;
+        let (first, body) = raw.next().await.expect("CONNACK");
+        assert_eq!(first, 0x20, "expected CONNACK");
+        (raw, (body[0] & 1 == 1, body[1]))
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// The next whole packet, or `None` once the server closed (bounded by [`WAIT`]).
+    pub async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some((head, len)) = header(&self.buf) {
+                if self.buf.len() >= head + len {
+                    let packet: Vec<u8> = self.buf.drain(..head + len).collect();
+                    return Some((packet[0], packet[head..].to_vec()));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let read = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("a packet or the end in time");
+            match read {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Whether the server closes the connection without sending anything more.
+    pub async fn closed_silently(&mut self) -> bool {
+        self.next().await.is_none()
+    }
+
+    /// Subscribes to `filter` at QoS 1 (packet id 1, v5 with empty properties at `level` 5)
+    /// and returns the SUBACK's first code.
+    pub async fn subscribe(&mut self, filter: &str, level: u8) -> u8 {
+        let mut body = vec![0, 1];
+        if level == 5 {
+            body.push(0);
+        }
+        field(filter.as_bytes(), &mut body);
+        body.push(1);
+        self.send(&packet(0x82, &body)).await;
+        loop {
+            let (first, body) = self.next().await.expect("SUBACK");
+            if first == 0x90 {
+                return *body.last().expect("a SUBACK code");
+            }
+        }
+    }
+}
+
+/// The fixed header's length and the remaining length of the packet at the start of `buf`, once
+/// the header is in.
+fn header(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut len = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        len |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((2 + i, len));
+        }
+    }
+    None
+}

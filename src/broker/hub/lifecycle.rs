@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::mailbox::{self, Event, Mailbox};
 use super::stored::{Parting, Queued, Resumed, Stored};
-use super::{Attached, Entry, Hub, Link, Registered, Registration, State};
+use super::{Asked, Attached, Entry, Hub, Link, Registered, Registration, State};
 use crate::auth::Identity;
 use crate::broker::codec::QoS;
 use crate::metrics;
@@ -18,18 +18,20 @@ use tracing::info;
 impl Hub {
     /// Attaches a connection of `identity` under its broker-side `client_id`. An older live
     /// connection with the same client id is told it was replaced and stops receiving at once.
-    /// With `clean` false an existing session is resumed (what was queued for it is returned,
-    /// checked against the ACL again) or a persistent one is made; with `clean` true any stored
-    /// session is discarded. A persistent session still live on an older connection is handed
-    /// over: with `handover` the caller is told to wait for the older connection to part, so
-    /// nothing it had in flight is reordered; without, it is taken at once.
+    /// With `asked.resume` an existing session is resumed (what was queued for it is returned,
+    /// checked against the ACL again); otherwise any stored session is discarded. A new
+    /// session is kept after the connection with `asked.keep`. A persistent session still live
+    /// on an older connection is handed over: with `handover` the caller is told to wait for
+    /// the older connection to part, so nothing it had in flight is reordered; without, it is
+    /// taken at once.
     pub(crate) fn register(
         self: &Arc<Self>,
         identity: Arc<Identity>,
         client_id: &Arc<str>,
-        clean: bool,
+        asked: Asked,
         handover: bool,
     ) -> Registered {
+        let clean = !asked.resume;
         let (sender, mailbox) = mailbox::mailbox();
         let conn = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut state = lock(&self.state);
@@ -87,12 +89,12 @@ impl Hub {
                 (sid, Some(resumed))
             }
             None => {
-                if !clean {
+                if asked.keep {
                     self.evict_over_limit(&mut state, identity.user_id());
                 }
                 let link = Link::Live { sender, conn };
                 let client_id = client_id.clone();
-                let sid = self.add(&mut state, identity.clone(), client_id, !clean, link);
+                let sid = self.add(&mut state, identity.clone(), client_id, asked.keep, link);
                 self.save(&state, sid);
                 (sid, None)
             }

@@ -45,6 +45,17 @@ use mailbox::Sender;
 use routes::Routes;
 use stored::Stored;
 
+/// What a CONNECT asks of its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Asked {
+    /// Resume a stored session (3.1.1: `clean_session = 0`; 5: Clean Start 0); otherwise any
+    /// stored one is discarded.
+    pub resume: bool,
+    /// Keep the session after the connection ends (3.1.1: `clean_session = 0`; 5: a Session
+    /// Expiry Interval above 0).
+    pub keep: bool,
+}
+
 /// Where a session's messages go: a live connection's mailbox, or the store of a persistent
 /// session whose client is away.
 enum Link {

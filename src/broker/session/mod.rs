@@ -24,7 +24,7 @@ use super::codec::{
 };
 use super::connect::Admitted;
 use super::hub::{
-    Event, Mailbox, Parting, Queued, Registered, Registration, Resumed, MAILBOX_MESSAGES,
+    Asked, Event, Mailbox, Parting, Queued, Registered, Registration, Resumed, MAILBOX_MESSAGES,
 };
 use super::v5;
 use super::{keepalive, Gateway, Kind, Transport};
@@ -91,29 +91,38 @@ pub(super) async fn start<T: Transport>(
         transport.close().await;
         return None;
     }
-    let attached = match hub.register(identity.clone(), client_id, admitted.clean, true) {
+    let asked = Asked {
+        resume: !admitted.clean,
+        keep: admitted.keep,
+    };
+    let attached = match hub.register(identity.clone(), client_id, asked, true) {
         Registered::Attached(attached) => attached,
         Registered::Handover(parted) => {
             // The older connection hands the session back as it ends; one stuck in a write
             // is not waited for past the bound.
             let _ = tokio::time::timeout(HANDOVER_WAIT, parted).await;
-            match hub.register(identity.clone(), client_id, admitted.clean, false) {
+            match hub.register(identity.clone(), client_id, asked, false) {
                 Registered::Attached(attached) => attached,
                 Registered::Handover(_) => return None, // not returned without a handover
             }
         }
     };
-    // MQTT 5: the session is kept as long as the client asked, up to the configured expiry.
-    if let (Some(secs), false) = (admitted.session_expiry, admitted.clean) {
-        let sid = attached.registration.id;
-        hub.set_expiry(sid, Duration::from_secs(u64::from(secs)));
+    // MQTT 5: the session is kept as long as the client asked, up to the configured expiry;
+    // a session resumed with an expiry of 0 ends with this connection (MQTT-3.1.2-5: the new
+    // expiry governs once it ends).
+    if let Some(secs) = admitted.session_expiry {
+        let secs = if admitted.keep { secs } else { 0 };
+        if admitted.keep || attached.resumed.is_some() {
+            let sid = attached.registration.id;
+            hub.set_expiry(sid, Duration::from_secs(u64::from(secs)));
+        }
     }
     let limits = gateway.limits();
     let mut session = Box::new(Session {
         gateway: gateway.clone(),
         registration: attached.registration,
         mailbox: attached.mailbox,
-        persistent: !admitted.clean,
+        persistent: admitted.keep,
         client_id: admitted.client_id.clone(),
         origin,
         version: admitted.version,
@@ -201,6 +210,8 @@ enum Wake {
 pub(super) enum End {
     #[error("client disconnected")]
     Disconnect,
+    #[error("client disconnected, asking for its will")]
+    DisconnectWithWill,
     #[error("connection closed")]
     Closed,
     #[error("i/o error: {0}")]
@@ -227,7 +238,10 @@ impl End {
     /// The MQTT 5 DISCONNECT reason for a session callbus ends (none when the client ended it).
     fn ending(&self) -> Option<v5::Ending> {
         Some(match self {
-            End::Disconnect | End::Closed | End::Io(_) => return None,
+            End::Disconnect | End::DisconnectWithWill | End::Closed | End::Io(_) => return None,
+            End::Malformed(why) if why.starts_with(v5::QOS_NOT_SUPPORTED) => {
+                v5::Ending::QosNotSupported
+            }
             End::Malformed(why) if why.starts_with(v5::TOO_LARGE) => v5::Ending::TooLarge,
             End::Malformed(_) => v5::Ending::Malformed,
             End::Protocol(_) => v5::Ending::Protocol,
@@ -255,7 +269,7 @@ fn connack_properties(
         limits.max_payload_size,
         MAILBOX_MESSAGES.min(usize::from(u16::MAX)) as u16,
         (admitted.keepalive != admitted.asked_keepalive).then_some(admitted.keepalive),
-        (!admitted.clean).then_some(expiry),
+        admitted.keep.then_some(expiry),
         admitted.assigned_id.then(|| device.to_owned()),
         admitted.identity.role == crate::auth::Role::Admin,
     )
@@ -494,7 +508,7 @@ impl Session {
         let mut published = false;
         loop {
             let next = self.next_request();
-            let Some((packet, expiry)) = next? else { break };
+            let Some((packet, extra)) = next? else { break };
             // Boxed: its state (the bridge, the bus) would otherwise be part of every
             // connection's task, idle or not. A subscription change (rare, and it may log
             // from the hub) runs in the connection's log context; a PUBLISH writes its own.
@@ -505,7 +519,7 @@ impl Session {
                 }
                 _ => self.span(),
             };
-            let request = Box::pin(self.on_request(packet, expiry).instrument(span));
+            let request = Box::pin(self.on_request(packet, extra).instrument(span));
             request.await?;
         }
         // An idle connection holds no input buffer.
@@ -516,9 +530,9 @@ impl Session {
     }
 
     /// Handles the buffered packets that need no waiting, up to the next PUBLISH, SUBSCRIBE or
-    /// UNSUBSCRIBE, which it gives back (with a v5 PUBLISH's expiry); `None` once the buffer
+    /// UNSUBSCRIBE, which it gives back (with what v5 says beside it); `None` once the buffer
     /// holds no whole packet or the rate limit holds the next PUBLISH back.
-    fn next_request(&mut self) -> Result<Option<(Packet, Option<u32>)>, End> {
+    fn next_request(&mut self) -> Result<Option<(Packet, v5::Extra)>, End> {
         let max = self.gateway.limits().max_payload_size;
         while self.throttle.is_none() {
             let whole = codec::packet_len(&self.inbuf).is_some_and(|n| n <= self.inbuf.len());
@@ -532,27 +546,26 @@ impl Session {
                 }
             }
             let decoded = match self.version {
-                Version::V4 => codec::decode(&mut self.inbuf, max)
-                    .map(|p| p.map(|p| (p, None)))
-                    .map_err(|e| e.to_string()),
+                Version::V4 => codec::decode_checked(&mut self.inbuf, max)
+                    .map(|p| p.map(|p| (p, v5::Extra::default()))),
                 Version::V5 => v5::decode(&mut self.inbuf, max).map_err(|e| e.0),
             };
-            let Some((packet, expiry)) = decoded.map_err(End::Malformed)? else {
+            let Some((packet, extra)) = decoded.map_err(End::Malformed)? else {
                 break;
             };
-            if let Some(packet) = self.on_control(packet)? {
-                return Ok(Some((packet, expiry)));
+            if let Some(packet) = self.on_control(packet, extra)? {
+                return Ok(Some((packet, extra)));
             }
         }
         Ok(None)
     }
 
     /// Handles a PUBLISH, SUBSCRIBE or UNSUBSCRIBE (what waits on the bus or the store);
-    /// `expiry` is a v5 PUBLISH's Message Expiry Interval (seconds).
-    async fn on_request(&mut self, packet: Packet, expiry: Option<u32>) -> Result<(), End> {
+    /// `extra` has a v5 PUBLISH's Message Expiry Interval (seconds).
+    async fn on_request(&mut self, packet: Packet, extra: v5::Extra) -> Result<(), End> {
         let sid = self.registration.id;
         match packet {
-            Packet::Publish(publish) => self.on_publish(publish, expiry).await?,
+            Packet::Publish(publish) => self.on_publish(publish, extra.message_expiry).await?,
             Packet::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe) => {
                 let hub = &self.gateway.inner.hub;
@@ -579,7 +592,7 @@ impl Session {
     }
 
     /// Handles a packet that needs no waiting; gives back the others, for [`Self::on_request`].
-    fn on_control(&mut self, packet: Packet) -> Result<Option<Packet>, End> {
+    fn on_control(&mut self, packet: Packet, extra: v5::Extra) -> Result<Option<Packet>, End> {
         let sid = self.registration.id;
         match packet {
             Packet::Publish(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_) => {
@@ -615,11 +628,31 @@ impl Session {
             }
             // callbus delivers at most QoS 1.
             Packet::PubRec(_) | Packet::PubComp(_) => {}
-            Packet::Disconnect => return Err(End::Disconnect),
+            Packet::Disconnect => return Err(self.on_disconnect(extra)),
             Packet::Connect(_) => return Err(End::Protocol("second CONNECT")),
             _ => return Err(End::Protocol("server-only packet from client")),
         }
         Ok(None)
+    }
+
+    /// The client said DISCONNECT. MQTT 5: with reason 0x04 its Will goes out all the same,
+    /// and a Session Expiry Interval replaces the CONNECT's (MQTT-3.14.2-2: not from 0 to
+    /// more, a protocol error).
+    fn on_disconnect(&mut self, extra: v5::Extra) -> End {
+        if let Some(secs) = extra.session_expiry {
+            if !self.persistent && secs > 0 {
+                return End::Protocol("Session Expiry Interval set in DISCONNECT after 0");
+            }
+            let expiry = Duration::from_secs(u64::from(secs));
+            self.gateway
+                .inner
+                .hub
+                .set_expiry(self.registration.id, expiry);
+        }
+        match extra.with_will {
+            true => End::DisconnectWithWill,
+            false => End::Disconnect,
+        }
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), End> {

@@ -1,0 +1,275 @@
+//! MQTT 3.1.1 and 5 normative statements, one test each, named by the statement's id
+//! (MQTT-x.y.z-n, or the section where MQTT 5 numbers none), on the wire with hand-written
+//! packets where a client library would hide the case. Each test would fail if its rule were
+//! broken; `docs/MQTT-CONFORMANCE.md` lists every MUST with its status.
+
+mod common;
+
+use common::raw::{field, packet, RawConnect, RawMqtt};
+use common::{granted, Client, TestServer, Via};
+use serde_json::json;
+
+const WILL: &str = r#"{"type":"message","text":"carol is gone"}"#;
+
+/// A server with `c1` of alice, bob and carol, and alice listening on `chat/c1`.
+async fn with_listener() -> (TestServer, Client) {
+    let s = TestServer::with_c1().await;
+    let mut alice = s.connect(Via::Tcp, "alice").await;
+    assert!(granted(&alice.subscribe(&["chat/c1"]).await[0]));
+    (s, alice)
+}
+
+/// Bob says `text` on `chat/c1`; alice's next message must be it (so nothing, a Will say,
+/// came before it).
+async fn next_is_marker(s: &TestServer, alice: &mut Client, text: &str) {
+    let mut bob = s.connect(Via::Tcp, "bob").await;
+    bob.publish_json("chat/c1", json!({"type": "message", "text": text}))
+        .await;
+    assert_eq!(alice.recv().await.json()["text"], text);
+}
+
+/// Carol on MQTT 5 with a Last Will on `chat/c1`.
+async fn carol_with_will(s: &TestServer) -> RawMqtt {
+    let mut connect = RawConnect::v5("carol-dev", "carol", &s.token("carol"));
+    connect.will = Some(("chat/c1".into(), WILL.as_bytes().to_vec()));
+    let (carol, (_, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+    assert_eq!(code, 0);
+    carol
+}
+
+#[tokio::test]
+async fn mqtt_3_14_2_1_a_disconnect_of_length_0_is_normal_and_discards_the_will() {
+    // Also MQTT-3.1.2-10 and MQTT-3.14.4-3: a normal DISCONNECT publishes no Will. `E0 00` is
+    // what paho-mqtt, aiomqtt and mosquitto_pub/sub -V 5 send.
+    let (s, mut alice) = with_listener().await;
+    let mut carol = carol_with_will(&s).await;
+    carol.send(&[0xE0, 0x00]).await;
+    assert!(
+        carol.closed_silently().await,
+        "answered a normal DISCONNECT"
+    );
+    next_is_marker(&s, &mut alice, "after a normal disconnect").await;
+    // The same with the reason written out (`E0 01 00`, as MQTT.js sends it).
+    let mut carol = carol_with_will(&s).await;
+    carol.send(&[0xE0, 0x01, 0x00]).await;
+    assert!(carol.closed_silently().await);
+    next_is_marker(&s, &mut alice, "after a normal disconnect, again").await;
+}
+
+#[tokio::test]
+async fn mqtt_3_14_2_1_a_disconnect_with_reason_0x04_publishes_the_will() {
+    let (s, mut alice) = with_listener().await;
+    let mut carol = carol_with_will(&s).await;
+    carol.send(&[0xE0, 0x01, 0x04]).await;
+    assert!(carol.closed_silently().await);
+    let will = alice.recv().await.json();
+    assert_eq!(
+        (&will["text"], &will["sender_id"]),
+        (&json!("carol is gone"), &json!("carol"))
+    );
+    // A connection that just drops publishes it too (the allowed case of MQTT-3.1.2-8).
+    let carol = carol_with_will(&s).await;
+    drop(carol);
+    assert_eq!(alice.recv().await.json()["text"], "carol is gone");
+}
+
+/// Bob's QoS 1 message on `chat/c1` while `who` is away.
+async fn while_away(s: &TestServer, text: &str) {
+    let mut bob = s.connect(Via::Tcp, "bob").await;
+    bob.publish_json("chat/c1", json!({"type": "message", "text": text}))
+        .await;
+}
+
+/// Carol's phone on MQTT 5: connects with `clean` and `expiry`, subscribed to `chat/c1` if it
+/// is a new session; the CONNACK's session present.
+async fn phone(s: &TestServer, clean: bool, expiry: Option<u32>) -> (RawMqtt, bool) {
+    let mut connect = RawConnect::v5("phone", "carol", &s.token("carol"));
+    connect.clean = clean;
+    connect.session_expiry = expiry;
+    let (mut raw, (present, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+    assert_eq!(code, 0);
+    if !present {
+        assert_eq!(raw.subscribe("chat/c1", 5).await, 1);
+    }
+    (raw, present)
+}
+
+/// The next PUBLISH's payload text, acknowledged.
+async fn next_publish(raw: &mut RawMqtt) -> String {
+    loop {
+        let (first, body) = raw.next().await.expect("a PUBLISH");
+        if first >> 4 != 3 {
+            continue;
+        }
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let mut at = 2 + topic_len;
+        if first & 0b0110 != 0 {
+            raw.send(&packet(0x40, &[body[at], body[at + 1], 0, 0]))
+                .await;
+            at += 2;
+        }
+        let props = usize::from(body[at]); // short property sections only
+        return String::from_utf8_lossy(&body[at + 1 + props..]).into_owned();
+    }
+}
+
+/// Waits (bounded) until the hub has the session away (its connection's end handled).
+async fn away(s: &TestServer, stored: u64) {
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while s.metric("callbus_sessions_stored").await != stored {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session is not away"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_4_clean_start_0_without_an_expiry_resumes_the_stored_session() {
+    let s = TestServer::with_c1().await;
+    let (first, present) = phone(&s, true, Some(600)).await;
+    assert!(!present);
+    drop(first);
+    away(&s, 1).await;
+    while_away(&s, "while you were away").await;
+    // Clean Start 0 with no Session Expiry Interval: resumed (MQTT-3.1.2-4), what waited comes.
+    let (mut second, present) = phone(&s, false, None).await;
+    assert!(present, "the stored session was discarded");
+    assert!(next_publish(&mut second)
+        .await
+        .contains("while you were away"));
+    // The new expiry (0) governs once this connection ends (MQTT-3.1.2-5): nothing is kept.
+    drop(second);
+    away(&s, 0).await;
+    let (_third, present) = phone(&s, false, None).await;
+    assert!(!present, "a session with expiry 0 outlived its connection");
+}
+
+#[tokio::test]
+async fn section_3_1_2_11_clean_start_1_with_an_expiry_keeps_the_new_session() {
+    // paho-mqtt 2's and aiomqtt's first connect (MQTT_CLEAN_START_FIRST_ONLY).
+    let s = TestServer::with_c1().await;
+    let (first, present) = phone(&s, true, Some(600)).await;
+    assert!(!present);
+    drop(first);
+    away(&s, 1).await;
+    while_away(&s, "kept for you").await;
+    let (mut second, present) = phone(&s, false, Some(600)).await;
+    assert!(present, "the new session was not kept");
+    assert!(next_publish(&mut second).await.contains("kept for you"));
+}
+
+/// A v5 DISCONNECT with reason 0 and a Session Expiry Interval.
+fn disconnect_with_expiry(secs: u32) -> Vec<u8> {
+    let mut body = vec![0x00, 5, 0x11];
+    body.extend_from_slice(&secs.to_be_bytes());
+    packet(0xE0, &body)
+}
+
+#[tokio::test]
+async fn section_3_14_2_2_2_a_disconnects_session_expiry_replaces_the_connects() {
+    let s = TestServer::with_c1().await;
+    let (mut first, _) = phone(&s, true, Some(600)).await;
+    first.send(&disconnect_with_expiry(0)).await;
+    assert!(first.closed_silently().await);
+    let (_second, present) = phone(&s, false, Some(600)).await;
+    assert!(!present, "DISCONNECT's expiry of 0 was ignored");
+}
+
+#[tokio::test]
+async fn mqtt_3_14_2_2_a_disconnect_may_not_raise_an_expiry_of_0() {
+    let s = TestServer::with_c1().await;
+    let (mut first, _) = phone(&s, true, None).await;
+    first.send(&disconnect_with_expiry(600)).await;
+    let (kind, body) = first.next().await.expect("the server's DISCONNECT");
+    assert_eq!((kind, body[0]), (0xE0, 0x82), "protocol error expected");
+}
+
+#[tokio::test]
+async fn section_3_3_1_2_a_publish_above_maximum_qos_is_disconnect_0x9b() {
+    let s = TestServer::with_c1().await;
+    let (mut carol, _) = phone(&s, true, None).await;
+    let mut body = Vec::new();
+    field(b"chat/c1", &mut body);
+    body.extend_from_slice(&[0, 7, 0]); // packet id 7, no properties
+    body.extend_from_slice(br#"{"type":"message","text":"qos 2"}"#);
+    carol.send(&packet(0x34, &body)).await;
+    let (kind, body) = carol.next().await.expect("the server's DISCONNECT");
+    assert_eq!((kind, body[0]), (0xE0, 0x9B));
+}
+
+/// A 3.1.1 connection of alice's, past its CONNACK.
+async fn v4_session(s: &TestServer) -> RawMqtt {
+    let connect = RawConnect::v4("alice-raw", "alice", &s.token("alice"));
+    let (raw, (_, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+    assert_eq!(code, 0);
+    raw
+}
+
+/// Whether a 3.1.1 CONNECT changed by `change` is closed with no CONNACK.
+async fn connect_is_closed(s: &TestServer, change: impl FnOnce(&mut RawConnect)) -> bool {
+    let mut connect = RawConnect::v4("alice-raw", "alice", &s.token("alice"));
+    change(&mut connect);
+    let mut raw = RawMqtt::open(s.mqtt).await;
+    raw.send(&connect.encode()).await;
+    raw.closed_silently().await
+}
+
+#[tokio::test]
+async fn mqtt_2_2_2_2_a_connect_with_fixed_header_flags_is_closed() {
+    let s = TestServer::with_c1().await;
+    assert!(connect_is_closed(&s, |c| c.first_byte = Some(0x12)).await);
+    assert!(
+        !connect_is_closed(&s, |_| {}).await,
+        "the valid CONNECT was refused"
+    );
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_3_a_connect_with_the_reserved_flag_is_closed() {
+    let s = TestServer::with_c1().await;
+    // User name, password and clean session (0xC2), plus the reserved bit.
+    assert!(connect_is_closed(&s, |c| c.flags = Some(0xC3)).await);
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_22_not_enforced_a_password_without_a_user_name_is_taken() {
+    // By design (docs/MQTT-CONFORMANCE.md): the token is the whole credential, rumqttc sends
+    // it this way when its user name is empty, and MQTT 5 dropped the rule.
+    let s = TestServer::with_c1().await;
+    for level in [4, 5] {
+        let mut connect = RawConnect::v5("alice-raw", "alice", &s.token("alice"));
+        (connect.level, connect.username) = (level, None);
+        let (_, (_, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+        assert_eq!(code, 0, "MQTT level {level}");
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_8_1_1_a_subscribe_with_wrong_flags_is_closed() {
+    let s = TestServer::with_c1().await;
+    let mut raw = v4_session(&s).await;
+    assert_eq!(
+        raw.subscribe("chat/c1", 4).await,
+        1,
+        "0x82 is the valid form"
+    );
+    let mut body = vec![0, 2];
+    field(b"chat/c1", &mut body);
+    body.push(1);
+    raw.send(&packet(0x80, &body)).await;
+    assert!(raw.closed_silently().await);
+}
+
+#[tokio::test]
+async fn mqtt_2_3_1_1_a_qos_1_publish_with_packet_id_0_is_closed() {
+    let s = TestServer::with_c1().await;
+    let mut raw = v4_session(&s).await;
+    let mut body = Vec::new();
+    field(b"chat/c1", &mut body);
+    body.extend_from_slice(&[0, 0]);
+    body.extend_from_slice(br#"{"type":"message","text":"id 0"}"#);
+    raw.send(&packet(0x32, &body)).await;
+    assert!(raw.closed_silently().await);
+}
