@@ -265,3 +265,31 @@ async fn mqtt_2_3_1_1_a_qos_1_publish_with_packet_id_0_is_closed() {
     raw.send(&packet(0x32, &body)).await;
     assert!(raw.closed_silently().await);
 }
+
+#[tokio::test]
+async fn mqtt_3_1_0_1_a_first_packet_that_is_not_connect_is_closed() {
+    let s = TestServer::with_c1().await;
+    let mut raw = RawMqtt::open(s.mqtt).await;
+    raw.send(&[0xC0, 0x00]).await; // PINGREQ
+    assert!(raw.closed_silently().await);
+}
+
+#[tokio::test]
+async fn mqtt_3_1_0_2_a_second_connect_is_closed() {
+    let s = TestServer::with_c1().await;
+    for level in [4, 5] {
+        let mut connect = RawConnect::v5("alice-raw", "alice", &s.token("alice"));
+        connect.level = level;
+        let (mut raw, (_, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+        assert_eq!(code, 0);
+        raw.send(&connect.encode()).await;
+        // Closed; MQTT 5 says why first (DISCONNECT 0x82).
+        match raw.next().await {
+            None => assert_eq!(level, 4),
+            Some((kind, body)) => assert_eq!((level, kind, body[0]), (5, 0xE0, 0x82)),
+        }
+        if level == 5 {
+            assert!(raw.closed_silently().await);
+        }
+    }
+}

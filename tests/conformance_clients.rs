@@ -39,13 +39,25 @@ async fn paho_on_its_default_clean_start_resumes_across_a_lost_network() {
     assert_eq!(line(&mut lines).await, "subscribed");
     let deadline = tokio::time::Instant::now() + WAIT;
     while s.metric("callbus_sessions_stored").await != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the session was not kept");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session was not kept"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let mut bob = s.connect(Via::Tcp, "bob").await;
-    bob.publish_json("chat/c1", json!({"type": "message", "text": "while offline"}))
-        .await;
-    child.stdin.as_mut().unwrap().write_all(b"go\n").await.unwrap();
+    bob.publish_json(
+        "chat/c1",
+        json!({"type": "message", "text": "while offline"}),
+    )
+    .await;
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"go\n")
+        .await
+        .unwrap();
     // Its reconnect is Clean Start 0: resumed, with what came meanwhile.
     assert_eq!(line(&mut lines).await, "connected True");
     let message = line(&mut lines).await;
@@ -62,7 +74,14 @@ async fn mosquitto_sub_v5_ending_normally_publishes_no_will() {
         .args(["-oL", "mosquitto_sub", "-V", "5", "-h", "127.0.0.1"])
         .args(["-p", &s.mqtt.port().to_string(), "-u", "carol"])
         .args(["-P", &s.token("carol"), "-i", "carol-sub", "-d", "-C", "1"])
-        .args(["-t", "chat/c1", "--will-topic", "chat/c1", "--will-payload", will])
+        .args([
+            "-t",
+            "chat/c1",
+            "--will-topic",
+            "chat/c1",
+            "--will-payload",
+            will,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
