@@ -74,6 +74,8 @@ impl Settings {
     }
 }
 
+type Request = axum::http::Request<hyper::body::Incoming>;
+
 /// HTTP/1.1 with upgrades (for `/mqtt`) on each accepted socket, TLS first when configured.
 /// At most `[http] max_connections` at once; a request's head must arrive within the header
 /// timeout, counted from the connection's start or its previous response (so an idle keep-alive
@@ -95,14 +97,18 @@ async fn serve_http(
     let handle = {
         let shutdown = shutdown.clone();
         move |stream, peer, place: net::Place| {
-            let app = app
-                .clone()
-                .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+            let app = app.clone();
             let shutdown = shutdown.clone();
             async move {
-                // Held until the connection ends (or is upgraded to a WebSocket); a connection
-                // told to make room is dropped.
-                let service = hyper_util::service::TowerToHyperService::new(app);
+                // The peer's address goes into each request as it comes (a layer on a router
+                // per connection rebuilt every route: tens of KiB a connection).
+                let service = hyper::service::service_fn(move |mut request: Request| {
+                    let info = axum::extract::ConnectInfo(peer);
+                    request.extensions_mut().insert(info);
+                    tower::ServiceExt::oneshot(app.clone(), request)
+                });
+                // `place` is held until the connection ends (or is upgraded to a WebSocket); a
+                // connection told to make room is dropped.
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(header_timeout)

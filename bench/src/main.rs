@@ -22,12 +22,16 @@
 //!   connection churn, stuck consumers) against a callbus process, sampled every 10 s and drawn.
 //! - cluster [clients]: three nodes on three nats-servers and PostgreSQL: relay same-node
 //!   against cross-node, flows/s on one node against three, failover time.
+//! - hostile: attacks from one client (a WebSocket ping flood, half-sent HTTP requests and
+//!   CONNECTs, stored sessions without end): the server's RSS, files and CPU while attacked,
+//!   and how long a new client's CONNACK takes meanwhile.
 
 mod calls;
 mod cluster;
 mod conns;
 mod engines;
 mod hops;
+mod hostile;
 mod notified;
 mod relay;
 mod sessions;
@@ -86,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
             soak::run(num(1, 30) as u64, std::path::Path::new(chart)).await?
         }
         "cluster" => cluster::run(2000, 10_000, 5, num(1, 1000)).await?,
+        "hostile" => hostile::run().await?,
         "all" => {
             relay::run(2000, 10_000, 5).await?;
             calls::run(&[1, 10, 100], 5).await?;
@@ -94,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown scenario {other}: use relay, hops, calls, calls-cpu, conns, sessions, notified, storm, soak, cluster or all"
+                "unknown scenario {other}: use relay, hops, calls, calls-cpu, conns, sessions, notified, storm, soak, cluster, hostile or all"
             )
         }
     }
