@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::raw::{field, packet, RawConnect, RawMqtt};
+use common::raw::{field, next_v5_publish, packet, publish_v5, RawConnect, RawMqtt};
 use common::{granted, Client, TestServer, Via};
 use serde_json::json;
 
@@ -292,4 +292,63 @@ async fn mqtt_3_1_0_2_a_second_connect_is_closed() {
             assert!(raw.closed_silently().await);
         }
     }
+}
+
+/// A v5 connection of `user` subscribed to `chat/c1` with `options`.
+async fn subscribed_v5(s: &TestServer, user: &str, options: u8) -> RawMqtt {
+    common::raw::subscribed_v5(s.mqtt, user, &s.token(user), options).await
+}
+
+#[tokio::test]
+async fn mqtt_3_8_3_3_no_local_keeps_a_clients_own_messages_from_it() {
+    let (s, mut alice) = with_listener().await;
+    // Without No Local, carol gets her own message (the allowed case).
+    let mut carol = subscribed_v5(&s, "carol", 0x01).await;
+    carol.send(&publish_v5(1, &[], "mine")).await;
+    assert!(String::from_utf8_lossy(&next_v5_publish(&mut carol).await.payload).contains("mine"));
+    drop(carol);
+    // With No Local she does not; alice does, and carol's next message is bob's.
+    let mut carol = subscribed_v5(&s, "carol", 0x05).await;
+    carol.send(&publish_v5(2, &[], "not for me")).await;
+    assert_eq!(alice.recv().await.json()["text"], "mine");
+    assert_eq!(alice.recv().await.json()["text"], "not for me");
+    let mut bob = s.connect(Via::Tcp, "bob").await;
+    bob.publish_json("chat/c1", json!({"type": "message", "text": "from bob"}))
+        .await;
+    let next = next_v5_publish(&mut carol).await;
+    assert!(String::from_utf8_lossy(&next.payload).contains("from bob"));
+}
+
+#[tokio::test]
+async fn mqtt_3_3_2_4_and_15_to_20_publish_properties_reach_v5_subscribers_unaltered() {
+    let (s, mut alice) = with_listener().await;
+    let mut bob = subscribed_v5(&s, "bob", 0x01).await;
+    let mut carol = subscribed_v5(&s, "carol", 0x01).await;
+    // Payload Format Indicator 1, Content Type, Response Topic, Correlation Data, two User
+    // Properties with the same name (their order is kept: MQTT-3.3.2-18).
+    let mut props = vec![0x01, 1, 0x03];
+    field(b"application/json", &mut props);
+    props.push(0x08);
+    field(b"chat/c1", &mut props);
+    props.push(0x09);
+    field(b"\x00\x07", &mut props);
+    for value in [&b"one"[..], b"two"] {
+        props.push(0x26);
+        field(b"k", &mut props);
+        field(value, &mut props);
+    }
+    carol.send(&publish_v5(1, &props, "with properties")).await;
+    let got = next_v5_publish(&mut bob).await;
+    let p = got.properties.expect("properties");
+    assert_eq!(p.payload_format_indicator, Some(1));
+    assert_eq!(p.content_type.as_deref(), Some("application/json"));
+    assert_eq!(p.response_topic.as_deref(), Some("chat/c1"));
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00\x07"[..]));
+    let users = [
+        ("k".to_owned(), "one".to_owned()),
+        ("k".into(), "two".into()),
+    ];
+    assert_eq!(p.user_properties, users);
+    // A 3.1.1 subscriber gets the message, without them.
+    assert_eq!(alice.recv().await.json()["text"], "with properties");
 }

@@ -1,8 +1,11 @@
 //! MQTT 5 on the same listeners as 3.1.1. A v5 session's packets are read with rumqttc's v5
 //! codec and turned into their 3.1.1 counterparts, so the session's logic is one for both;
 //! what only v5 can say (reason codes, CONNACK properties, a server's DISCONNECT) is written
-//! by [`Answer`]. Properties callbus does not act on are dropped on the way in; a topic alias,
-//! which callbus does not offer (Topic Alias Maximum 0), is a protocol error.
+//! by [`Answer`]. What else a v5 packet says comes beside it as an [`Extra`]: a PUBLISH's
+//! expiry and the properties that travel on to v5 subscribers (`crate::bus::Extras`), a
+//! SUBSCRIBE's No Local filters, a DISCONNECT's reason and Session Expiry Interval. Other
+//! properties are dropped on the way in; a topic alias, which callbus does not offer (Topic
+//! Alias Maximum 0), is a protocol error.
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
@@ -84,10 +87,14 @@ fn topic_text(topic: Bytes) -> Result<String, Malformed> {
 pub(crate) const QOS_NOT_SUPPORTED: &str = "QoS not supported";
 
 /// What a v5 packet says beside its 3.1.1 counterpart.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Extra {
     /// A PUBLISH's Message Expiry Interval (seconds).
     pub message_expiry: Option<u32>,
+    /// A PUBLISH's properties that go on to v5 subscribers (none: `None`).
+    pub properties: Option<std::sync::Arc<crate::bus::Extras>>,
+    /// A SUBSCRIBE's filters with No Local.
+    pub no_local: Vec<String>,
     /// A DISCONNECT's reason was 0x04: the client asks for its Will to be published.
     pub with_will: bool,
     /// A DISCONNECT's Session Expiry Interval (seconds), replacing the CONNECT's.
@@ -147,10 +154,18 @@ pub(crate) fn decode(
             if p.qos == WireQoS::ExactlyOnce {
                 return Err(Malformed(format!("{QOS_NOT_SUPPORTED}: QoS 2")));
             }
-            extra.message_expiry = p
-                .properties
-                .as_ref()
-                .and_then(|p| p.message_expiry_interval);
+            if let Some(props) = p.properties {
+                extra.message_expiry = props.message_expiry_interval;
+                let forwarded = crate::bus::Extras {
+                    origin: None,
+                    payload_format_indicator: props.payload_format_indicator,
+                    content_type: props.content_type,
+                    response_topic: props.response_topic,
+                    correlation_data: props.correlation_data,
+                    user_properties: props.user_properties,
+                };
+                extra.properties = (!forwarded.is_empty()).then(|| forwarded.into());
+            }
             let mut publish =
                 v4::Publish::from_bytes(topic_text(p.topic)?, qos_in(p.qos), p.payload);
             publish.pkid = p.pkid;
@@ -159,6 +174,8 @@ pub(crate) fn decode(
             v4::Packet::Publish(publish)
         }
         wire::Packet::Subscribe(s) => {
+            let no_local = s.filters.iter().filter(|f| f.nolocal);
+            extra.no_local = no_local.map(|f| f.path.clone()).collect();
             let filters = (s.filters.into_iter())
                 .map(|f| v4::SubscribeFilter::new(f.path, qos_in(f.qos)))
                 .collect();
@@ -199,7 +216,7 @@ pub(crate) fn decode(
 /// Writes a 3.1.1 packet the session made as its v5 counterpart.
 pub(crate) fn encode(packet: v4::Packet, out: &mut BytesMut) {
     let packet = match packet {
-        v4::Packet::Publish(p) => return encode_publish(p, None, out),
+        v4::Packet::Publish(p) => return encode_publish(p, None, None, out),
         v4::Packet::PubAck(a) => wire::Packet::PubAck(wire::PubAck::new(a.pkid, None)),
         v4::Packet::PubRec(a) => wire::Packet::PubRec(wire::PubRec::new(a.pkid, None)),
         v4::Packet::PubComp(a) => wire::Packet::PubComp(wire::PubComp::new(a.pkid, None)),
@@ -212,12 +229,29 @@ pub(crate) fn encode(packet: v4::Packet, out: &mut BytesMut) {
     write(&packet, out);
 }
 
-/// Writes a PUBLISH with its Message Expiry Interval (seconds left).
-pub(crate) fn encode_publish(p: v4::Publish, expiry: Option<u32>, out: &mut BytesMut) {
-    let properties = expiry.map(|secs| wire::PublishProperties {
-        message_expiry_interval: Some(secs),
-        ..Default::default()
-    });
+/// Writes a PUBLISH with its Message Expiry Interval (seconds left) and the publisher's
+/// properties.
+pub(crate) fn encode_publish(
+    p: v4::Publish,
+    expiry: Option<u32>,
+    extras: Option<&crate::bus::Extras>,
+    out: &mut BytesMut,
+) {
+    let properties = match (expiry, extras) {
+        (None, None) => None,
+        (expiry, extras) => {
+            let extras = extras.cloned().unwrap_or_default();
+            Some(wire::PublishProperties {
+                message_expiry_interval: expiry,
+                payload_format_indicator: extras.payload_format_indicator,
+                content_type: extras.content_type,
+                response_topic: extras.response_topic,
+                correlation_data: extras.correlation_data,
+                user_properties: extras.user_properties,
+                ..Default::default()
+            })
+        }
+    };
     let mut publish = wire::Publish::new(p.topic, qos_out(p.qos), p.payload, properties);
     publish.pkid = p.pkid;
     publish.dup = p.dup;

@@ -9,12 +9,15 @@
 pub mod direct;
 pub mod embedded;
 mod envelope;
+mod extras;
 pub mod nats;
 pub(crate) mod subject;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
+
+pub use extras::Extras;
 
 /// Who may receive a message, besides matching a subscription and passing the ACL.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -49,6 +52,8 @@ pub struct Message {
     /// When it stops being worth delivering (Unix ms): MQTT 5's Message Expiry Interval, and
     /// callbus's own on a call's ring (not rung once the call stopped ringing).
     pub expires_at_ms: Option<u64>,
+    /// MQTT 5 properties for v5 subscribers, and the publisher for No Local.
+    pub extras: Option<Arc<Extras>>,
 }
 
 impl Message {
@@ -60,6 +65,7 @@ impl Message {
             audience: Audience::Subscribers,
             event: None,
             expires_at_ms: None,
+            extras: None,
         }
     }
 
@@ -67,6 +73,14 @@ impl Message {
     pub fn expiring(self, expires_at_ms: Option<u64>) -> Self {
         Self {
             expires_at_ms,
+            ..self
+        }
+    }
+
+    /// The same message, with `extras` (none if empty).
+    pub fn with_extras(self, extras: Option<Arc<Extras>>) -> Self {
+        Self {
+            extras: extras.filter(|e| !e.is_empty()),
             ..self
         }
     }

@@ -296,3 +296,47 @@ fn header(buf: &[u8]) -> Option<(usize, usize)> {
     }
     None
 }
+
+/// A v5 connection of `user` (Clean Start, no expiry) subscribed to `chat/c1` with `options`
+/// (QoS in bits 0-1, No Local bit 2).
+pub async fn subscribed_v5(mqtt: SocketAddr, user: &str, token: &str, options: u8) -> RawMqtt {
+    let connect = RawConnect::v5(&format!("{user}-v5"), user, token);
+    let (mut raw, (_, code)) = RawMqtt::connect(mqtt, &connect).await;
+    assert_eq!(code, 0);
+    let mut body = vec![0, 1, 0];
+    field(b"chat/c1", &mut body);
+    body.push(options);
+    raw.send(&packet(0x82, &body)).await;
+    let (kind, ack) = raw.next().await.expect("SUBACK");
+    assert_eq!((kind, ack.last().copied()), (0x90, Some(1)));
+    raw
+}
+
+/// A v5 QoS 1 PUBLISH on `chat/c1` (packet id `pkid`) with `properties` (encoded).
+pub fn publish_v5(pkid: u16, properties: &[u8], text: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    field(b"chat/c1", &mut body);
+    body.extend_from_slice(&pkid.to_be_bytes());
+    varint(properties.len(), &mut body);
+    body.extend_from_slice(properties);
+    body.extend_from_slice(
+        serde_json::json!({"type": "message", "text": text})
+            .to_string()
+            .as_bytes(),
+    );
+    packet(0x32, &body)
+}
+
+/// The next PUBLISH as rumqttc's v5 codec reads it (acknowledged).
+pub async fn next_v5_publish(raw: &mut RawMqtt) -> rumqttc::v5::mqttbytes::v5::Publish {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    loop {
+        let (first, body) = raw.next().await.expect("a PUBLISH");
+        let mut bytes = bytes::BytesMut::from(&packet(first, &body)[..]);
+        if let Ok(Packet::Publish(p)) = Packet::read(&mut bytes, None) {
+            raw.send(&packet(0x40, &[(p.pkid >> 8) as u8, p.pkid as u8, 0, 0]))
+                .await;
+            return p;
+        }
+    }
+}

@@ -216,7 +216,7 @@ impl Hub {
         };
         let who = &entry.identity;
         let audience = who.role == Role::Admin || message.audience.includes(who.user_id());
-        if !audience || !self.may_receive(who, topic) {
+        if !audience || !self.may_receive(who, topic) || entry.own_message(&message, topic) {
             receipt.acknowledge();
             return true;
         }

@@ -194,6 +194,7 @@ impl Hub {
             attached_ms: crate::model::call::now_ms(),
             queues: (persistent && self.durable.get().is_some()).then(super::durable::Queues::new),
             expiry: self.sessions.expiry(),
+            no_local: None,
         };
         state.sessions.insert(sid, entry);
         sid

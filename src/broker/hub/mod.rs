@@ -79,6 +79,9 @@ struct Entry {
     queues: Option<Box<durable::Queues>>,
     /// How long a persistent session is kept after its connection ends.
     expiry: Duration,
+    /// MQTT 5: the exact filters it holds with No Local (its own publishes are not sent to
+    /// it through them). Kept for the session's life on this node, not in its stored record.
+    no_local: Option<Box<[Box<str>]>>,
 }
 
 /// A user's id as a map key, read from the identity of one of the user's sessions (the
@@ -245,9 +248,11 @@ impl Hub {
 
     /// Routes `filter` to the session: effective for every message the bus delivers after this
     /// returns.
-    pub(crate) fn subscribe(&self, sid: u64, filter: &str, qos: QoS) {
+    /// `local` false: MQTT 5's No Local (the session's own publishes are not sent to it).
+    pub(crate) fn subscribe(&self, sid: u64, filter: &str, qos: QoS, local: bool) {
         let mut state = lock(&self.state);
-        if let Some(entry) = state.sessions.get(&sid) {
+        if let Some(entry) = state.sessions.get_mut(&sid) {
+            entry.set_no_local(filter, !local);
             // A cluster's persistent session gets QoS 1 from its queue, not the bus.
             let fed = entry.queues.is_some() && qos == QoS::AtLeastOnce;
             state.routes.subscribe(sid, filter, qos, fed);
@@ -257,6 +262,9 @@ impl Hub {
 
     pub(crate) fn unsubscribe(&self, sid: u64, filter: &str) {
         let mut state = lock(&self.state);
+        if let Some(entry) = state.sessions.get_mut(&sid) {
+            entry.set_no_local(filter, false);
+        }
         state.routes.unsubscribe(sid, filter);
         self.save(&state, sid);
     }
@@ -369,6 +377,27 @@ impl crate::calls::Presence for Hub {
 }
 
 impl Entry {
+    /// Marks `filter` as held with No Local, or not.
+    fn set_no_local(&mut self, filter: &str, no_local: bool) {
+        if self.no_local.is_none() && !no_local {
+            return;
+        }
+        let mut held = self.no_local.take().map(Vec::from).unwrap_or_default();
+        held.retain(|f| &**f != filter);
+        if no_local {
+            held.push(filter.into());
+        }
+        self.no_local = (!held.is_empty()).then(|| held.into_boxed_slice());
+    }
+
+    /// Whether `message` on `topic` is this session's own, through a No Local subscription.
+    fn own_message(&self, message: &Message, topic: &str) -> bool {
+        let (Some(held), Some(extras)) = (&self.no_local, &message.extras) else {
+            return false;
+        };
+        extras.origin.as_deref() == Some(&*self.client_id) && held.iter().any(|f| &**f == topic)
+    }
+
     fn resumable(&self) -> bool {
         self.persistent && !matches!(&self.link, Link::Away(s) if s.expires_at <= Instant::now())
     }
@@ -462,7 +491,7 @@ impl Hub {
             if who.role != Role::Admin && !message.audience.includes(who.user_id()) {
                 continue;
             }
-            if !self.may_receive(who, topic) {
+            if !self.may_receive(who, topic) || entry.own_message(&message, topic) {
                 continue;
             }
             match &mut entry.link {

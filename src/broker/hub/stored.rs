@@ -23,6 +23,8 @@ pub(crate) struct Queued {
     pub expires_at_ms: Option<u64>,
     /// It may have reached the client before a crash: sent with DUP.
     pub dup: bool,
+    /// MQTT 5 properties from its publisher, for v5 subscribers.
+    pub extras: Option<std::sync::Arc<crate::bus::Extras>>,
 }
 
 /// What a session that ends hands back to the hub.
@@ -79,6 +81,7 @@ impl Queued {
             receipt: None,
             expires_at_ms: None,
             dup: false,
+            extras: None,
         }
     }
 
@@ -87,6 +90,7 @@ impl Queued {
         Queued {
             event: message.event,
             expires_at_ms: message.expires_at_ms,
+            extras: message.extras.clone(),
             ..Queued::new(message.topic.clone(), message.payload.clone())
         }
     }

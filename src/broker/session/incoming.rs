@@ -15,13 +15,24 @@ use crate::metrics;
 use crate::model::topic::{has_wildcard, notifications_topic};
 
 impl Session {
+    /// A client's PUBLISH; `extra` has what MQTT 5 said beside it (its expiry and the
+    /// properties that go on to v5 subscribers).
     pub(super) async fn on_publish(
         &mut self,
         publish: Publish,
-        expiry: Option<u32>,
+        extra: v5::Extra,
     ) -> Result<(), End> {
-        let expires_at_ms =
-            expiry.map(|secs| crate::model::call::now_ms() + u64::from(secs) * 1000);
+        let expires_at_ms = (extra.message_expiry)
+            .map(|secs| crate::model::call::now_ms() + u64::from(secs) * 1000);
+        // A No Local subscriber of this connection must not get its own messages back.
+        let extras = match (extra.properties, self.no_local) {
+            (properties, false) => properties,
+            (properties, true) => {
+                let mut extras = properties.map_or_else(Default::default, |p| (*p).clone());
+                extras.origin = Some((*self.client_id).into());
+                Some(std::sync::Arc::new(extras))
+            }
+        };
         let inner = &self.gateway.inner;
         let outcome = if publish.retain {
             PublishOutcome::Refuse {
@@ -38,7 +49,9 @@ impl Session {
         match outcome {
             PublishOutcome::Deliver(messages) => {
                 metrics::PUBLISHES_RELAYED.inc();
-                let kept = self.relay(messages, publish.qos, expires_at_ms).await?;
+                let kept = self
+                    .relay(messages, publish.qos, expires_at_ms, extras)
+                    .await?;
                 let (qos, pkid) = (publish.qos, publish.pkid);
                 self.acknowledge_after(kept, |session| session.acknowledge(qos, pkid));
                 Ok(())
@@ -93,12 +106,13 @@ impl Session {
         messages: Vec<Message>,
         qos: QoS,
         expires_at_ms: Option<u64>,
+        extras: Option<std::sync::Arc<crate::bus::Extras>>,
     ) -> Result<Option<Kept>, End> {
         let publisher = &self.gateway.inner.publisher;
         let keep = qos == QoS::AtLeastOnce && publisher.keeps_relays();
         let mut kept: Option<Kept> = None;
         for message in messages {
-            let message = message.expiring(expires_at_ms);
+            let message = message.expiring(expires_at_ms).with_extras(extras.clone());
             if !keep {
                 publisher.publish(message).await.map_err(|_| End::Bus)?;
                 continue;
@@ -145,7 +159,12 @@ impl Session {
 
     /// A persistent session's SUBACK is sent once its subscriptions are on disk, so they
     /// survive a restart, and once the bus carries them.
-    pub(super) async fn on_subscribe(&mut self, subscribe: rumqttc::mqttbytes::v4::Subscribe) {
+    /// A SUBSCRIBE; `no_local` names its MQTT 5 filters with No Local.
+    pub(super) async fn on_subscribe(
+        &mut self,
+        subscribe: rumqttc::mqttbytes::v4::Subscribe,
+        no_local: &[String],
+    ) {
         let inner = &self.gateway.inner;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let max = self.gateway.limits().max_subscriptions;
@@ -172,7 +191,11 @@ impl Session {
                     _ => QoS::AtLeastOnce,
                 };
                 // Routed from now on: anything the bus delivers after this SUBACK arrives.
-                inner.hub.subscribe(self.registration.id, &filter.path, qos);
+                let local = !no_local.contains(&filter.path);
+                inner
+                    .hub
+                    .subscribe(self.registration.id, &filter.path, qos, local);
+                self.no_local |= !local;
                 codes.push(v5::Granted::Yes(qos));
             }
         }

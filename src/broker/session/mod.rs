@@ -139,6 +139,7 @@ pub(super) async fn start<T: Transport>(
         bucket: TokenBucket::full(limits.publish_burst),
         throttle: None,
         will: admitted.will.take().map(Box::new),
+        no_local: false,
         acks_waiting: None,
     });
     // MQTT: the server may close after one and a half keepalive periods of silence.
@@ -309,6 +310,9 @@ pub(super) struct Session {
     /// Over the publish rate: the socket is not read until this fires (boxed: only a
     /// throttled session has a timer).
     throttle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// MQTT 5: the connection holds a No Local subscription, so its publishes say who sent
+    /// them.
+    no_local: bool,
     /// The Last Will (topic, payload): published when the connection ends without DISCONNECT.
     will: Option<Box<(String, Bytes)>>,
     /// Acknowledgements (encoded) not yet written, oldest first, each with what it waits for:
@@ -553,7 +557,7 @@ impl Session {
             let Some((packet, extra)) = decoded.map_err(End::Malformed)? else {
                 break;
             };
-            if let Some(packet) = self.on_control(packet, extra)? {
+            if let Some(packet) = self.on_control(packet, &extra)? {
                 return Ok(Some((packet, extra)));
             }
         }
@@ -565,8 +569,8 @@ impl Session {
     async fn on_request(&mut self, packet: Packet, extra: v5::Extra) -> Result<(), End> {
         let sid = self.registration.id;
         match packet {
-            Packet::Publish(publish) => self.on_publish(publish, extra.message_expiry).await?,
-            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
+            Packet::Publish(publish) => self.on_publish(publish, extra).await?,
+            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe, &extra.no_local).await,
             Packet::Unsubscribe(unsubscribe) => {
                 let hub = &self.gateway.inner.hub;
                 for filter in &unsubscribe.topics {
@@ -592,7 +596,7 @@ impl Session {
     }
 
     /// Handles a packet that needs no waiting; gives back the others, for [`Self::on_request`].
-    fn on_control(&mut self, packet: Packet, extra: v5::Extra) -> Result<Option<Packet>, End> {
+    fn on_control(&mut self, packet: Packet, extra: &v5::Extra) -> Result<Option<Packet>, End> {
         let sid = self.registration.id;
         match packet {
             Packet::Publish(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_) => {
@@ -638,7 +642,7 @@ impl Session {
     /// The client said DISCONNECT. MQTT 5: with reason 0x04 its Will goes out all the same,
     /// and a Session Expiry Interval replaces the CONNECT's (MQTT-3.14.2-2: not from 0 to
     /// more, a protocol error).
-    fn on_disconnect(&mut self, extra: v5::Extra) -> End {
+    fn on_disconnect(&mut self, extra: &v5::Extra) -> End {
         if let Some(secs) = extra.session_expiry {
             if !self.persistent && secs > 0 {
                 return End::Protocol("Session Expiry Interval set in DISCONNECT after 0");
@@ -773,13 +777,14 @@ impl Session {
             self.outstanding = self.outstanding.saturating_add(1);
         }
         let pkid = publish.pkid;
-        // MQTT 5 tells the client how long the message has left.
-        match (self.version, left) {
-            (Version::V5, Some(secs)) => {
-                let secs = secs.min(u64::from(u32::MAX)) as u32;
-                v5::encode_publish(publish, Some(secs), &mut self.outbuf);
+        // MQTT 5 tells the client how long the message has left, and what the publisher
+        // attached.
+        match (self.version, left, message.extras.as_deref()) {
+            (Version::V5, None, None) | (Version::V4, ..) => self.send(Packet::Publish(publish)),
+            (Version::V5, left, extras) => {
+                let secs = left.map(|secs| secs.min(u64::from(u32::MAX)) as u32);
+                v5::encode_publish(publish, secs, extras, &mut self.outbuf);
             }
-            _ => self.send(Packet::Publish(publish)),
         }
         metrics::MESSAGES_SENT.inc();
         if qos != QoS::AtMostOnce && self.persistent {
