@@ -352,3 +352,68 @@ async fn mqtt_3_3_2_4_and_15_to_20_publish_properties_reach_v5_subscribers_unalt
     // A 3.1.1 subscriber gets the message, without them.
     assert_eq!(alice.recv().await.json()["text"], "with properties");
 }
+
+/// Carol on MQTT 5 with a Will on `chat/c1` whose properties are `properties`, her session kept
+/// for 600 s.
+async fn carol_with_will_properties(s: &TestServer, properties: Vec<u8>) -> RawMqtt {
+    let mut connect = RawConnect::v5("carol-dev", "carol", &s.token("carol"));
+    connect.will = Some(("chat/c1".into(), WILL.as_bytes().to_vec()));
+    connect.will_properties = properties;
+    connect.session_expiry = Some(600);
+    let (carol, (_, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+    assert_eq!(code, 0);
+    carol
+}
+
+/// A Will Delay Interval property of `secs`.
+fn will_delay(secs: u32) -> Vec<u8> {
+    let mut props = vec![0x18];
+    props.extend_from_slice(&secs.to_be_bytes());
+    props
+}
+
+#[tokio::test]
+async fn mqtt_3_1_3_9_the_will_waits_for_its_delay() {
+    let (s, mut alice) = with_listener().await;
+    let carol = carol_with_will_properties(&s, will_delay(1)).await;
+    let dropped = std::time::Instant::now();
+    drop(carol); // the network goes
+    assert_eq!(alice.recv().await.json()["text"], "carol is gone");
+    let waited = dropped.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(950),
+        "sent after {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn mqtt_3_1_3_9_a_client_back_within_the_delay_sends_no_will() {
+    let (s, mut alice) = with_listener().await;
+    let carol = carol_with_will_properties(&s, will_delay(1)).await;
+    drop(carol);
+    // Back at once (Clean Start 0, no Will this time), later ending with a normal DISCONNECT.
+    let mut connect = RawConnect::v5("carol-dev", "carol", &s.token("carol"));
+    (connect.clean, connect.session_expiry) = (false, Some(600));
+    let (mut back, (present, _)) = RawMqtt::connect(s.mqtt, &connect).await;
+    assert!(present);
+    // The first connection's delay passes (the timer under test: nothing to await instead).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    next_is_marker(&s, &mut alice, "no will came").await;
+    back.send(&[0xE0, 0x00]).await;
+    assert!(back.closed_silently().await);
+}
+
+#[tokio::test]
+async fn mqtt_3_1_3_10_a_wills_properties_go_with_it() {
+    let s = TestServer::with_c1().await;
+    let mut bob = subscribed_v5(&s, "bob", 0x01).await;
+    let mut props = vec![0x26];
+    field(b"why", &mut props);
+    field(b"network", &mut props);
+    let carol = carol_with_will_properties(&s, props).await;
+    drop(carol);
+    let will = next_v5_publish(&mut bob).await;
+    assert!(String::from_utf8_lossy(&will.payload).contains("carol is gone"));
+    let users = will.properties.expect("properties").user_properties;
+    assert_eq!(users, [("why".to_owned(), "network".to_owned())]);
+}

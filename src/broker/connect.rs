@@ -40,8 +40,8 @@ pub(super) struct Admitted {
     /// The session outlives the connection (3.1.1: `clean_session = 0`; MQTT 5: a Session
     /// Expiry Interval above 0).
     pub keep: bool,
-    /// The Last Will (topic, payload), already checked against the ACL.
-    pub will: Option<(String, bytes::Bytes)>,
+    /// The Last Will, already checked against the ACL.
+    pub will: Option<Will>,
     /// Bytes that arrived after the CONNECT.
     pub inbuf: BytesMut,
     /// The protocol the client speaks.
@@ -57,6 +57,17 @@ pub(super) struct Admitted {
     pub receive_max: Option<u16>,
 }
 
+/// A CONNECT's Last Will.
+pub(super) struct Will {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    /// MQTT 5: seconds after the connection's end before it goes out (0: at once).
+    pub delay_secs: u32,
+    /// MQTT 5: its Message Expiry Interval, and the properties that go on with it.
+    pub expiry_secs: Option<u32>,
+    pub extras: Option<Arc<crate::bus::Extras>>,
+}
+
 /// A CONNECT of either version, as admission needs it.
 struct Hello {
     version: Version,
@@ -65,7 +76,8 @@ struct Hello {
     keep: bool,
     keep_alive: u16,
     login: Option<(String, String)>,
-    will: Option<(String, bytes::Bytes, bool)>,
+    /// The Will and whether it asks to be retained.
+    will: Option<(Will, bool)>,
     max_packet_out: Option<u32>,
     session_expiry: Option<u32>,
     receive_max: Option<u16>,
@@ -80,7 +92,16 @@ impl Hello {
             keep: !c.clean_session,
             keep_alive: c.keep_alive,
             login: c.login.map(|l| (l.username, l.password)),
-            will: c.last_will.map(|w| (w.topic, w.message, w.retain)),
+            will: c.last_will.map(|w| {
+                let will = Will {
+                    topic: w.topic,
+                    payload: w.message,
+                    delay_secs: 0,
+                    expiry_secs: None,
+                    extras: None,
+                };
+                (will, w.retain)
+            }),
             max_packet_out: None,
             session_expiry: None,
             receive_max: None,
@@ -99,7 +120,16 @@ impl Hello {
             keep: c.session_expiry > 0,
             keep_alive: c.keep_alive,
             login: c.login,
-            will: c.will,
+            will: c.will.map(|(topic, payload, retain)| {
+                let will = Will {
+                    topic,
+                    payload,
+                    delay_secs: c.will_delay,
+                    expiry_secs: c.will_expiry,
+                    extras: c.will_extras,
+                };
+                (will, retain)
+            }),
             max_packet_out: c.max_packet_size,
             session_expiry: Some(c.session_expiry),
             receive_max: c.receive_max,
@@ -187,7 +217,7 @@ pub(super) async fn admit<T: Transport>(
                 keepalive,
                 clean: hello.clean,
                 keep: hello.keep,
-                will: hello.will.map(|(topic, message, _)| (topic, message)),
+                will: hello.will.map(|(will, _)| will),
                 inbuf,
                 version: hello.version,
                 asked_keepalive: hello.keep_alive,
@@ -246,10 +276,10 @@ fn decide(gateway: &Gateway, hello: &Hello, room: Room) -> Result<(Identity, Str
             };
             Refusal::Code(hello.version, refused)
         })?;
-    if let Some((topic, message, retain)) = &hello.will {
+    if let Some((will, retain)) = &hello.will {
         let bridge = &gateway.inner.bridge;
-        if let Err(why) = bridge.check_will(&identity, topic, message, *retain) {
-            info!(reason = %why, topic = %topic.escape_debug(), "Last Will refused");
+        if let Err(why) = bridge.check_will(&identity, &will.topic, &will.payload, *retain) {
+            info!(reason = %why, topic = %will.topic.escape_debug(), "Last Will refused");
             return refuse(Refused::NotAuthorized);
         }
     }

@@ -45,6 +45,11 @@ pub(crate) struct Connect {
     pub keep_alive: u16,
     pub login: Option<(String, String)>,
     pub will: Option<(String, Bytes, bool)>,
+    /// The Will's Delay Interval (seconds), Message Expiry Interval and the properties that
+    /// go on with it.
+    pub will_delay: u32,
+    pub will_expiry: Option<u32>,
+    pub will_extras: Option<std::sync::Arc<crate::bus::Extras>>,
     /// Seconds; 0 (or absent) ends the session with the connection.
     pub session_expiry: u32,
     /// The largest packet the client accepts.
@@ -58,16 +63,30 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Conn
     match wire::Packet::read(buf, Some(max as u32)) {
         Ok(wire::Packet::Connect(connect, will, login)) => {
             let props = connect.properties.unwrap_or_default();
+            let will_props = will.as_ref().and_then(|w| w.properties.clone());
             let will = match will {
                 Some(w) => Some((topic_text(w.topic)?, w.message, w.retain)),
                 None => None,
             };
+            let will_delay = will_props.as_ref().and_then(|p| p.delay_interval);
+            let will_expiry = will_props.as_ref().and_then(|p| p.message_expiry_interval);
+            let will_extras = will_props.map(|p| crate::bus::Extras {
+                origin: None,
+                payload_format_indicator: p.payload_format_indicator,
+                content_type: p.content_type,
+                response_topic: p.response_topic,
+                correlation_data: p.correlation_data,
+                user_properties: p.user_properties,
+            });
             Ok(Some(Connect {
                 client_id: connect.client_id,
                 clean_start: connect.clean_start,
                 keep_alive: connect.keep_alive,
                 login: login.map(|l| (l.username, l.password)),
                 will,
+                will_delay: will_delay.unwrap_or(0),
+                will_expiry,
+                will_extras: will_extras.filter(|e| !e.is_empty()).map(Into::into),
                 session_expiry: props.session_expiry_interval.unwrap_or(0),
                 max_packet_size: props.max_packet_size,
                 receive_max: props.receive_maximum,

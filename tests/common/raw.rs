@@ -152,6 +152,8 @@ pub struct RawConnect {
     pub session_expiry: Option<u32>,
     /// (topic, payload) of a Last Will.
     pub will: Option<(String, Vec<u8>)>,
+    /// MQTT 5: the Will's properties, encoded.
+    pub will_properties: Vec<u8>,
     /// Overrides the first byte (0x10) and the flags byte the fields above make.
     pub first_byte: Option<u8>,
     pub flags: Option<u8>,
@@ -198,7 +200,8 @@ impl RawConnect {
         field(self.client_id.as_bytes(), &mut body);
         if let Some((topic, payload)) = &self.will {
             if self.level == 5 {
-                body.push(0); // no will properties
+                varint(self.will_properties.len(), &mut body);
+                body.extend_from_slice(&self.will_properties);
             }
             field(topic.as_bytes(), &mut body);
             field(payload, &mut body);

@@ -240,6 +240,26 @@ impl Hub {
         }
     }
 
+    /// How long session `sid` is kept after its connection ends.
+    pub(crate) fn expiry_of(&self, sid: u64) -> Duration {
+        let state = lock(&self.state);
+        state
+            .sessions
+            .get(&sid)
+            .map_or(Duration::ZERO, |e| e.expiry)
+    }
+
+    /// Whether a connection attached to `client_id`'s session after `since_ms` (Unix ms), or
+    /// one is attached now.
+    pub(crate) fn came_back(&self, client_id: &str, since_ms: u64) -> bool {
+        let state = lock(&self.state);
+        let entry = state
+            .by_client
+            .get(client_id)
+            .and_then(|sid| state.sessions.get(sid));
+        entry.is_some_and(|e| matches!(e.link, Link::Live { .. }) || e.attached_ms > since_ms)
+    }
+
     fn may_receive(&self, who: &Identity, topic: &str) -> bool {
         acl::may_receive(who, topic, |cid| {
             self.store.conversations.is_member(cid, who.user_id())

@@ -4,15 +4,42 @@
 use tracing::{debug, info, warn};
 
 use super::{End, Session};
+use crate::auth::Identity;
 use crate::bridge::acl::Denied;
 use crate::bridge::message::{error_event, ErrorCode, ErrorRef};
 use crate::bridge::PublishOutcome;
 use crate::broker::codec::Version;
 use crate::broker::codec::{Packet, Publish, QoS, SubAck, SubscribeReasonCode};
+use crate::broker::connect::Will;
 use crate::broker::v5;
+use crate::broker::Gateway;
 use crate::bus::{Kept, Message};
 use crate::metrics;
 use crate::model::topic::{has_wildcard, notifications_topic};
+
+/// Publishes the Last Will of `who` (on `device`), checked and stamped like any publish.
+pub(super) async fn publish_will(gateway: &Gateway, who: &Identity, device: &str, will: &Will) {
+    let inner = &gateway.inner;
+    match inner
+        .bridge
+        .on_publish(who, device, &will.topic, &will.payload)
+    {
+        PublishOutcome::Deliver(messages) => {
+            let expires_at_ms = (will.expiry_secs)
+                .map(|secs| crate::model::call::now_ms() + u64::from(secs) * 1000);
+            for message in messages {
+                let message = message.expiring(expires_at_ms);
+                let message = message.with_extras(will.extras.clone());
+                if let Err(e) = inner.publisher.publish(message).await {
+                    warn!(error = %e, "could not publish the Last Will");
+                }
+            }
+        }
+        PublishOutcome::Refuse { detail, .. } => {
+            info!(%detail, "Last Will no longer allowed; not published");
+        }
+    }
+}
 
 impl Session {
     /// A client's PUBLISH; `extra` has what MQTT 5 said beside it (its expiry and the
@@ -125,26 +152,6 @@ impl Session {
             });
         }
         Ok(kept)
-    }
-
-    /// Publishes the Last Will, checked and stamped like any publish.
-    pub(super) async fn publish_will(&self, topic: &str, payload: &[u8]) {
-        let inner = &self.gateway.inner;
-        match inner
-            .bridge
-            .on_publish(&self.identity, self.device(), topic, payload)
-        {
-            PublishOutcome::Deliver(messages) => {
-                for message in messages {
-                    if let Err(e) = inner.publisher.publish(message).await {
-                        warn!(error = %e, "could not publish the Last Will");
-                    }
-                }
-            }
-            PublishOutcome::Refuse { detail, .. } => {
-                info!(%detail, "Last Will no longer allowed; not published");
-            }
-        }
     }
 
     /// Sends an `error` event to this client's own notifications topic.

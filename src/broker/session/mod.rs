@@ -22,7 +22,7 @@ use super::codec::Version;
 use super::codec::{
     self, ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, QoS, UnsubAck,
 };
-use super::connect::Admitted;
+use super::connect::{Admitted, Will};
 use super::hub::{
     Asked, Event, Mailbox, Parting, Queued, Registered, Registration, Resumed, MAILBOX_MESSAGES,
 };
@@ -313,8 +313,8 @@ pub(super) struct Session {
     /// MQTT 5: the connection holds a No Local subscription, so its publishes say who sent
     /// them.
     no_local: bool,
-    /// The Last Will (topic, payload): published when the connection ends without DISCONNECT.
-    will: Option<Box<(String, Bytes)>>,
+    /// The Last Will: published when the connection ends without DISCONNECT.
+    will: Option<Box<Will>>,
     /// Acknowledgements (encoded) not yet written, oldest first, each with what it waits for:
     /// the bus storing the PUBLISH (cluster mode), or nothing but the ones before it (MQTT
     /// acknowledges in the order the PUBLISHes came). Made on first use.
@@ -370,7 +370,7 @@ impl Session {
             let _ = tokio::time::timeout(LAST_WRITE, self.flush(&mut transport)).await;
         }
         if let (Some(will), false) = (self.will.take(), matches!(end, End::Disconnect)) {
-            self.publish_will(&will.0, &will.1).await;
+            self.will_goes(will).await;
         }
         let Session {
             registration,
@@ -391,6 +391,40 @@ impl Session {
         metrics::CONNECTIONS_OPEN.dec();
         info!(reason = %end, "disconnected");
         let _ = tokio::time::timeout(LAST_WRITE, transport.close()).await;
+    }
+
+    /// The connection ended without a normal DISCONNECT: its Will goes out now, or (MQTT 5,
+    /// a Will Delay Interval) once the delay or the session's expiry passed, whichever comes
+    /// first, unless a connection came back to the session meanwhile (MQTT-3.1.3-9). In
+    /// cluster mode only a return to this node is seen.
+    async fn will_goes(&self, will: Box<Will>) {
+        let hub = &self.gateway.inner.hub;
+        let expiry = match self.persistent {
+            true => hub.expiry_of(self.registration.id),
+            false => Duration::ZERO,
+        };
+        let delay = Duration::from_secs(u64::from(will.delay_secs)).min(expiry);
+        if delay.is_zero() {
+            let device = self.device();
+            return incoming::publish_will(&self.gateway, &self.identity, device, &will).await;
+        }
+        let (gateway, identity) = (self.gateway.clone(), self.identity.clone());
+        let (client_id, ended_ms) = (self.client_id.clone(), crate::model::call::now_ms());
+        tokio::spawn(async move {
+            let shutdown = gateway.shutdown_token().clone();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                // The server is going: the Will is not left unsaid.
+                _ = shutdown.cancelled() => {}
+            }
+            if gateway.inner.hub.came_back(&client_id, ended_ms) {
+                return;
+            }
+            let device = client_id
+                .get(identity.user_id().len() + 1..)
+                .unwrap_or_default();
+            incoming::publish_will(&gateway, &identity, device, &will).await;
+        });
     }
 
     /// Serves the client until the session ends (what is still to be written is written by
