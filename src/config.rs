@@ -145,6 +145,9 @@ pub struct SessionsConfig {
     /// Most persistent sessions one user keeps; a new one past it expires the user's session
     /// that has been away longest.
     pub max_per_user: usize,
+    /// Most payload bytes queued for all of one user's sessions while they are away; past it
+    /// the oldest of the session being queued to go.
+    pub user_queue_bytes: usize,
 }
 
 impl Default for SessionsConfig {
@@ -154,6 +157,7 @@ impl Default for SessionsConfig {
             queue_messages: 1000,
             queue_bytes: 4 * 1024 * 1024,
             max_per_user: 32,
+            user_queue_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -295,9 +299,11 @@ impl FileConfig {
         })?;
         config.gateway.validate()?;
         let sessions = &config.sessions;
-        if sessions.queue_messages == 0 || sessions.queue_bytes == 0 || sessions.max_per_user == 0 {
+        let counts = [sessions.queue_messages, sessions.queue_bytes];
+        if counts.contains(&0) || sessions.max_per_user == 0 || sessions.user_queue_bytes == 0 {
             return Err(ConfigError::Invalid(
-                "sessions.queue_messages, queue_bytes and max_per_user must be > 0".into(),
+                "sessions.queue_messages, queue_bytes, max_per_user and user_queue_bytes must be > 0"
+                    .into(),
             ));
         }
         if config.calls.initiate_per_minute == 0 || config.calls.initiate_burst == 0 {

@@ -23,19 +23,6 @@ async fn pair_still_talks(s: &TestServer) {
     assert_eq!(alice.recv().await.json()["text"], "still here");
 }
 
-/// Waits (bounded) until `/metrics` shows `name` at `value`.
-async fn metric_reaches(s: &TestServer, name: &str, value: u64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while s.metric(name).await != value {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} stayed at {} (expected {value})",
-            s.metric(name).await
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn one_user_keeps_a_bounded_number_of_stored_sessions() {
     let config = callbus::config::DEFAULT_CONFIG.replace("max_per_user = 32", "max_per_user = 4");
@@ -47,8 +34,7 @@ async fn one_user_keeps_a_bounded_number_of_stored_sessions() {
             .connect_persistent(Via::Tcp, "mallory", &format!("m{n}"))
             .await;
         assert!(granted(&c.subscribe(&["chat/c1"]).await[0]));
-        drop(c);
-        metric_reaches(&s, "callbus_sessions_stored", (n + 1).min(4)).await;
+        c.leave().await;
     }
     assert_eq!(s.metric("callbus_sessions_evicted_total").await, 6);
     // A message to the conversation is queued four times, not ten.
@@ -61,6 +47,48 @@ async fn one_user_keeps_a_bounded_number_of_stored_sessions() {
     assert_eq!(newest.recv().await.json()["text"], "queued");
     let oldest = s.connect_persistent(Via::Tcp, "mallory", "m0").await;
     assert!(!oldest.session_present);
+    pair_still_talks(&s).await;
+}
+
+#[tokio::test]
+async fn what_one_users_stored_sessions_queue_shares_one_budget() {
+    let config = callbus::config::DEFAULT_CONFIG
+        .replace("max_per_user = 32", "max_per_user = 4")
+        .replace("user_queue_bytes = 16777216", "user_queue_bytes = 8192");
+    let s = TestServer::start_with(&config).await;
+    s.set_members("c1", &["alice", "bob", "mallory"]).await;
+    for n in 0..4u64 {
+        let id = format!("m{n}");
+        let mut c = s.connect_persistent(Via::Tcp, "mallory", &id).await;
+        assert!(granted(&c.subscribe(&["chat/c1"]).await[0]));
+        c.leave().await;
+    }
+    // 20 messages of 1 KB while all four are away: 80 KB queued without the budget.
+    let mut bob = s.connect(Via::Tcp, "bob").await;
+    let text = "x".repeat(1000);
+    for _ in 0..20 {
+        bob.publish_json("chat/c1", json!({"type": "message", "text": text}))
+            .await;
+    }
+    let mut kept = 0;
+    for n in 0..4 {
+        let mut c = s
+            .connect_persistent(Via::Tcp, "mallory", &format!("m{n}"))
+            .await;
+        bob.publish_json("chat/c1", json!({"type": "message", "text": "live"}))
+            .await;
+        loop {
+            let m = c.recv().await.json();
+            match (m["type"].as_str(), m["text"].as_str()) {
+                (_, Some("live")) => break,
+                (Some("message"), _) => kept += 1,
+                _ => assert_eq!(m["code"], "queue_overflow", "{m}"),
+            }
+        }
+    }
+    // Each message's payload is over 1 KB: at most 8 fit in 8 KiB.
+    assert!(kept <= 8, "{kept} messages kept for mallory's sessions");
+    assert!(s.metric("callbus_session_queue_dropped_total").await >= 72);
     pair_still_talks(&s).await;
 }
 

@@ -19,13 +19,6 @@ async fn notify(s: &TestServer, user: &str, n: u64) {
     assert_eq!(status, reqwest::StatusCode::ACCEPTED);
 }
 
-/// Ends a connection with DISCONNECT and waits for callbus to close it: by then callbus has
-/// stored the session (it closes the socket after storing).
-async fn leave(mut client: common::Client) {
-    client.client.disconnect().await.expect("DISCONNECT");
-    assert!(client.closed().await, "a message came instead of the close");
-}
-
 /// Connects mia's phone with a persistent session subscribed to her notifications, then leaves.
 async fn away(s: &TestServer, via: Via) {
     let mut phone = s.connect_persistent(via, "mia", "phone").await;
@@ -33,7 +26,7 @@ async fn away(s: &TestServer, via: Via) {
     assert!(granted(
         &phone.subscribe(&["users/mia/notifications"]).await[0]
     ));
-    leave(phone).await;
+    phone.leave().await;
 }
 
 #[tokio::test]
@@ -65,7 +58,7 @@ async fn a_clean_session_discards_the_stored_one() {
     let clean = s.connect_as(Via::Tcp, "phone", "mia", &token).await;
     let clean = clean.expect("clean connect");
     assert!(!clean.session_present);
-    leave(clean).await;
+    clean.leave().await;
     let phone = s.connect_persistent(Via::Tcp, "mia", "phone").await;
     assert!(!phone.session_present, "the stored session survived");
 }
@@ -127,7 +120,7 @@ async fn membership_is_checked_again_on_replay() {
     let mut bob = s.connect_persistent(Via::Tcp, "bob", "phone").await;
     let codes = bob.subscribe(&["chat/c1", "users/bob/notifications"]).await;
     assert!(codes.iter().all(granted));
-    leave(bob).await;
+    bob.leave().await;
     let mut alice = s.connect(Via::Tcp, "alice").await;
     alice
         .publish_json("chat/c1", json!({"type": "message", "text": "secret"}))

@@ -232,6 +232,13 @@ impl Client {
         }
     }
 
+    /// Ends the connection with DISCONNECT and waits for callbus to close it: by then callbus
+    /// has stored a persistent session (it closes the socket after storing).
+    pub async fn leave(mut self) {
+        self.client.disconnect().await.expect("DISCONNECT");
+        assert!(self.closed().await, "a message came instead of the close");
+    }
+
     /// Waits until the server closes this connection; returns false if a message came first.
     pub async fn closed(&mut self) -> bool {
         if !self.held.is_empty() {

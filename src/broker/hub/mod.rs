@@ -499,7 +499,7 @@ impl Hub {
             return;
         };
         let mut state = lock(&self.state);
-        let mut too_slow = Vec::new();
+        let (mut too_slow, mut queued) = (Vec::new(), Vec::new());
         for (sid, qos) in targets(&state.routes, topic) {
             let Some(entry) = state.sessions.get_mut(&sid) else {
                 continue;
@@ -524,14 +524,43 @@ impl Hub {
                 // A client that is away gets what it subscribed to at QoS 1 when it is back.
                 Link::Away(stored) if qos == QoS::AtLeastOnce => {
                     stored.push(Queued::from_bus(&message), &self.sessions);
+                    queued.push(sid);
                 }
                 Link::Away(_) => {}
             }
+        }
+        for sid in queued {
+            self.keep_user_budget(&mut state, sid);
         }
         for sid in too_slow {
             warn!(session = sid, "session fell too far behind; dropping it");
             metrics::SESSIONS_DROPPED_SLOW.inc();
             self.drop_slow(&mut state, sid);
+        }
+    }
+
+    /// Keeps what all of session `sid`'s user's stored sessions queue within
+    /// `user_queue_bytes`, shedding the oldest of `sid`'s own queue.
+    fn keep_user_budget(&self, state: &mut State, sid: u64) {
+        let Some(user) = state.sessions.get(&sid).map(|e| e.identity.clone()) else {
+            return;
+        };
+        let sids = state
+            .by_user
+            .get(user.user_id())
+            .map_or(&[][..], |s| s.as_slice());
+        let total: usize = (sids.iter())
+            .filter_map(|s| match &state.sessions.get(s)?.link {
+                Link::Away(stored) => Some(stored.bytes()),
+                Link::Live { .. } => None,
+            })
+            .sum();
+        let budget = self.sessions.user_queue_bytes;
+        if total <= budget {
+            return;
+        }
+        if let Some(Link::Away(stored)) = state.sessions.get_mut(&sid).map(|e| &mut e.link) {
+            stored.shed(total - budget);
         }
     }
 

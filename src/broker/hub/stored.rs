@@ -130,6 +130,25 @@ impl Stored {
         }
     }
 
+    /// Payload bytes queued.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Drops the oldest queued messages until `excess` bytes are gone (or nothing is left).
+    pub(super) fn shed(&mut self, mut excess: usize) {
+        while excess > 0 {
+            let Some(old) = self.queue.pop_front() else {
+                return;
+            };
+            let len = old.payload.len();
+            self.bytes -= len;
+            excess = excess.saturating_sub(len.max(1));
+            self.dropped += 1;
+            metrics::SESSION_QUEUE_DROPPED.inc();
+        }
+    }
+
     /// Takes back what the connection had not finished: its unacknowledged messages, then
     /// what was still in its mailbox, both older than anything queued since.
     pub(super) fn part(&mut self, parting: Parting, unsent: Vec<Queued>, limits: &SessionsConfig) {
