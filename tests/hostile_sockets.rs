@@ -193,15 +193,7 @@ async fn sockets_that_never_connect_leave_http_and_real_clients_room() {
 /// only its first `send` bytes.
 fn half_connect(declared: usize, will: bool, send: usize) -> Vec<u8> {
     let mut out = vec![0x10];
-    let mut len = declared;
-    loop {
-        let byte = (len % 128) as u8;
-        len /= 128;
-        out.push(if len > 0 { byte | 0x80 } else { byte });
-        if len == 0 {
-            break;
-        }
-    }
+    common::raw::varint(declared, &mut out);
     let flags = if will { 0b0000_0110 } else { 0b0000_0010 };
     out.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60]);
     out.resize(send, b'x');
