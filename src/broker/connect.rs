@@ -6,9 +6,8 @@
 //! Before it has authenticated, a client can make the server hold little: a CONNECT without a
 //! Last Will may be `max_connect_size` (a will's payload may take it to `max_payload_size`),
 //! what pre-CONNECT sockets hold past 8 KiB each comes from the `pending_connect_bytes` they
-//! share, and a connection slot
-//! (`max_connections`) is taken only once the CONNECT is in, so sockets that never send one
-//! cannot refuse real clients.
+//! share, and a connection slot (`max_connections`) is taken only once the CONNECT is in, so
+//! sockets that never send one cannot refuse real clients.
 
 use bytes::BytesMut;
 use std::sync::Arc;

@@ -599,7 +599,8 @@ impl Session {
     }
 
     /// Handles a PUBLISH, SUBSCRIBE or UNSUBSCRIBE (what waits on the bus or the store);
-    /// `extra` has a v5 PUBLISH's Message Expiry Interval (seconds).
+    /// `extra` has what v5 said beside it (a PUBLISH's expiry and properties, a SUBSCRIBE's
+    /// No Local filters).
     async fn on_request(&mut self, packet: Packet, extra: v5::Extra) -> Result<(), End> {
         let sid = self.registration.id;
         match packet {
