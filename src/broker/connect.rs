@@ -22,9 +22,8 @@ use crate::auth::Identity;
 use crate::ids::{is_valid_id, random_hex};
 use crate::metrics;
 
-/// What a socket may hold before CONNECT without drawing on `pending_connect_bytes`: a CONNECT
-/// with a token fits, so only large ones (with a will) share the budget, and filling it refuses
-/// none of the ordinary ones.
+/// What a socket may hold before CONNECT without drawing on `pending_connect_bytes`: one with a
+/// token fits, so only large ones (with a will) share the budget and filling it refuses no other.
 const FREE_BYTES: usize = 8 * 1024;
 
 /// A connection that passed its CONNECT.
