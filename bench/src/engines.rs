@@ -74,7 +74,9 @@ impl Nats {
             .collect();
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &self.ports[i].to_string()])
-            .args(["-n", &format!("nats-{i}"), "--cluster_name", "callbus"])
+            // A name of its own: clusters started side by side (tests in parallel) that reach
+            // each other's ports through a reused port number refuse to merge.
+            .args(["-n", &format!("nats-{i}"), "--cluster_name", &self.name()])
             .args([
                 "--cluster",
                 &format!("nats://127.0.0.1:{}", self.route_ports[i]),
@@ -91,6 +93,11 @@ impl Nats {
             })?;
         self.servers[i] = Some(Owned(child));
         Ok(())
+    }
+
+    /// The cluster's name, unique among those running (its first server's port).
+    fn name(&self) -> String {
+        format!("callbus-{}", self.ports[0])
     }
 
     /// Every server's URL, starting with server `first`'s (a node connects to the first one
