@@ -35,8 +35,9 @@ pub const STREAM: &str = "CALLBUS";
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Most bytes the stream keeps (oldest dropped first).
 const STREAM_BYTES: i64 = 1 << 30;
-/// How long starting nodes wait for JetStream (its servers elect a leader first).
-const JETSTREAM_WAIT: Duration = Duration::from_secs(30);
+/// How long starting nodes wait for JetStream (its servers elect a leader and learn of each
+/// other first: on a loaded two-core machine a fresh cluster of three took over 30 s).
+const JETSTREAM_WAIT: Duration = Duration::from_secs(60);
 /// A lost queue is replayed from this long before its session was last known to be fine:
 /// anything it had delivered but not had acknowledged is redelivered by then.
 const REPLAY_MARGIN: Duration = Duration::from_secs(ACK_WAIT.as_secs() + 5);

@@ -216,9 +216,9 @@ async fn spawn_inner(wrapper: &[&str], dir: &Path, args: &[&str], log: Option<&s
         .expect("spawn callbus");
     let mut proc = Proc { child, http, mqtt };
     let client = reqwest::Client::new();
-    // Up to 30 s: a cluster node's start (PostgreSQL, NATS, its streams) on a loaded 2-core
-    // machine has taken more than 5.
-    for _ in 0..1200 {
+    // Up to 75 s: a cluster node's start (PostgreSQL, NATS, its streams) on a loaded 2-core
+    // machine has taken more than 30 (a node waits up to 60 s for JetStream).
+    for _ in 0..3000 {
         if let Ok(Some(status)) = proc.child.try_wait() {
             panic!("callbus exited before it became healthy: {status}");
         }
