@@ -6,7 +6,8 @@ mod common;
 use callbus::auth::Role;
 use common::cluster::Cluster;
 use common::process::token;
-use common::raw::{next_v5_publish, publish_v5, subscribed_v5};
+use common::raw::{next_v5_publish, next_v5_says, publish_unechoed, publish_v5, subscribed_v5};
+use common::raw::{RawConnect, RawMqtt};
 use std::net::SocketAddr;
 
 #[tokio::test]
@@ -31,4 +32,37 @@ async fn publish_properties_and_no_local_hold_across_nodes() {
     bob.send(&publish_v5(1, &[], "from bob")).await;
     let next = next_v5_publish(&mut carol).await;
     assert!(String::from_utf8_lossy(&next.payload).contains("from bob"));
+}
+
+/// Carol's MQTT 5 phone (Clean Start 0, an hour's session expiry) at `mqtt`; whether its
+/// session was there.
+async fn carols_phone(mqtt: SocketAddr) -> (RawMqtt, bool) {
+    let mut connect = RawConnect::v5("phone", "carol", &token("carol", Role::User));
+    connect.clean = false;
+    connect.session_expiry = Some(3600);
+    let (raw, (present, code)) = RawMqtt::connect(mqtt, &connect).await;
+    assert_eq!(code, 0);
+    (raw, present)
+}
+
+/// A persistent session's No Local subscription is stored with it: resumed on another node,
+/// the phone still does not get its own messages back (from its queue in the cluster).
+#[tokio::test]
+async fn no_local_moves_with_a_persistent_session_between_nodes() {
+    let cluster = Cluster::start(2).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    a.set_members("c1", &["bob", "carol"]).await;
+    let at = |port: u16| -> SocketAddr { format!("127.0.0.1:{port}").parse().unwrap() };
+    let (mut phone, present) = carols_phone(at(a.mqtt)).await;
+    assert!(!present);
+    assert_eq!(phone.subscribe_with("chat/c1", 5, 0x05).await, 1); // QoS 1, No Local
+    phone.send(&[0xE0, 0x00]).await;
+    assert!(phone.closed_silently().await);
+
+    let (mut phone, present) = carols_phone(at(b.mqtt)).await;
+    assert!(present, "the session was not found on node 2");
+    publish_unechoed(&mut phone, 1, "mine").await;
+    let mut bob = subscribed_v5(at(a.mqtt), "bob", &token("bob", Role::User), 0x01).await;
+    bob.send(&publish_v5(1, &[], "from bob")).await;
+    assert!(next_v5_says(&mut phone, "from bob").await);
 }

@@ -5,7 +5,8 @@
 mod common;
 
 use callbus::auth::Role;
-use common::process::{spawn_with, token, Proc};
+use common::process::{mqtt, spawn_with, token, Proc};
+use common::raw::{next_v5_says, publish_unechoed, RawConnect, RawMqtt};
 use common::WAIT;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -88,4 +89,65 @@ async fn a_stored_session_gets_what_it_missed_after_a_sigkill() {
     // Live traffic after the replay, without a new SUBSCRIBE.
     notify(&second, 2).await;
     assert_eq!(next_publish(&mut events).await["payload"]["n"], 2);
+}
+
+/// mia's MQTT 5 phone (Clean Start 0, an hour's session expiry) on `proc`; whether its
+/// session was there.
+async fn v5_phone(proc: &Proc) -> (RawMqtt, bool) {
+    let mut connect = RawConnect::v5("phone5", "mia", &token("mia", Role::User));
+    connect.clean = false;
+    connect.session_expiry = Some(3600);
+    let mqtt = std::net::SocketAddr::from(([127, 0, 0, 1], proc.mqtt));
+    let (raw, (present, code)) = RawMqtt::connect(mqtt, &connect).await;
+    assert_eq!(code, 0);
+    (raw, present)
+}
+
+/// Ends the phone with a normal DISCONNECT, once the server has closed it.
+async fn leave(mut phone: RawMqtt) {
+    phone.send(&[0xE0, 0x00]).await;
+    assert!(phone.closed_silently().await);
+}
+
+/// The phone says something on `chat/c1` (packet id `pkid`) and, its No Local subscription
+/// holding, does not get it back: the next message it gets is alice's, sent after.
+async fn own_message_kept_from(proc: &Proc, phone: &mut RawMqtt, pkid: u16) {
+    publish_unechoed(phone, pkid, "mine").await;
+    let (alice, mut events) = mqtt(proc, "alice").await.expect("alice connects");
+    let said = json!({"type": "message", "text": "from alice"}).to_string();
+    alice
+        .publish("chat/c1", QoS::AtLeastOnce, false, said)
+        .await
+        .expect("publish");
+    common::process::next(&mut events, |p| {
+        matches!(p, Packet::PubAck(_)).then_some(())
+    })
+    .await;
+    assert!(next_v5_says(phone, "from alice").await);
+}
+
+/// MQTT 5's No Local is part of the stored session (MQTT-3.8.3-3 holds for as long as the
+/// subscription does): resumed on the same process and after a SIGKILL, a phone still does
+/// not get its own messages back.
+#[tokio::test]
+async fn a_stored_sessions_no_local_holds_when_it_resumes_and_after_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = spawn_with(dir.path(), &[]).await;
+    first.set_members("c1", &["alice", "mia"]).await;
+    let (mut phone, present) = v5_phone(&first).await;
+    assert!(!present);
+    assert_eq!(phone.subscribe_with("chat/c1", 5, 0x05).await, 1); // QoS 1, No Local
+    own_message_kept_from(&first, &mut phone, 1).await;
+    leave(phone).await;
+
+    let (mut phone, present) = v5_phone(&first).await;
+    assert!(present);
+    own_message_kept_from(&first, &mut phone, 2).await;
+    leave(phone).await;
+    drop(first); // SIGKILL
+
+    let second = spawn_with(dir.path(), &[]).await;
+    let (mut phone, present) = v5_phone(&second).await;
+    assert!(present, "the session did not survive");
+    own_message_kept_from(&second, &mut phone, 3).await;
 }

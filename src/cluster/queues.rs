@@ -61,6 +61,8 @@ pub struct Queues {
     expiry: Duration,
     /// Most messages a queue keeps for its session; older ones are dropped on resume.
     bound: u64,
+    /// Most sessions one user keeps stored, over all nodes.
+    max_per_user: usize,
     hub: Weak<Hub>,
     writes: mpsc::UnboundedSender<Write>,
     acks: mpsc::UnboundedSender<async_nats::Subject>,
@@ -150,6 +152,7 @@ impl Queues {
             pg,
             expiry,
             bound: sessions.queue_messages as u64,
+            max_per_user: sessions.max_per_user,
             hub: Arc::downgrade(hub),
             writes,
             acks,
@@ -178,8 +181,14 @@ impl Queues {
                 Write::Save(client_id, record) => {
                     let expires = self.expires_ms();
                     let pg = &self.pg;
-                    pg.put_session(&client_id, &record, &self.node_id, expires)
+                    match pg
+                        .put_session(&client_id, &record, &self.node_id, expires)
                         .await
+                    {
+                        Ok(true) => self.evict_over_limit(&record.user_id).await,
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(e),
+                    }
                 }
                 Write::Part(client_id, expiry) => {
                     let expires = now_ms() + expiry.min(self.expiry).as_millis() as u64;
@@ -208,6 +217,19 @@ impl Queues {
                 failed = Some(e);
             }
         }
+    }
+
+    /// A new session of `user_id` was stored: while the user keeps more than `max_per_user`
+    /// over the cluster, the one whose client has been away longest is expired with its
+    /// queues (as on one node; live ones are bounded by the connection limit per user).
+    async fn evict_over_limit(&self, user_id: &str) -> Result<(), StoreError> {
+        let max = self.max_per_user;
+        for (client_id, record) in self.pg.evict_sessions(user_id, max).await? {
+            info!(client = %client_id, max, "stored session expired: its user keeps too many");
+            crate::metrics::SESSIONS_EVICTED.inc();
+            self.delete_queues(&client_id, &record.filters).await;
+        }
+        Ok(())
     }
 
     /// Deletes the consumers of a session's QoS 1 `filters`.

@@ -17,6 +17,9 @@ pub struct SessionRecord {
     pub filters: Vec<(String, u8)>,
     /// The highest event-log sequence the session has acknowledged.
     pub delivered_through: u64,
+    /// Filters held with MQTT 5's No Local (the session's own publishes are not sent to it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_local: Vec<String>,
 }
 
 /// One durable event.

@@ -271,12 +271,18 @@ impl RawMqtt {
     /// Subscribes to `filter` at QoS 1 (packet id 1, v5 with empty properties at `level` 5)
     /// and returns the SUBACK's first code.
     pub async fn subscribe(&mut self, filter: &str, level: u8) -> u8 {
+        self.subscribe_with(filter, level, 1).await
+    }
+
+    /// Subscribes to `filter` with subscription `options` (QoS in bits 0-1, v5's No Local
+    /// bit 2); the SUBACK's first code.
+    pub async fn subscribe_with(&mut self, filter: &str, level: u8, options: u8) -> u8 {
         let mut body = vec![0, 1];
         if level == 5 {
             body.push(0);
         }
         field(filter.as_bytes(), &mut body);
-        body.push(1);
+        body.push(options);
         self.send(&packet(0x82, &body)).await;
         loop {
             let (first, body) = self.next().await.expect("SUBACK");
@@ -328,6 +334,25 @@ pub fn publish_v5(pkid: u16, properties: &[u8], text: &str) -> Vec<u8> {
             .as_bytes(),
     );
     packet(0x32, &body)
+}
+
+/// Sends `text` on `chat/c1` (QoS 1, packet id `pkid`) and reads up to its PUBACK, asserting
+/// that no PUBLISH comes first (the sender holds `chat/c1` with No Local).
+pub async fn publish_unechoed(raw: &mut RawMqtt, pkid: u16, text: &str) {
+    raw.send(&publish_v5(pkid, &[], text)).await;
+    loop {
+        let (kind, _) = raw.next().await.expect("PUBACK");
+        assert_ne!(kind >> 4, 3, "its own message came back");
+        if kind == 0x40 {
+            return;
+        }
+    }
+}
+
+/// Whether the next PUBLISH (acknowledged) says `text`.
+pub async fn next_v5_says(raw: &mut RawMqtt, text: &str) -> bool {
+    let got = next_v5_publish(raw).await;
+    String::from_utf8_lossy(&got.payload).contains(text)
 }
 
 /// The next PUBLISH as rumqttc's v5 codec reads it (acknowledged).

@@ -131,22 +131,15 @@ impl Hub {
         let stored = Stored::new(0, Instant::now() + self.sessions.expiry());
         let link = Link::Away(Box::new(stored));
         let sid = self.add(&mut state, identity.clone(), client_id.into(), true, link);
-        for (filter, qos) in &record.filters {
-            // Membership is checked again: a conversation left while away is not resumed.
-            if !has_wildcard(filter) && !self.may_receive(identity, filter) {
+        // Membership is checked again: a conversation left while away is not resumed.
+        super::persist::resubscribe(&mut state, sid, &record, true, |filter| {
+            let allowed = has_wildcard(filter) || self.may_receive(identity, filter);
+            if !allowed {
                 info!(client = %client_id, %filter, "subscription no longer allowed; dropped");
                 durable.close(client_id, filter);
-                continue;
             }
-            let qos = if *qos == 0 {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            };
-            state
-                .routes
-                .subscribe(sid, filter, qos, qos == QoS::AtLeastOnce);
-        }
+            allowed
+        });
         self.save(&state, sid);
         info!(client = %client_id, "persistent session fetched from the cluster");
         Ok(())

@@ -79,13 +79,14 @@ impl Hub {
                 let previous = std::mem::replace(&mut entry.link, Link::Live { sender, conn });
                 entry.identity = identity.clone();
                 entry.attached_ms = crate::model::call::now_ms();
-                let resumed = match previous {
+                let mut resumed = match previous {
                     Link::Live { sender: old, .. } => {
                         old.send(Event::Replaced);
                         Resumed::default()
                     }
                     Link::Away(stored) => stored.resume(logged),
                 };
+                resumed.no_local = entry.no_local.is_some();
                 (sid, Some(resumed))
             }
             None => {

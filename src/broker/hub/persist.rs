@@ -35,14 +35,7 @@ impl Hub {
             if let Some(entry) = state.sessions.get_mut(&sid) {
                 entry.delivered_through = record.delivered_through;
             }
-            for (filter, qos) in &record.filters {
-                let qos = if *qos == 0 {
-                    QoS::AtMostOnce
-                } else {
-                    QoS::AtLeastOnce
-                };
-                state.routes.subscribe(sid, filter, qos, false);
-            }
+            resubscribe(&mut state, sid, &record, false, |_| true);
         }
         if !state.sessions.is_empty() {
             info!(
@@ -68,6 +61,12 @@ impl Hub {
                 .map(|(f, q)| (f, q as u8))
                 .collect(),
             delivered_through: entry.delivered_through,
+            no_local: entry
+                .no_local
+                .iter()
+                .flatten()
+                .map(|f| f.to_string())
+                .collect(),
         };
         if let (Some(durable), Some(_)) = (self.durable.get(), &entry.queues) {
             durable.save(&entry.client_id, record);
@@ -139,6 +138,35 @@ impl Hub {
             Err(e) => {
                 warn!(error = %e, "cannot read the event log");
                 Vec::new()
+            }
+        }
+    }
+}
+
+/// Routes stored session `sid`'s filters again, each that `keep` allows, with No Local where
+/// it had it; `fed`: its QoS 1 filters are fed by its queues, not the bus.
+pub(super) fn resubscribe(
+    state: &mut State,
+    sid: u64,
+    record: &SessionRecord,
+    fed: bool,
+    mut keep: impl FnMut(&str) -> bool,
+) {
+    for (filter, qos) in &record.filters {
+        if !keep(filter) {
+            continue;
+        }
+        let qos = if *qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        state
+            .routes
+            .subscribe(sid, filter, qos, fed && qos == QoS::AtLeastOnce);
+        if record.no_local.contains(filter) {
+            if let Some(entry) = state.sessions.get_mut(&sid) {
+                entry.set_no_local(filter, true);
             }
         }
     }

@@ -49,6 +49,8 @@ pub(crate) struct Resumed {
     /// Messages dropped at the queue's bound while away.
     pub dropped: u64,
     pub last_pkid: u16,
+    /// Whether the session holds a filter with No Local.
+    pub no_local: bool,
 }
 
 pub(super) struct Stored {
@@ -179,6 +181,7 @@ impl Stored {
             queue,
             dropped: self.dropped,
             last_pkid: self.last_pkid,
+            no_local: false,
         }
     }
 }

@@ -837,6 +837,7 @@ impl Session {
     /// client if its queue overflowed) what was queued while it was away.
     fn replay(&mut self, resumed: Resumed) -> Result<(), End> {
         self.next_pkid = resumed.last_pkid;
+        self.no_local = resumed.no_local;
         for message in resumed.inflight {
             let (Ok(name), Some(pkid)) = (std::str::from_utf8(&message.topic), message.pkid) else {
                 continue;

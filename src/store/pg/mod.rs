@@ -86,6 +86,13 @@ const MIGRATIONS: &[(i32, &str)] = &[
         CREATE INDEX push_jobs_by_call ON push_jobs (call_id, id);",
     ),
     (6, "ALTER TABLE call_events ADD COLUMN expires_ms bigint"),
+    (
+        7,
+        // Broker-side client ids are `<user id>.<client id>`, and user ids have no dot.
+        "ALTER TABLE sessions ADD COLUMN user_id text
+            GENERATED ALWAYS AS (split_part(client_id, '.', 1)) STORED;
+        CREATE INDEX sessions_by_user ON sessions (user_id, parted_ms);",
+    ),
 ];
 
 /// Advisory locks: calls take their id (the one-bigint form), users `(1, hash)` and

@@ -23,6 +23,19 @@ fn decode(text: &str) -> Result<SessionRecord, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("session: {e}")))
 }
 
+/// Rows of `(client_id, record)`.
+fn rows_of_sessions(
+    rows: Vec<tokio_postgres::Row>,
+) -> Result<Vec<(String, SessionRecord)>, StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let client_id: String = row.try_get(0).map_err(unavailable)?;
+        let text: String = row.try_get(1).map_err(unavailable)?;
+        out.push((client_id, decode(&text)?));
+    }
+    Ok(out)
+}
+
 impl Pg {
     /// The session stored under `client_id`, unless it expired before `now_ms`.
     pub async fn session(
@@ -49,27 +62,53 @@ impl Pg {
         }))
     }
 
-    /// Writes a session held live by `node`.
+    /// Writes a session held live by `node`; whether it is new (was not stored before).
     pub async fn put_session(
         &self,
         client_id: &str,
         record: &SessionRecord,
         node: &str,
         expires_ms: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
+        // `xmax` is 0 in a row version an INSERT made, and set in one the UPDATE made.
         let sql = "INSERT INTO sessions (client_id, record, node, expires_ms)
                    VALUES ($1, $2, $3, $4)
                    ON CONFLICT (client_id) DO UPDATE
-                   SET record = $2, node = $3, expires_ms = $4, parted_ms = NULL";
+                   SET record = $2, node = $3, expires_ms = $4, parted_ms = NULL
+                   RETURNING xmax = 0";
         let statement = conn.prepare(sql).await?;
         let params: [super::calls::Param; 4] =
             [&client_id, &encode(record)?, &node, &(expires_ms as i64)];
-        (conn.client()?)
-            .execute(&statement, &params)
+        let row = (conn.client()?)
+            .query_one(&statement, &params)
             .await
             .map_err(unavailable)?;
-        Ok(())
+        row.try_get(0).map_err(unavailable)
+    }
+
+    /// Deletes the sessions of `user_id` beyond the newest `max`, those away longest first
+    /// (sessions held live on a node are never among them); what they held.
+    pub async fn evict_sessions(
+        &self,
+        user_id: &str,
+        max: usize,
+    ) -> Result<Vec<(String, SessionRecord)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let sql = "DELETE FROM sessions WHERE client_id IN (
+                       SELECT client_id FROM sessions
+                       WHERE user_id = $1 AND node IS NULL
+                       ORDER BY parted_ms NULLS FIRST
+                       LIMIT greatest((SELECT count(*) FROM sessions WHERE user_id = $1) - $2, 0)
+                       FOR UPDATE SKIP LOCKED)
+                   RETURNING client_id, record";
+        let statement = conn.prepare(sql).await?;
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = (conn.client()?)
+            .query(&statement, &[&user_id, &max])
+            .await
+            .map_err(unavailable)?;
+        rows_of_sessions(rows)
     }
 
     /// The session's client left `node`: it expires at `expires_ms` unless another node holds
@@ -141,13 +180,7 @@ impl Pg {
             .query(&statement, &[&(now_ms as i64), &limit])
             .await
             .map_err(unavailable)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let client_id: String = row.try_get(0).map_err(unavailable)?;
-            let text: String = row.try_get(1).map_err(unavailable)?;
-            out.push((client_id, decode(&text)?));
-        }
-        Ok(out)
+        rows_of_sessions(rows)
     }
 
     /// Marks every session `node` held live as away (a former run of it held them).
