@@ -1,5 +1,7 @@
 //! MQTT 5 across nodes: a PUBLISH's properties and its publisher (for No Local) travel on the
-//! cluster's bus (NATS) as on one node's.
+//! cluster's bus (NATS) as on one node's; a persistent session's No Local moves with it; a
+//! client back on another node within its Will Delay Interval is seen by the node holding the
+//! Will.
 
 mod common;
 
@@ -65,4 +67,37 @@ async fn no_local_moves_with_a_persistent_session_between_nodes() {
     let mut bob = subscribed_v5(at(a.mqtt), "bob", &token("bob", Role::User), 0x01).await;
     bob.send(&publish_v5(1, &[], "from bob")).await;
     assert!(next_v5_says(&mut phone, "from bob").await);
+}
+
+/// MQTT-3.1.3-9 across nodes: a client that comes back on another node within its Will Delay
+/// Interval claims its client id there, and the node holding the delayed Will does not send it.
+#[tokio::test]
+async fn a_client_back_on_another_node_within_the_will_delay_sends_no_will() {
+    let cluster = Cluster::start(2).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    a.set_members("c1", &["alice", "bob", "carol"]).await;
+    let at = |port: u16| -> SocketAddr { format!("127.0.0.1:{port}").parse().unwrap() };
+    let mut alice = b.connect(common::Via::Tcp, "alice").await;
+    assert!(common::granted(&alice.subscribe(&["chat/c1"]).await[0]));
+
+    let mut connect = RawConnect::v5("carol-dev", "carol", &token("carol", Role::User));
+    let will = r#"{"type":"message","text":"carol is gone"}"#;
+    connect.will = Some(("chat/c1".into(), will.as_bytes().to_vec()));
+    connect.will_properties = [0x18, 0, 0, 0, 2].to_vec(); // Will Delay Interval 2 s
+    connect.session_expiry = Some(600);
+    let (carol, (_, code)) = RawMqtt::connect(at(a.mqtt), &connect).await;
+    assert_eq!(code, 0);
+    drop(carol); // the network goes
+
+    let mut back = RawConnect::v5("carol-dev", "carol", &token("carol", Role::User));
+    (back.clean, back.session_expiry) = (false, Some(600));
+    let (_back, (present, code)) = RawMqtt::connect(at(b.mqtt), &back).await;
+    assert_eq!(code, 0);
+    assert!(present);
+    // The first connection's delay passes (the timer under test: nothing to await instead).
+    tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
+    let mut bob = a.connect(common::Via::Tcp, "bob").await;
+    let marker = serde_json::json!({"type": "message", "text": "no will came"});
+    bob.publish_json("chat/c1", marker).await;
+    assert_eq!(alice.recv().await.json()["text"], "no will came");
 }

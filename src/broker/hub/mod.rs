@@ -19,6 +19,7 @@ mod mailbox;
 mod persist;
 mod routes;
 mod stored;
+mod wills;
 
 pub use durable::{Durable, Receipt};
 pub(crate) use mailbox::{Event, Mailbox, Watch, MAILBOX_MESSAGES};
@@ -155,6 +156,8 @@ pub struct Hub {
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
     /// Cluster mode: where persistent sessions are kept.
     durable: std::sync::OnceLock<Arc<dyn Durable>>,
+    /// Wills waiting for their delay.
+    wills: wills::DelayedWills,
 }
 
 /// The other nodes of a cluster, as the hub needs them.
@@ -221,6 +224,7 @@ impl Hub {
             sessions,
             peers: std::sync::OnceLock::new(),
             durable: std::sync::OnceLock::new(),
+            wills: Default::default(),
         });
         hub.restore()?;
         tokio::spawn(expire_sessions(Arc::downgrade(&hub)));
@@ -247,17 +251,6 @@ impl Hub {
             .sessions
             .get(&sid)
             .map_or(Duration::ZERO, |e| e.expiry)
-    }
-
-    /// Whether a connection attached to `client_id`'s session after `since_ms` (Unix ms), or
-    /// one is attached now.
-    pub(crate) fn came_back(&self, client_id: &str, since_ms: u64) -> bool {
-        let state = lock(&self.state);
-        let entry = state
-            .by_client
-            .get(client_id)
-            .and_then(|sid| state.sessions.get(sid));
-        entry.is_some_and(|e| matches!(e.link, Link::Live { .. }) || e.attached_ms > since_ms)
     }
 
     fn may_receive(&self, who: &Identity, topic: &str) -> bool {
@@ -469,6 +462,7 @@ impl Hub {
     /// `claimed_ms`, if known: a session attached here after that is newer and stays). A live
     /// connection is told it was replaced; a stored session is dropped.
     pub fn release_client(&self, client_id: &str, claimed_ms: Option<u64>) {
+        self.cancel_will(client_id, claimed_ms);
         let mut state = lock(&self.state);
         let Some(sid) = state.by_client.get(client_id).copied() else {
             return;

@@ -370,7 +370,7 @@ impl Session {
             let _ = tokio::time::timeout(LAST_WRITE, self.flush(&mut transport)).await;
         }
         if let (Some(will), false) = (self.will.take(), matches!(end, End::Disconnect)) {
-            self.will_goes(will).await;
+            self.will_goes(will, matches!(end, End::Replaced)).await;
         }
         let Session {
             registration,
@@ -395,29 +395,39 @@ impl Session {
 
     /// The connection ended without a normal DISCONNECT: its Will goes out now, or (MQTT 5,
     /// a Will Delay Interval) once the delay or the session's expiry passed, whichever comes
-    /// first, unless a connection came back to the session meanwhile (MQTT-3.1.3-9). In
-    /// cluster mode only a return to this node is seen.
-    async fn will_goes(&self, will: Box<Will>) {
+    /// first, unless a connection came back to the session meanwhile, on any node
+    /// (MQTT-3.1.3-9). `replaced`: a new connection took the session over (here or on
+    /// another node), which is such a return.
+    async fn will_goes(&self, will: Box<Will>, replaced: bool) {
         let hub = &self.gateway.inner.hub;
         let expiry = match self.persistent {
             true => hub.expiry_of(self.registration.id),
             false => Duration::ZERO,
         };
         let delay = Duration::from_secs(u64::from(will.delay_secs)).min(expiry);
+        if replaced && !delay.is_zero() {
+            return;
+        }
         if delay.is_zero() {
             let device = self.device();
             return incoming::publish_will(&self.gateway, &self.identity, device, &will).await;
         }
         let (gateway, identity) = (self.gateway.clone(), self.identity.clone());
         let (client_id, ended_ms) = (self.client_id.clone(), crate::model::call::now_ms());
+        let back_elsewhere = hub.delay_will(&client_id, ended_ms);
         tokio::spawn(async move {
             let shutdown = gateway.shutdown_token().clone();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 // The server is going: the Will is not left unsaid.
                 _ = shutdown.cancelled() => {}
+                _ = back_elsewhere.cancelled() => {}
             }
-            if gateway.inner.hub.came_back(&client_id, ended_ms) {
+            if !gateway
+                .inner
+                .hub
+                .will_due(&client_id, ended_ms, &back_elsewhere)
+            {
                 return;
             }
             let device = client_id
