@@ -112,6 +112,11 @@ impl Nats {
     pub fn kill(&mut self, i: usize) {
         self.servers[i] = None;
     }
+
+    /// The process id of server `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.servers[i].as_ref().map(|server| server.0.id())
+    }
 }
 
 /// A throw-away PostgreSQL server.

@@ -177,6 +177,11 @@ impl Client {
                 .expect("queue publish");
             sent += 1;
         }
+        self.acknowledged(sent).await;
+    }
+
+    /// Waits for `sent` PUBACKs (messages that come meanwhile are kept for `recv`).
+    pub async fn acknowledged(&mut self, sent: usize) {
         let mut acked = 0;
         while acked < sent {
             match self.next_packet().await {

@@ -206,7 +206,8 @@ async fn spawn_inner(wrapper: &[&str], dir: &Path, args: &[&str], log: Option<&s
         .args(&config)
         .args(args)
         .env("CALLBUS_JWT_SECRET", SECRET)
-        .env("RUST_LOG", log.unwrap_or("warn"))
+        // CALLBUS_TEST_LOG sets what a node logs when the test reads no lines (to debug one).
+        .env("RUST_LOG", log.map_or_else(test_log, str::to_owned))
         .stdout(Stdio::null())
         .stderr(match log {
             Some(_) => Stdio::piped(),
@@ -263,4 +264,8 @@ pub async fn next<T>(events: &mut EventLoop, pick: impl Fn(Packet) -> Option<T>)
             }
         }
     }
+}
+
+fn test_log() -> String {
+    std::env::var("CALLBUS_TEST_LOG").unwrap_or_else(|_| "warn".to_owned())
 }

@@ -1,0 +1,166 @@
+//! Cluster mode under faults that overlap, each at a chosen moment: a node paused (SIGSTOP)
+//! while its persistent session moves elsewhere, a node killed right after it acknowledged, a
+//! NATS server paused while a publisher's messages are in flight. What every QoS 1 message a
+//! node acknowledged must do: arrive, in the order its publisher sent it, soon after the
+//! session is back.
+
+mod common;
+
+use common::cluster::Cluster;
+use common::process::Proc;
+use common::{granted, Client, Via};
+use std::time::{Duration, Instant};
+
+/// How soon a resumed session must get what waits for it.
+const PROMPT: Duration = Duration::from_secs(5);
+/// How long a paused NATS server sleeps (the fault drill's pauses were 2 to 9 s).
+const PAUSE: Duration = Duration::from_secs(7);
+
+fn signal_pid(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on a child this process spawned and has not reaped.
+    let sent = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(sent, 0, "kill({pid}, {signal})");
+}
+
+fn signal(proc: &Proc, signal: libc::c_int) {
+    signal_pid(proc.child.id(), signal);
+}
+
+/// bob's phone (client id `phone`, a persistent session) on `node`.
+async fn phone(node: &Proc) -> Client {
+    node.connect_with(Via::Tcp, "bob", "phone", |o| {
+        o.set_clean_session(false);
+    })
+    .await
+}
+
+/// Alice says `n` on `chat/c1` through `writer`; returns once the node acknowledged it.
+async fn say(writer: &mut Client, n: u64) {
+    let said = serde_json::json!({"type": "message", "text": n.to_string()});
+    writer.publish_json("chat/c1", said).await;
+}
+
+/// The numbers the phone gets, in order, until it has `last` (duplicates allowed, none
+/// skipped, none out of order); how long the first took.
+async fn until_through(phone: &mut Client, first: u64, last: u64) -> Duration {
+    let started = Instant::now();
+    let mut took = None;
+    let mut next = first;
+    while next <= last {
+        let got = phone.recv().await.json();
+        let n: u64 = got["text"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .expect("a number");
+        took.get_or_insert(started.elapsed());
+        assert!(n <= next, "{n} came before {next}");
+        if n == next {
+            next += 1;
+        }
+    }
+    took.unwrap_or_default()
+}
+
+/// A live persistent session whose node is paused while another node acknowledges messages
+/// to it, and which a third node resumes before the first wakes: every acknowledged message
+/// arrives on the third, the first within seconds, also after the first node wakes.
+#[tokio::test]
+async fn a_session_resumed_elsewhere_while_its_node_is_paused_loses_nothing() {
+    let cluster = Cluster::start(3).await;
+    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    a.set_members("c1", &["alice", "bob"]).await;
+    let mut first = phone(a).await;
+    assert!(granted(&first.subscribe(&["chat/c1"]).await[0]));
+    let mut writer = b.connect(Via::Tcp, "alice").await;
+    say(&mut writer, 0).await;
+    assert_eq!(first.recv().await.json()["text"], "0");
+
+    signal(a, libc::SIGSTOP);
+    for n in 1..=3 {
+        say(&mut writer, n).await;
+    }
+    drop(first); // its connection goes while node 1 sleeps
+    let mut phone = phone(c).await;
+    assert!(phone.session_present);
+    let woke = tokio::spawn({
+        let pid = a.child.id();
+        async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            signal_pid(pid, libc::SIGCONT);
+        }
+    });
+    let took = until_through(&mut phone, 1, 3).await;
+    assert!(took < PROMPT, "the first waiting message took {took:?}");
+    woke.await.expect("node 1 woken");
+    // And after node 1 woke: what comes next arrives too, in order.
+    for n in 4..=6 {
+        say(&mut writer, n).await;
+    }
+    let took = until_through(&mut phone, 4, 6).await;
+    assert!(took < PROMPT, "a message after node 1 woke took {took:?}");
+}
+
+/// The number of the NATS server leading the bus's stream.
+async fn stream_leader(cluster: &Cluster) -> usize {
+    let url = cluster.nats.urls_from(0);
+    let first = url.split(',').next().expect("a NATS URL");
+    let nats = async_nats::connect(first).await.expect("NATS");
+    let mut stream = async_nats::jetstream::new(nats)
+        .get_stream("CALLBUS")
+        .await
+        .expect("the stream");
+    let info = stream.info().await.expect("stream info");
+    let leader = info
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .expect("a leader");
+    leader.trim_start_matches("nats-").parse().expect("nats-N")
+}
+
+/// A publisher's QoS 1 messages in flight while the NATS server leading the stream is paused
+/// (the stream elects another leader meanwhile) are stored, and reach a persistent session,
+/// in the order the publisher sent them (MQTT-4.6.0-6).
+#[tokio::test]
+#[ignore = "fails today: with the leader asleep 7 s, one message's retries to JetStream time \
+            out for 10 s (those before it were stored) and its publisher is cut off"]
+async fn messages_in_flight_while_the_streams_leader_is_paused_keep_their_order() {
+    let cluster = Cluster::start(3).await;
+    cluster.node(0).set_members("c1", &["alice", "bob"]).await;
+    let leader = stream_leader(&cluster).await;
+    let (near, far) = ((leader + 1) % 3, (leader + 2) % 3);
+    let mut away = phone(cluster.node(far)).await;
+    assert!(granted(&away.subscribe(&["chat/c1"]).await[0]));
+    away.leave().await;
+
+    let mut writer = cluster.node(near).connect(Via::Tcp, "alice").await;
+    let pid = cluster.nats.pid(leader).expect("the leader runs");
+    signal_pid(pid, libc::SIGSTOP);
+    let woke = tokio::spawn(async move {
+        tokio::time::sleep(PAUSE).await;
+        signal_pid(pid, libc::SIGCONT);
+    });
+    // A message every 50 ms for 4 s, not waiting for PUBACKs: the leader sleeps for part of
+    // it.
+    const SENT: u64 = 160;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for n in 0..SENT {
+        tick.tick().await;
+        let said = serde_json::json!({"type": "message", "text": n.to_string()});
+        (writer.client)
+            .publish(
+                "chat/c1",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                said.to_string(),
+            )
+            .await
+            .expect("queue a publish");
+    }
+    writer.acknowledged(SENT as usize).await;
+    woke.await.expect("the leader woken");
+
+    let mut phone = phone(cluster.node(far)).await;
+    assert!(phone.session_present);
+    until_through(&mut phone, 0, SENT - 1).await;
+}
