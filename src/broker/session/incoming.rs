@@ -127,7 +127,13 @@ impl Session {
 
     /// Hands a PUBLISH's messages to the bus. In cluster mode a QoS 1 PUBLISH is acknowledged
     /// only once the bus stored them (for persistent sessions on any node, whatever NATS
-    /// server is lost): what that waits for. Receivers get them now all the same.
+    /// server is lost): what that waits for. Receivers get them as they are sent.
+    ///
+    /// Such messages are sent when the session polls what it returns, which it does oldest
+    /// first: one is sent only once everything this connection published before it is stored.
+    /// Sent side by side, a first attempt lost to a NATS server that stopped (and sent again a
+    /// second later) would be stored after newer ones, against the order the client sent them
+    /// in (MQTT-4.6.0-6); one at a time, a stored message costs one round trip to the stream.
     async fn relay(
         &self,
         messages: Vec<Message>,
@@ -144,8 +150,9 @@ impl Session {
                 publisher.publish(message).await.map_err(|_| End::Bus)?;
                 continue;
             }
-            let stored = publisher.publish_kept(message).await;
-            let stored = stored.map_err(|_| End::Bus)?;
+            let publisher = publisher.clone();
+            let stored: Kept =
+                Box::pin(async move { publisher.publish_kept(message).await?.await });
             kept = Some(match kept.take() {
                 None => stored,
                 Some(earlier) => Box::pin(async move { earlier.await.and(stored.await) }),
