@@ -73,6 +73,16 @@ pub(crate) async fn spawn_callbus_at(
     Ok(healthy(proc, http, mqtt).await?.0)
 }
 
+/// A callbus process on the given ports with `extra` arguments, not waited for.
+pub(crate) fn spawn_callbus_unwaited(
+    dir: &std::path::Path,
+    http: u16,
+    mqtt: u16,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
+    spawn(&exe()?, dir, http, mqtt, extra)
+}
+
 fn exe() -> anyhow::Result<std::path::PathBuf> {
     std::env::current_exe()?
         .parent()

@@ -67,7 +67,8 @@ impl Nats {
         Ok(nats)
     }
 
-    fn start_server(&mut self, i: usize) -> std::io::Result<()> {
+    /// Starts server `i` (again), on its ports and storage.
+    pub fn start_server(&mut self, i: usize) -> std::io::Result<()> {
         let routes: Vec<String> = (self.route_ports.iter().enumerate())
             .filter(|(j, _)| *j != i)
             .map(|(_, p)| format!("nats://127.0.0.1:{p}"))

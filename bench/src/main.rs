@@ -22,11 +22,17 @@
 //!   connection churn, stuck consumers) against a callbus process, sampled every 10 s and drawn.
 //! - cluster [clients]: three nodes on three nats-servers and PostgreSQL: relay same-node
 //!   against cross-node, flows/s on one node against three, failover time.
+//! - chaos [minutes] [seed] [phones]: cluster mode under random overlapping faults (nodes
+//!   killed and paused, NATS servers killed and paused, PostgreSQL stopped) while phones with
+//!   persistent sessions roam and writers publish QoS 1; then a checker: acknowledged
+//!   messages never delivered, order violations per publisher connection, duplicates,
+//!   acknowledgement-to-delivery latency, resumes silent for over 5 s.
 //! - hostile: attacks from one client (a WebSocket ping flood, half-sent HTTP requests and
 //!   CONNECTs, stored sessions without end): the server's RSS, files and CPU while attacked,
 //!   and how long a new client's CONNACK takes meanwhile.
 
 mod calls;
+mod chaos;
 mod cluster;
 mod conns;
 mod engines;
@@ -91,6 +97,10 @@ async fn main() -> anyhow::Result<()> {
         }
         "cluster" => cluster::run(2000, 10_000, 5, num(1, 1000)).await?,
         "hostile" => hostile::run().await?,
+        "chaos" => {
+            let minutes = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(15.0);
+            chaos::run(minutes, num(2, 1) as u64, num(3, 6)).await?
+        }
         "all" => {
             relay::run(2000, 10_000, 5).await?;
             calls::run(&[1, 10, 100], 5).await?;
@@ -99,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown scenario {other}: use relay, hops, calls, calls-cpu, conns, sessions, notified, storm, soak, cluster, hostile or all"
+                "unknown scenario {other}: use relay, hops, calls, calls-cpu, conns, sessions, notified, storm, soak, cluster, chaos, hostile or all"
             )
         }
     }

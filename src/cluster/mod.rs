@@ -155,9 +155,10 @@ impl Cluster {
             .subscribe(format!("callbus.reply.{}.*", cluster.node_id))
             .await?;
         cluster.client.flush().await?;
-        let conversations = cluster.pg.conversations().await?;
+        let pg = &cluster.pg;
+        let conversations = pg.at_start(|| pg.conversations()).await?;
         cluster.conversations.load(conversations);
-        for call in cluster.pg.live_calls().await? {
+        for call in pg.at_start(|| pg.live_calls()).await? {
             cluster.calls.apply(call);
         }
         tokio::spawn(cluster.clone().hear_nodes(nodes, shutdown.clone()));

@@ -142,7 +142,7 @@ impl Queues {
         let replicas = servers.max(known);
         let stream = ensure_stream(&js, replicas, expiry + Duration::from_secs(60)).await?;
         // Sessions a former run of this node held live are away now.
-        pg.part_sessions_of(node_id).await?;
+        pg.at_start(|| pg.part_sessions_of(node_id)).await?;
         let (writes, written) = mpsc::unbounded_channel();
         let (acks, acked) = mpsc::unbounded_channel();
         let queues = Arc::new_cyclic(|me| Queues {
@@ -311,8 +311,9 @@ impl Queues {
         Ok(())
     }
 
-    /// The consumer of `name`: as it is if nothing is waiting for an acknowledgement,
-    /// rewound to the first unacknowledged message if something is, new if there is none.
+    /// The consumer of `name`: as it is if nothing is waiting for an acknowledgement and no
+    /// other feed is pulling from it, otherwise made again from the first unacknowledged
+    /// message; new if there is none.
     /// One that is gone or unreachable (its NATS server lost) is made again from `since`
     /// (Unix ms) when given: what was published since then comes again (duplicates, not loss).
     async fn bind(
@@ -342,7 +343,12 @@ impl Queues {
             None => consumer::DeliverPolicy::New,
         };
         let policy = match self.stream.consumer_info(name).await {
-            Ok(info) if info.num_ack_pending == 0 => {
+            // Nothing delivered and unacknowledged, and no pull request waiting: the feed
+            // that had it (on a node that stopped feeding this session, or was paused) would
+            // otherwise still be handed new messages, which nobody acknowledges, until its
+            // request expires; they would come again only after `ACK_WAIT`, behind newer ones.
+            // Made again, the queue drops those requests.
+            Ok(info) if info.num_ack_pending == 0 && info.num_waiting == 0 => {
                 let existing = self.stream.get_consumer(name).await;
                 return existing.map_err(|e| unavailable("binding a queue", e));
             }
@@ -371,17 +377,35 @@ impl Queues {
     }
 
     /// Feeds `subject`'s queue of `client_id` to session `sid` until `stop`, binding it again
-    /// (from a little before the loss) if its NATS server is lost meanwhile.
+    /// (from a little before the loss) if its NATS server is lost meanwhile. Without a
+    /// `consumer` (it could not be bound when the session resumed) it is bound first, from
+    /// `since`, trying every second until it is.
     async fn feed(
         self: Arc<Self>,
         sid: u64,
         (client_id, filter, subject): (String, String, String),
-        mut consumer: consumer::PullConsumer,
+        mut consumer: Option<consumer::PullConsumer>,
+        mut since: Option<u64>,
         stop: CancellationToken,
     ) {
-        let name = consumer.cached_info().name.clone();
+        let name = consumer_name(&client_id, &subject);
         loop {
-            match feed(&self.hub, &self.acks, (sid, self.bound), &consumer, &stop).await {
+            let bound = match consumer.take() {
+                Some(bound) => bound,
+                None => loop {
+                    match self.bind(&name, &subject, since).await {
+                        Ok(again) => break again,
+                        Err(e) => {
+                            warn!(client = %client_id, error = %e, "cannot bind a session's queue yet");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = stop.cancelled() => return,
+                            }
+                        }
+                    }
+                },
+            };
+            match feed(&self.hub, &self.acks, (sid, self.bound), &bound, &stop).await {
                 Fed::Done => return,
                 // Deleted: by this node (closed), or by the node the session moved to.
                 Fed::Deleted => {
@@ -395,22 +419,7 @@ impl Queues {
                 }
                 Fed::Lost => {}
             }
-            let since = now_ms().saturating_sub(REPLAY_MARGIN.as_millis() as u64);
-            loop {
-                match self.bind(&name, &subject, Some(since)).await {
-                    Ok(again) => {
-                        consumer = again;
-                        break;
-                    }
-                    Err(e) => {
-                        warn!(client = %client_id, error = %e, "cannot bind a session's queue again");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = stop.cancelled() => return,
-                        }
-                    }
-                }
-            }
+            since = Some(now_ms().saturating_sub(REPLAY_MARGIN.as_millis() as u64));
         }
     }
 }
@@ -573,12 +582,20 @@ impl Durable for Queues {
             let since = crate::sync::lock(&self.since).remove(&key);
             for subject in filter_subjects(TOPIC_PREFIX, &filter) {
                 let name = consumer_name(&client_id, &subject);
-                let consumer = self.bind(&name, &subject, since).await?;
+                // A new subscription has its queue before its SUBACK. A resumed one is bound
+                // by its feed, so the CONNACK does not wait for it (binding waits for
+                // JetStream, seconds while the NATS server holding the queue is away) and a
+                // queue that cannot be bound yet is bound once it can be, not left silent
+                // until the client reconnects.
+                let consumer = match since {
+                    Some(_) => None,
+                    None => Some(self.bind(&name, &subject, since).await?),
+                };
                 let Some(me) = self.me.upgrade() else {
                     return Err(StoreError::Unavailable("shutting down".into()));
                 };
                 let names = (client_id.clone(), filter.clone(), subject);
-                tokio::spawn(me.feed(sid, names, consumer, stop.clone()));
+                tokio::spawn(me.feed(sid, names, consumer, since, stop.clone()));
             }
             Ok(())
         })

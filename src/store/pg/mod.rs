@@ -192,11 +192,22 @@ impl Pg {
             slots: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
         });
         // PostgreSQL may be starting too (a fresh container, crash recovery): wait for it.
+        pg.at_start(|| pg.migrate()).await?;
+        Ok(pg)
+    }
+
+    /// Runs `step`, a starting node's read or idempotent write, until the database answers
+    /// it, for up to [`START_WAIT`]: a node that starts while PostgreSQL is starting or
+    /// restarting waits for it at every step, not only the first.
+    pub async fn at_start<T, F>(&self, mut step: impl FnMut() -> F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let deadline = tokio::time::Instant::now() + START_WAIT;
         let mut told = false;
         loop {
-            match pg.migrate().await {
-                Ok(()) => return Ok(pg),
+            match step().await {
+                Ok(done) => return Ok(done),
                 Err(StoreError::Unavailable(e)) if tokio::time::Instant::now() < deadline => {
                     if !told {
                         warn!(error = %e, "PostgreSQL is not ready yet; waiting for it");
