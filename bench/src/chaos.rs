@@ -103,7 +103,9 @@ impl Cluster {
         for i in 0..NODES {
             let urls = lock(&cluster.nats).urls_from(i % 3);
             cluster.ports.push((free_port()?, free_port()?));
-            cluster.dirs.push(cluster._root.path().join(format!("node-{i}")));
+            cluster
+                .dirs
+                .push(cluster._root.path().join(format!("node-{i}")));
             cluster.args.push(vec![
                 "--cluster".into(),
                 urls,
@@ -139,7 +141,10 @@ impl Cluster {
     async fn until_healthy(&self, i: usize) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}/healthz", self.ports[i].0);
         for _ in 0..3000 {
-            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+            if reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -151,7 +156,9 @@ impl Cluster {
     /// again.
     fn exited(&self, i: usize) -> bool {
         let mut nodes = lock(&self.nodes);
-        let ended = nodes[i].as_mut().is_some_and(|p| p.0.try_wait().is_ok_and(|s| s.is_some()));
+        let ended = nodes[i]
+            .as_mut()
+            .is_some_and(|p| p.0.try_wait().is_ok_and(|s| s.is_some()));
         if ended {
             if let Some(proc) = nodes[i].take() {
                 std::mem::forget(proc); // reaped
@@ -206,7 +213,10 @@ async fn fault(cluster: &Cluster, rng: &mut Rng) -> Option<String> {
             if let Err(e) = cluster.spawn(which) {
                 eprintln!("node {which} did not restart: {e}");
             }
-            format!("SIGKILL node {which}, restarted after {:.1} s", down.as_secs_f64())
+            format!(
+                "SIGKILL node {which}, restarted after {:.1} s",
+                down.as_secs_f64()
+            )
         }
         1 => match node_pid {
             Some(pid) => {
@@ -223,14 +233,20 @@ async fn fault(cluster: &Cluster, rng: &mut Rng) -> Option<String> {
             if let Err(e) = lock(&cluster.nats).start_server(which) {
                 eprintln!("nats-server {which} did not restart: {e}");
             }
-            format!("kill nats-server {which}, restarted after {:.1} s", hold.as_secs_f64())
+            format!(
+                "kill nats-server {which}, restarted after {:.1} s",
+                hold.as_secs_f64()
+            )
         }
         3 => match nats_pid {
             Some(pid) => {
                 signal(pid, libc::SIGSTOP);
                 tokio::time::sleep(hold).await;
                 signal(pid, libc::SIGCONT);
-                format!("SIGSTOP nats-server {which} for {:.1} s", hold.as_secs_f64())
+                format!(
+                    "SIGSTOP nats-server {which} for {:.1} s",
+                    hold.as_secs_f64()
+                )
             }
             None => String::new(),
         },
@@ -253,7 +269,8 @@ async fn fault(cluster: &Cluster, rng: &mut Rng) -> Option<String> {
 
 fn token(user: &str) -> String {
     let auth = Authenticator::new(SECRET.as_bytes());
-    auth.issue(user, None, Role::User, 24 * 3600).expect("token")
+    auth.issue(user, None, Role::User, 24 * 3600)
+        .expect("token")
 }
 
 fn options(client_id: &str, user: &str, port: u16, clean: bool) -> MqttOptions {
@@ -297,13 +314,17 @@ async fn writer(
         let port = cluster.ports[node].1;
         let (client, mut events) =
             AsyncClient::new(options(&format!("w{w}-{conn}"), &user, port, true), 1000);
-        let text = |n: u64| serde_json::json!({"type": "message", "text": format!("{w} {conn} {n}")});
+        let text =
+            |n: u64| serde_json::json!({"type": "message", "text": format!("{w} {conn} {n}")});
         // Publishes in the order they go out: pkid → n as rumqttc numbers them.
         let mut queued: VecDeque<u64> = VecDeque::new();
         let mut by_pkid: HashMap<u16, u64> = HashMap::new();
         for &n in &unacked {
             let topic = format!("chat/c{w}");
-            if client.try_publish(topic, QoS::AtLeastOnce, false, text(n).to_string()).is_ok() {
+            if client
+                .try_publish(topic, QoS::AtLeastOnce, false, text(n).to_string())
+                .is_ok()
+            {
                 queued.push_back(n);
             }
         }
@@ -378,10 +399,19 @@ async fn phone(
                 return;
             }
         }
-        let node = if draining { conn as usize % NODES } else { rng.below(NODES as u64) as usize };
+        let node = if draining {
+            conn as usize % NODES
+        } else {
+            rng.below(NODES as u64) as usize
+        };
         let port = cluster.ports[node].1;
-        let (client, mut events) = AsyncClient::new(options(&format!("phone{p}"), &user, port, false), 100);
-        let stay = if draining { Duration::from_secs(10) } else { rng.secs(5.0, 20.0) };
+        let (client, mut events) =
+            AsyncClient::new(options(&format!("phone{p}"), &user, port, false), 100);
+        let stay = if draining {
+            Duration::from_secs(10)
+        } else {
+            rng.secs(5.0, 20.0)
+        };
         let began = start.elapsed().as_secs_f64();
         let ends = tokio::time::Instant::now() + stay;
         let mut connected = false;
@@ -432,7 +462,11 @@ async fn phone(
         }
         drop(client);
         drop(events); // the socket goes, without DISCONNECT
-        let gap = if draining { Duration::from_millis(100) } else { rng.secs(0.2, 3.0) };
+        let gap = if draining {
+            Duration::from_millis(100)
+        } else {
+            rng.secs(0.2, 3.0)
+        };
         tokio::time::sleep(gap).await;
     }
 }
@@ -452,11 +486,17 @@ pub async fn run(minutes: f64, seed: u64, phones: usize) -> anyhow::Result<()> {
     let cluster = Arc::new(Cluster::start().await?);
     let (http, _) = cluster.ports[0];
     let client = reqwest::Client::new();
-    let service = Authenticator::new(SECRET.as_bytes()).issue("chaos", None, Role::Service, 3600)?;
+    let service =
+        Authenticator::new(SECRET.as_bytes()).issue("chaos", None, Role::Service, 3600)?;
     for p in 0..phones {
         let body = serde_json::json!({"members": [format!("writer{p}"), format!("phone{p}")]});
         let url = format!("http://127.0.0.1:{http}/api/conversations/c{p}/");
-        let resp = client.put(url).bearer_auth(&service).json(&body).send().await?;
+        let resp = client
+            .put(url)
+            .bearer_auth(&service)
+            .json(&body)
+            .send()
+            .await?;
         anyhow::ensure!(resp.status().is_success(), "members: {}", resp.status());
     }
     let record = Arc::new(Mutex::new(Record {
@@ -477,7 +517,9 @@ pub async fn run(minutes: f64, seed: u64, phones: usize) -> anyhow::Result<()> {
     }
     let all = u32::try_from(phones)?;
     let ready = tokio::time::timeout(Duration::from_secs(60), subscribed.acquire_many(all));
-    let _ready = ready.await.map_err(|_| anyhow::anyhow!("the phones did not subscribe"))??;
+    let _ready = ready
+        .await
+        .map_err(|_| anyhow::anyhow!("the phones did not subscribe"))??;
     for p in 0..phones {
         let (c, r, s) = (cluster.clone(), record.clone(), stop.clone());
         clients.push(tokio::spawn(writer(p, c, r, start, s, seeds.next())));
@@ -523,7 +565,10 @@ pub async fn run(minutes: f64, seed: u64, phones: usize) -> anyhow::Result<()> {
         }
         cluster.until_healthy(i).await?;
     }
-    eprintln!("faults over at {:.1} s; draining", start.elapsed().as_secs_f64());
+    eprintln!(
+        "faults over at {:.1} s; draining",
+        start.elapsed().as_secs_f64()
+    );
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         client.await?;
@@ -574,7 +619,10 @@ fn report(record: &Record, phones: usize) {
         }
         for ns in by_conn.values_mut() {
             ns.sort_unstable();
-            let arrivals: Vec<f64> = ns.iter().filter_map(|n| first.get(n).map(|f| f.1)).collect();
+            let arrivals: Vec<f64> = ns
+                .iter()
+                .filter_map(|n| first.get(n).map(|f| f.1))
+                .collect();
             for (i, a) in arrivals.iter().enumerate() {
                 violations += arrivals[i + 1..].iter().filter(|b| *b < a).count();
             }
@@ -588,9 +636,13 @@ fn report(record: &Record, phones: usize) {
                 continue;
             }
             waiting_resumes += 1;
-            let delivered = got.iter().find(|(c, _, _)| c == conn).map(|(_, _, at)| at - began);
+            let delivered = got
+                .iter()
+                .find(|(c, _, _)| c == conn)
+                .map(|(_, _, at)| at - began);
             if delivered.is_none_or(|d| d > PROMPT.as_secs_f64()) {
                 silent += 1;
+                eprintln!("silent resume: phone {p} connection {conn} at {began:.1} s, first delivery after {delivered:?} s");
             }
         }
     }

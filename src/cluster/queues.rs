@@ -342,7 +342,11 @@ impl Queues {
             },
             None => consumer::DeliverPolicy::New,
         };
-        let policy = match self.stream.consumer_info(name).await {
+        let info = self.stream.consumer_info(name).await;
+        if let Ok(info) = &info {
+            debug!(consumer = %name, waiting = info.num_waiting, ack_pending = info.num_ack_pending, "binding a queue");
+        }
+        let policy = match info {
             // Nothing delivered and unacknowledged, and no pull request waiting: the feed
             // that had it (on a node that stopped feeding this session, or was paused) would
             // otherwise still be handed new messages, which nobody acknowledges, until its
