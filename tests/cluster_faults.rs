@@ -73,7 +73,7 @@ async fn callbus_stream(cluster: &Cluster) -> async_nats::jetstream::stream::Str
 
 /// Waits (at most 10 s) until the one queue has nothing delivered and unacknowledged.
 async fn until_acknowledged(cluster: &Cluster) {
-    let mut stream = callbus_stream(cluster).await;
+    let stream = callbus_stream(cluster).await;
     let names: Vec<String> = stream
         .consumer_names()
         .filter_map(|name| async move { name.ok() })
