@@ -310,7 +310,7 @@ async fn a_whole_call_with_each_party_and_the_rest_api_on_a_different_node() {
     assert_eq!(history["results"][0]["id"], id);
     bob.publish_json("chat/c1", candidate(3)).await;
     let err = next_on(&mut bob, bob_n, "error").await;
-    assert_eq!(err["code"], "wrong_state");
+    assert_eq!(err["code"], "wrong_state", "{err}");
 }
 
 #[tokio::test]

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::conns::{free_port, spawn_callbus_unwaited, Proc, SECRET};
+use crate::conns::{spawn_callbus_unwaited, Proc, SECRET};
+use crate::engines::free_port;
 use crate::engines::{Nats, Postgres};
 use crate::util::{lock, percentile};
 

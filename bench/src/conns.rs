@@ -3,6 +3,7 @@
 //! WebSocket and over TCP, and Mosquitto over TCP; then one notification per user (callbus:
 //! through the REST API; Mosquitto: from one publishing client).
 
+use crate::engines::free_port;
 use callbus::auth::{Authenticator, Role};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::process::{Child, Command, Stdio};
@@ -41,12 +42,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 pub(crate) async fn spawn_callbus(dir: &std::path::Path) -> anyhow::Result<(Proc, u16, u16)> {

@@ -19,10 +19,34 @@ impl Drop for Owned {
     }
 }
 
+/// The loopback ports servers started by this process are given: below the kernel's range
+/// for outgoing connections (32768-60999 by default) and for `bind(0)`.
+const PORTS: std::ops::Range<u32> = 20_000..32_000;
+
+/// A free loopback port for a server this process starts. No port is handed out twice by one
+/// process (until all of [`PORTS`] were), and none is in the kernel's ephemeral range: a
+/// server stopped to be restarted on its port finds it still free, since neither another
+/// test's server nor an outgoing connection took it meanwhile (a node of one test reconnecting
+/// to a server of another would mix two clusters' messages).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = PORTS.end - PORTS.start;
+    // Processes running side by side start at different places.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let Ok(port) = u16::try_from(PORTS.start + (start + n) % span) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port left",
+    ))
 }
 
 /// Waits (at most 10 s) until something accepts TCP connections on `port`.

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::conns::free_port;
+use crate::engines::free_port;
 use crate::hops::{Hops, Trace};
 use crate::util::{mqtt_client, percentile, Api, Remote};
 

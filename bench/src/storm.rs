@@ -176,7 +176,7 @@ async fn probe(
 
 pub async fn run(n: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (http, mqtt) = (crate::conns::free_port()?, crate::conns::free_port()?);
+    let (http, mqtt) = (crate::engines::free_port()?, crate::engines::free_port()?);
     let proc = spawn_callbus_at(dir.path(), http, mqtt).await?;
     let auth = Authenticator::new(SECRET.as_bytes());
     let service = auth.issue("storm-app", None, Role::Service, 3600)?;

@@ -9,7 +9,7 @@ use super::{Client, Via};
 
 #[path = "../../bench/src/engines.rs"]
 mod engines;
-pub use engines::{Nats, Postgres};
+pub use engines::{free_port, Nats, Postgres};
 
 /// NATS, PostgreSQL and callbus nodes on them (node `i` prefers NATS server `i`).
 pub struct Cluster {

@@ -100,10 +100,7 @@ impl Drop for Proc {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    super::cluster::free_port().expect("free port")
 }
 
 /// The shipped configuration with its `section.key` lines set as `set` says.
