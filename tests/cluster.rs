@@ -770,9 +770,9 @@ async fn until_numbered(client: &mut Client, n: u64) {
     panic!("notification {n} never came");
 }
 
-/// A persistent session's queues are single-replica JetStream consumers (made in
-/// milliseconds); if one is lost, the session is replayed from the stream instead, whether it
-/// is away (from a little before its client left) or live (from a little before the loss).
+/// A persistent session's queues are JetStream consumers; if one is lost (deleted), the
+/// session is replayed from the stream instead, whether it is away (from a little before its
+/// client left) or live (from a little before the loss).
 #[tokio::test]
 async fn a_lost_queue_is_replayed_from_the_stream() {
     let cluster = Cluster::start(2).await;

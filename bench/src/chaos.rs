@@ -60,6 +60,8 @@ struct Record {
     got: Vec<Vec<(u64, u64, f64)>>,
     /// Per phone: (its connection, when it connected, when it ended).
     connections: Vec<Vec<(u64, f64, f64)>>,
+    /// Per writer: whether it stopped (nothing of it is in flight any more).
+    written: Vec<bool>,
     faults: usize,
     /// Resumes that found no session (CONNACK session present 0) after one was made.
     forgotten: usize,
@@ -285,8 +287,21 @@ fn options(client_id: &str, user: &str, port: u16, clean: bool) -> MqttOptions {
 }
 
 /// Writer `w`: a numbered QoS 1 message into `chat/c<w>` every 250 ms, over connections to
-/// random nodes, each one's unacknowledged messages sent again on the next.
+/// random nodes, each one's unacknowledged messages sent again on the next. Once stopped, and
+/// done with what was in flight, it says so in the record.
 async fn writer(
+    w: usize,
+    cluster: Arc<Cluster>,
+    record: Arc<Mutex<Record>>,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) {
+    write(w, cluster, record.clone(), start, stop, seed).await;
+    lock(&record).written[w] = true;
+}
+
+async fn write(
     w: usize,
     cluster: Arc<Cluster>,
     record: Arc<Mutex<Record>>,
@@ -472,9 +487,12 @@ async fn phone(
     }
 }
 
-/// Whether phone `p` has every message acknowledged to its conversation.
+/// Whether phone `p` has every message acknowledged to its conversation, its writer done.
 fn drained(record: &Mutex<Record>, p: usize) -> bool {
     let record = lock(record);
+    if !record.written[p] {
+        return false; // more may be acknowledged yet
+    }
     let got: HashSet<u64> = record.got[p].iter().map(|(_, n, _)| *n).collect();
     record
         .acked
@@ -503,6 +521,7 @@ pub async fn run(minutes: f64, seed: u64, phones: usize) -> anyhow::Result<()> {
     let record = Arc::new(Mutex::new(Record {
         got: vec![Vec::new(); phones],
         connections: vec![Vec::new(); phones],
+        written: vec![false; phones],
         ..Default::default()
     }));
     let start = Instant::now();

@@ -4,10 +4,12 @@
 //! One stream ([`STREAM`]) keeps everything published on the bus for one session expiry,
 //! replicated over up to three NATS servers (the bus publishes as always; the stream captures
 //! its subjects). Each QoS 1 subscription of a persistent session is a durable consumer of
-//! that stream filtered on the subscription's subject, acknowledged message by message as the
-//! client acknowledges (a [`Receipt`]). A node that takes the session up binds to its
-//! consumers; if something was delivered and never acknowledged (its client left, or its node
-//! died) it rewinds the consumer to the first unacknowledged message, so that comes first.
+//! that stream filtered on the subscription's subject, replicated like the stream, and
+//! acknowledged message by message as the client acknowledges (a [`Receipt`]). A node that
+//! takes the session up binds to its consumers (in the background: the CONNACK does not wait);
+//! if something was delivered and never acknowledged (its client left, or its node died), or
+//! another node's feed still has a pull request waiting on it, it makes the consumer again
+//! from the first unacknowledged message, so that comes first and nothing goes to the old feed.
 //! Records, queue deletions and expiry are written in order by one task per node.
 
 use bytes::Bytes;
@@ -314,16 +316,19 @@ impl Queues {
     /// The consumer of `name`: as it is if nothing is waiting for an acknowledgement and no
     /// other feed is pulling from it, otherwise made again from the first unacknowledged
     /// message; new if there is none.
-    /// One that is gone or unreachable (its NATS server lost) is made again from `since`
-    /// (Unix ms) when given: what was published since then comes again (duplicates, not loss).
+    /// One that is gone (deleted, or lost with the servers that held it) is made again from
+    /// `since` (Unix ms) when given: what was published since then comes again (duplicates,
+    /// not loss).
     async fn bind(
         &self,
         name: &str,
         subject: &str,
         since: Option<u64>,
     ) -> Result<consumer::PullConsumer, StoreError> {
-        // One replica: made in milliseconds (a replicated consumer is a Raft group of its own,
-        // hundreds of ms each); kept on disk, so a NATS server's restart keeps it.
+        // Replicated like the stream (a Raft group of its own, hundreds of ms to make): a
+        // consumer of one replica on a NATS server that is behind the stream (paused, or back
+        // from a restart and catching up) skips what that server has not got yet, delivering
+        // newer messages first and the skipped ones never (`tests/cluster_faults.rs`).
         let config = |deliver_policy| consumer::pull::Config {
             durable_name: Some(name.to_owned()),
             filter_subject: subject.to_owned(),
@@ -332,7 +337,7 @@ impl Queues {
             ack_wait: ACK_WAIT,
             max_ack_pending: MAILBOX_MESSAGES as i64,
             inactive_threshold: self.expiry + Duration::from_secs(120),
-            num_replicas: 1,
+            num_replicas: 0, // the stream's
             ..Default::default()
         };
         let from = |since: Option<u64>| match since {
@@ -369,12 +374,10 @@ impl Queues {
                 }
                 from(since)
             }
-            Err(e) => {
-                // Its server is away: made again elsewhere, from `since`.
-                warn!(consumer = %name, error = %e, "a session's queue is unreachable");
-                let _ = self.stream.delete_consumer(name).await;
-                from(since)
-            }
+            // JetStream cannot answer for it now (electing a leader after losing a server):
+            // the queue is replicated, so it is waited for (the feed tries again) rather than
+            // made again without what it knows was acknowledged.
+            Err(e) => return Err(unavailable("binding a queue", e)),
         };
         let created = self.stream.create_consumer(config(policy)).await;
         created.map_err(|e| unavailable("creating a queue", e))
