@@ -417,3 +417,132 @@ async fn mqtt_3_1_3_10_a_wills_properties_go_with_it() {
     let users = will.properties.expect("properties").user_properties;
     assert_eq!(users, [("why".to_owned(), "network".to_owned())]);
 }
+
+/// A session of alice at MQTT `level` (4 or 5), clean, as `alice-raw`.
+async fn raw_session(s: &TestServer, level: u8) -> RawMqtt {
+    let mut connect = RawConnect::v5("alice-raw", "alice", &s.token("alice"));
+    connect.level = level;
+    let (raw, (_, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+    assert_eq!(code, 0, "MQTT level {level}");
+    raw
+}
+
+#[tokio::test]
+async fn mqtt_3_12_4_1_a_pingreq_is_answered_with_a_pingresp() {
+    let s = TestServer::with_c1().await;
+    for level in [4, 5] {
+        let mut raw = raw_session(&s, level).await;
+        raw.send(&[0xC0, 0x00]).await;
+        assert_eq!(raw.next().await, Some((0xD0, Vec::new())), "level {level}");
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_8_4_1_and_2_and_5_a_subscribe_gets_one_suback_with_its_packet_id_and_a_code_per_filter(
+) {
+    // Also MQTT-3.8.4-4 and MQTT-3.9.3-1: two filters are handled as two SUBSCRIBEs, their
+    // codes in order in one SUBACK; alice may not read `chat/c2` (0x80).
+    let s = TestServer::with_c1().await;
+    let mut raw = raw_session(&s, 4).await;
+    let mut body = vec![0x12, 0x34];
+    for filter in ["chat/c1", "chat/c2"] {
+        field(filter.as_bytes(), &mut body);
+        body.push(1);
+    }
+    raw.send(&packet(0x82, &body)).await;
+    assert_eq!(raw.next().await, Some((0x90, vec![0x12, 0x34, 1, 0x80])));
+}
+
+#[tokio::test]
+async fn mqtt_3_10_4_4_and_5_an_unsubscribe_gets_an_unsuback_with_its_packet_id_even_for_nothing() {
+    let s = TestServer::with_c1().await;
+    let mut raw = raw_session(&s, 4).await;
+    assert_eq!(raw.subscribe("chat/c1", 4).await, 1);
+    for pkid in [[0x43, 0x21], [0x43, 0x22]] {
+        // The first removes the subscription, the second finds none.
+        let mut body = pkid.to_vec();
+        field(b"chat/c1", &mut body);
+        raw.send(&packet(0xA2, &body)).await;
+        assert_eq!(raw.next().await, Some((0xB0, pkid.to_vec())));
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_3_1_4_a_publish_with_both_qos_bits_set_is_closed() {
+    let s = TestServer::with_c1().await;
+    let mut raw = raw_session(&s, 4).await;
+    let mut body = Vec::new();
+    field(b"chat/c1", &mut body);
+    body.extend_from_slice(&[0, 1]);
+    body.extend_from_slice(br#"{"type":"message","text":"qos 3"}"#);
+    raw.send(&packet(0x36, &body)).await;
+    assert!(raw.closed_silently().await);
+}
+
+#[tokio::test]
+async fn mqtt_3_8_3_4_a_subscribe_asking_for_qos_3_is_closed() {
+    let s = TestServer::with_c1().await;
+    let mut raw = raw_session(&s, 4).await;
+    let mut body = vec![0, 1];
+    field(b"chat/c1", &mut body);
+    body.push(3);
+    raw.send(&packet(0x82, &body)).await;
+    assert!(raw.closed_silently().await);
+}
+
+#[tokio::test]
+async fn mqtt_3_8_3_3_and_3_10_3_2_a_subscribe_or_unsubscribe_with_no_filter_is_closed() {
+    let s = TestServer::with_c1().await;
+    for first in [0x82, 0xA2] {
+        let mut raw = raw_session(&s, 4).await;
+        raw.send(&packet(first, &[0, 1])).await;
+        assert!(raw.closed_silently().await, "packet {first:#x}");
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_1_3_8_an_empty_client_id_without_clean_session_gets_0x02_and_is_closed() {
+    let s = TestServer::with_c1().await;
+    let mut connect = RawConnect::v4("", "alice", &s.token("alice"));
+    connect.clean = false;
+    let (mut raw, (present, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+    assert_eq!((present, code), (false, 0x02));
+    assert!(raw.closed_silently().await);
+}
+
+#[tokio::test]
+async fn mqtt_3_1_3_6_an_empty_client_id_with_clean_session_is_given_one() {
+    let s = TestServer::with_c1().await;
+    let connect = RawConnect::v4("", "alice", &s.token("alice"));
+    let (mut raw, (present, code)) = RawMqtt::connect(s.mqtt, &connect).await;
+    assert_eq!((present, code), (false, 0));
+    assert_eq!(raw.subscribe("chat/c1", 4).await, 1, "a working session");
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_6_and_3_2_2_1_clean_session_discards_the_stored_one() {
+    let s = TestServer::with_c1().await;
+    let persistent = |clean| {
+        let mut connect = RawConnect::v4("alice-kept", "alice", &s.token("alice"));
+        connect.clean = clean;
+        connect
+    };
+    let (mut raw, (present, _)) = RawMqtt::connect(s.mqtt, &persistent(false)).await;
+    assert!(!present);
+    assert_eq!(raw.subscribe("chat/c1", 4).await, 1);
+    leave(raw).await;
+    let (raw, (present, _)) = RawMqtt::connect(s.mqtt, &persistent(false)).await;
+    assert!(present, "MQTT-3.2.2-2: the stored session is there");
+    leave(raw).await;
+    let (raw, (present, _)) = RawMqtt::connect(s.mqtt, &persistent(true)).await;
+    assert!(
+        !present,
+        "MQTT-3.2.2-1: session present 0 with clean session"
+    );
+    leave(raw).await;
+    let (_, (present, _)) = RawMqtt::connect(s.mqtt, &persistent(false)).await;
+    assert!(
+        !present,
+        "MQTT-3.1.2-6: the discarded session is not reused"
+    );
+}

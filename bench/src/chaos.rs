@@ -183,6 +183,18 @@ impl Cluster {
     }
 }
 
+/// The kinds of fault `CALLBUS_CHAOS_FAULTS` allows (all when unset), by name: `node-kill`,
+/// `node-stop`, `nats-kill`, `nats-stop`, `pg`; to narrow a hunt down.
+fn allowed(kind: u64) -> bool {
+    const NAMES: [&str; 5] = ["node-kill", "node-stop", "nats-kill", "nats-stop", "pg"];
+    match std::env::var("CALLBUS_CHAOS_FAULTS") {
+        Ok(list) => list
+            .split(',')
+            .any(|name| name.trim() == NAMES[kind as usize]),
+        Err(_) => true,
+    }
+}
+
 fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) on a child this process spawned and has not reaped.
     unsafe { libc::kill(pid as libc::pid_t, signal) };
@@ -191,6 +203,9 @@ fn signal(pid: u32, signal: libc::c_int) {
 /// One fault, chosen by `rng`, held for a while and then healed; what it was.
 async fn fault(cluster: &Cluster, rng: &mut Rng) -> Option<String> {
     let kind = rng.below(5);
+    if !allowed(kind) {
+        return None;
+    }
     let which = rng.below(3) as usize;
     let hold = rng.secs(2.0, 9.0);
     let name = match kind {
@@ -593,13 +608,95 @@ pub async fn run(minutes: f64, seed: u64, phones: usize) -> anyhow::Result<()> {
     for client in clients {
         client.await?;
     }
-    report(&lock(&record), phones);
+    let lost = report(&lock(&record), phones);
+    if !lost.is_empty() {
+        let urls = lock(&cluster.nats).urls_from(0);
+        if let Err(e) = postmortem(&urls, &lost, &lock(&record)).await {
+            eprintln!("postmortem: {e}");
+        }
+    }
     Ok(())
 }
 
-fn report(record: &Record, phones: usize) {
+/// Where JetStream has what was never delivered: in the stream or not, and against the ack
+/// floor of the queue meant to deliver it.
+async fn postmortem(urls: &str, lost: &[(usize, u64)], record: &Record) -> anyhow::Result<()> {
+    use async_nats::jetstream::{self, consumer};
+    let servers: Vec<&str> = urls.split(',').collect();
+    let client = async_nats::connect(servers).await?;
+    let js = jetstream::new(client);
+    let stream = js.get_stream("CALLBUS").await?;
+    // (writer, n) -> (stream sequence, when stored), every copy.
+    let mut stored: HashMap<(usize, u64), Vec<(u64, String)>> = HashMap::new();
+    let reader = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: "callbus.t.chat.>".into(),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = reader.messages().await?;
+    use futures_util::StreamExt;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+        let Ok(Some(Ok(message))) = next else { break };
+        let Ok(info) = message.info() else { continue };
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let at = info.published.to_string();
+        let text = String::from_utf8_lossy(&message.payload);
+        if let Some(i) = text.find("\"text\":\"") {
+            let rest = &text[i + 8..];
+            let mut words = rest.split(['"', ' ']);
+            let w = words.next().and_then(|w| w.parse().ok());
+            let n = words.nth(1).and_then(|n| n.parse().ok());
+            if let (Some(w), Some(n)) = (w, n) {
+                stored.entry((w, n)).or_default().push((seq, at));
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    let mut queues = stream.consumers();
+    while let Some(Ok(info)) = queues.next().await {
+        eprintln!(
+            "queue {} on {}: delivered {} ack floor {} ack pending {} pending {} redelivered {} waiting {} leader {:?}",
+            info.name,
+            info.config.filter_subject,
+            info.delivered.stream_sequence,
+            info.ack_floor.stream_sequence,
+            info.num_ack_pending,
+            info.num_pending,
+            info.num_redelivered,
+            info.num_waiting,
+            info.cluster.and_then(|c| c.leader),
+        );
+    }
+    for (w, n) in lost {
+        let got = &record.got[*w];
+        let before = got
+            .iter()
+            .filter(|(_, m, _)| m < n)
+            .max_by_key(|(_, m, _)| *m);
+        let after = got
+            .iter()
+            .filter(|(_, m, _)| m > n)
+            .min_by_key(|(_, m, _)| *m);
+        eprintln!(
+            "lost {w}/{n}: stored {:?}; phone got {:?} before, {:?} after (connection, n, at)",
+            stored.get(&(*w, *n)),
+            before,
+            after
+        );
+    }
+    Ok(())
+}
+
+/// Prints the table; gives back what was never delivered (writer, n).
+fn report(record: &Record, phones: usize) -> Vec<(usize, u64)> {
     let acked = record.acked.len();
     let mut lost = 0;
+    let mut lost_ones = Vec::new();
     let mut violations = 0;
     let mut duplicates = 0;
     let mut latencies = Vec::new();
@@ -623,6 +720,7 @@ fn report(record: &Record, phones: usize) {
                 Some((_, at)) => latencies.push((at - acked_at).max(0.0)),
                 None => {
                     lost += 1;
+                    lost_ones.push((p, *n));
                     eprintln!(
                         "never delivered: writer {p} message {n}, acknowledged at {acked_at:.1} s \
                          (sent on its connection {sent}, acknowledged on {acked_on})"
@@ -675,4 +773,5 @@ fn report(record: &Record, phones: usize) {
         "| {} | {acked} | {lost} | {violations} | {duplicates} | {p99:.1} / {max:.1} s | {silent} of {waiting_resumes} | {} | {} |",
         record.faults, record.forgotten, record.exits
     );
+    lost_ones
 }

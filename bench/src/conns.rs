@@ -120,7 +120,11 @@ fn spawn(
         ])
         .args(extra)
         .env("CALLBUS_JWT_SECRET", SECRET)
-        .env("RUST_LOG", "warn")
+        // `CALLBUS_NODE_LOG` sets the nodes' own filter (e.g. to follow a chaos run's queues).
+        .env(
+            "RUST_LOG",
+            std::env::var("CALLBUS_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()?;
     Ok(Proc(child))

@@ -601,6 +601,11 @@ impl Session {
             let Some((packet, extra)) = decoded.map_err(End::Malformed)? else {
                 break;
             };
+            // The codec takes an UNSUBSCRIBE with no filter; both versions call it a
+            // protocol violation (MQTT-3.10.3-2, MQTT 5 section 3.10.3).
+            if matches!(&packet, Packet::Unsubscribe(u) if u.topics.is_empty()) {
+                return Err(End::Malformed("UNSUBSCRIBE with no topic filter".into()));
+            }
             if let Some(packet) = self.on_control(packet, &extra)? {
                 return Ok(Some((packet, extra)));
             }
