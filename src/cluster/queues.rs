@@ -317,13 +317,14 @@ impl Queues {
     /// other feed is pulling from it, otherwise made again from the first unacknowledged
     /// message; new if there is none.
     /// One that is gone (deleted, or lost with the servers that held it) is made again from
-    /// `since` (Unix ms) when given: what was published since then comes again (duplicates,
-    /// not loss).
+    /// `replay` when given: what was published since then comes again (duplicates, not
+    /// loss). A rewind that deleted the consumer but could not make it again leaves its start
+    /// in `replay`, for the next attempt.
     async fn bind(
         &self,
         name: &str,
         subject: &str,
-        since: Option<u64>,
+        replay: &mut Option<Replay>,
     ) -> Result<consumer::PullConsumer, StoreError> {
         // Replicated like the stream (a Raft group of its own, hundreds of ms to make): a
         // consumer of one replica on a NATS server that is behind the stream (paused, or back
@@ -340,11 +341,16 @@ impl Queues {
             num_replicas: 0, // the stream's
             ..Default::default()
         };
-        let from = |since: Option<u64>| match since {
-            Some(ms) => match async_nats::datetime::from_nanos(i128::from(ms) * 1_000_000) {
-                Ok(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
-                Err(_) => consumer::DeliverPolicy::All,
-            },
+        let from = |replay: Option<Replay>| match replay {
+            Some(Replay::Since(ms)) => {
+                match async_nats::datetime::from_nanos(i128::from(ms) * 1_000_000) {
+                    Ok(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
+                    Err(_) => consumer::DeliverPolicy::All,
+                }
+            }
+            Some(Replay::From(start_sequence)) => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
             None => consumer::DeliverPolicy::New,
         };
         let info = self.stream.consumer_info(name).await;
@@ -364,15 +370,18 @@ impl Queues {
             Ok(info) => {
                 let start_sequence = info.ack_floor.stream_sequence + 1;
                 debug!(consumer = %name, start_sequence, "rewinding to the unacknowledged");
+                // Its answer may be lost after the deletion was done: the next attempt then
+                // finds no consumer, and starts from here.
+                *replay = Some(Replay::From(start_sequence));
                 let deleted = self.stream.delete_consumer(name).await;
                 deleted.map_err(|e| unavailable("rewinding a queue", e))?;
                 consumer::DeliverPolicy::ByStartSequence { start_sequence }
             }
             Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
-                if since.is_some() {
+                if matches!(replay, Some(Replay::Since(_))) {
                     warn!(consumer = %name, "a session's queue was lost; replaying the stream");
                 }
-                from(since)
+                from(*replay)
             }
             // JetStream cannot answer for it now (electing a leader after losing a server):
             // the queue is replicated, so it is waited for (the feed tries again) rather than
@@ -386,13 +395,13 @@ impl Queues {
     /// Feeds `subject`'s queue of `client_id` to session `sid` until `stop`, binding it again
     /// (from a little before the loss) if its NATS server is lost meanwhile. Without a
     /// `consumer` (it could not be bound when the session resumed) it is bound first, from
-    /// `since`, trying every second until it is.
+    /// `replay`, trying every second until it is.
     async fn feed(
         self: Arc<Self>,
         sid: u64,
         (client_id, filter, subject): (String, String, String),
         mut consumer: Option<consumer::PullConsumer>,
-        mut since: Option<u64>,
+        mut replay: Option<Replay>,
         stop: CancellationToken,
     ) {
         let name = consumer_name(&client_id, &subject);
@@ -400,7 +409,7 @@ impl Queues {
             let bound = match consumer.take() {
                 Some(bound) => bound,
                 None => loop {
-                    match self.bind(&name, &subject, since).await {
+                    match self.bind(&name, &subject, &mut replay).await {
                         Ok(again) => break again,
                         Err(e) => {
                             warn!(client = %client_id, error = %e, "cannot bind a session's queue yet");
@@ -426,9 +435,19 @@ impl Queues {
                 }
                 Fed::Lost => {}
             }
-            since = Some(now_ms().saturating_sub(REPLAY_MARGIN.as_millis() as u64));
+            let since = now_ms().saturating_sub(REPLAY_MARGIN.as_millis() as u64);
+            replay = Some(Replay::Since(since));
         }
     }
+}
+
+/// Where a queue that is gone is made again from.
+#[derive(Debug, Clone, Copy)]
+enum Replay {
+    /// What was published since then (Unix ms).
+    Since(u64),
+    /// This stream sequence on.
+    From(u64),
 }
 
 /// How a feed ended.
@@ -489,8 +508,27 @@ async fn feed(
         let Some(hub) = hub.upgrade() else {
             return Fed::Done;
         };
+        if let Ok(info) = message.info() {
+            tracing::trace!(
+                queue = %consumer.cached_info().name,
+                stream = info.stream_sequence,
+                consumer = info.consumer_sequence,
+                delivered = info.delivered,
+                pending = info.pending,
+                "queued message"
+            );
+        }
         let behind = message.info().map(|info| info.pending).unwrap_or(0);
         if behind >= bound {
+            if dropped == 0 {
+                let seq = message.info().map(|info| info.stream_sequence).unwrap_or(0);
+                info!(
+                    behind,
+                    bound,
+                    stream_sequence = seq,
+                    "a session's queue is over its bound: dropping its oldest"
+                );
+            }
             dropped += 1;
             if let Some(reply) = &message.reply {
                 let _ = acks.send(reply.clone());
@@ -594,15 +632,16 @@ impl Durable for Queues {
                 // JetStream, seconds while the NATS server holding the queue is away) and a
                 // queue that cannot be bound yet is bound once it can be, not left silent
                 // until the client reconnects.
-                let consumer = match since {
+                let mut replay = since.map(Replay::Since);
+                let consumer = match replay {
                     Some(_) => None,
-                    None => Some(self.bind(&name, &subject, since).await?),
+                    None => Some(self.bind(&name, &subject, &mut replay).await?),
                 };
                 let Some(me) = self.me.upgrade() else {
                     return Err(StoreError::Unavailable("shutting down".into()));
                 };
                 let names = (client_id.clone(), filter.clone(), subject);
-                tokio::spawn(me.feed(sid, names, consumer, since, stop.clone()));
+                tokio::spawn(me.feed(sid, names, consumer, replay, stop.clone()));
             }
             Ok(())
         })
