@@ -611,7 +611,9 @@ pub async fn run(minutes: f64, seed: u64, phones: usize) -> anyhow::Result<()> {
     let lost = report(&lock(&record), phones);
     if !lost.is_empty() {
         let urls = lock(&cluster.nats).urls_from(0);
-        if let Err(e) = postmortem(&urls, &lost, &lock(&record)).await {
+        // Every client is done: the record is taken whole, not locked across the awaits.
+        let record = std::mem::take(&mut *lock(&record));
+        if let Err(e) = postmortem(&urls, &lost, &record).await {
             eprintln!("postmortem: {e}");
         }
     }
