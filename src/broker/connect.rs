@@ -53,6 +53,8 @@ pub(super) struct Admitted {
     pub session_expiry: Option<u32>,
     /// MQTT 5: how many QoS 1 deliveries the client takes unacknowledged at once.
     pub receive_max: Option<u16>,
+    /// MQTT 5: Request Problem Information (Reason Strings may be sent).
+    pub problem_info: bool,
 }
 
 /// A CONNECT's Last Will.
@@ -79,6 +81,9 @@ struct Hello {
     max_packet_out: Option<u32>,
     session_expiry: Option<u32>,
     receive_max: Option<u16>,
+    problem_info: bool,
+    /// MQTT 5: what the CONNECT asks for that callbus does not offer.
+    unsupported: Option<Refused>,
 }
 
 impl Hello {
@@ -103,6 +108,8 @@ impl Hello {
             max_packet_out: None,
             session_expiry: None,
             receive_max: None,
+            problem_info: true,
+            unsupported: None,
         }
     }
 
@@ -111,7 +118,19 @@ impl Hello {
     /// Start 1 with an expiry starts a session that is kept, Clean Start 0 without one resumes
     /// a stored session that then ends with the connection).
     fn v5(c: v5::Connect) -> Hello {
+        let retained = c.will.as_ref().is_some_and(|(_, _, retain)| *retain);
+        let unsupported = if c.auth_method {
+            Some(Refused::BadAuthMethod)
+        } else if c.will_qos == codec::QoS::ExactlyOnce {
+            Some(Refused::QosNotSupported)
+        } else if retained {
+            Some(Refused::RetainNotSupported)
+        } else {
+            None
+        };
         Hello {
+            unsupported,
+            problem_info: c.problem_info,
             version: Version::V5,
             client_id: c.client_id,
             clean: c.clean_start,
@@ -157,6 +176,10 @@ enum Refusal {
 fn v4_code(refused: Refused) -> ConnectReturnCode {
     match refused {
         Refused::BadCredentials | Refused::NotAuthorized => ConnectReturnCode::NotAuthorized,
+        // MQTT 5 only (a 3.1.1 CONNECT cannot ask for them).
+        Refused::BadAuthMethod | Refused::RetainNotSupported | Refused::QosNotSupported => {
+            ConnectReturnCode::NotAuthorized
+        }
         Refused::BadClientId => ConnectReturnCode::BadClientId,
         Refused::Busy | Refused::RateExceeded | Refused::Unavailable => {
             ConnectReturnCode::ServiceUnavailable
@@ -222,6 +245,7 @@ pub(super) async fn admit<T: Transport>(
                 max_packet_out: hello.max_packet_out,
                 session_expiry: hello.session_expiry,
                 receive_max: hello.receive_max,
+                problem_info: hello.problem_info,
             });
             Some((admitted, permit))
         }
@@ -257,6 +281,12 @@ fn decide(gateway: &Gateway, hello: &Hello, room: Room) -> Result<(Identity, Str
         info!("too many new connections from this address, refusing");
         metrics::CONNECTS_OVER_RATE.inc();
         return refuse(Refused::RateExceeded);
+    }
+    // Enhanced authentication (MQTT-4.12.0-1), a Will above Maximum QoS (MQTT-3.2.2-12) or
+    // to be retained (MQTT-3.2.2-13).
+    if let Some(refused) = hello.unsupported {
+        info!(?refused, "CONNECT asks for what is not offered");
+        return refuse(refused);
     }
     let login = hello.login.as_ref();
     let identity = gateway
@@ -338,6 +368,12 @@ async fn read_connect<T: Transport>(
         if !codec::connect_header_valid(buf) {
             info!("CONNECT with invalid flags");
             return Err(Refusal::Silent);
+        }
+        if let Some(len) = codec::packet_len(buf).filter(|len| *len <= buf.len()) {
+            if codec::connect_fields_fill_it(&buf[..len]) == Some(false) {
+                info!("CONNECT longer than the fields its flags declare");
+                return Err(Refusal::Silent);
+            }
         }
         if codec::connect_protocol_level(buf) == Some(5) {
             match v5::read_connect(buf, max) {

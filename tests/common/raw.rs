@@ -154,6 +154,8 @@ pub struct RawConnect {
     pub will: Option<(String, Vec<u8>)>,
     /// MQTT 5: the Will's properties, encoded.
     pub will_properties: Vec<u8>,
+    /// MQTT 5: more CONNECT properties, encoded (after the Session Expiry Interval).
+    pub properties: Vec<u8>,
     /// Overrides the first byte (0x10) and the flags byte the fields above make.
     pub first_byte: Option<u8>,
     pub flags: Option<u8>,
@@ -194,6 +196,7 @@ impl RawConnect {
                 props.push(0x11);
                 props.extend_from_slice(&secs.to_be_bytes());
             }
+            props.extend_from_slice(&self.properties);
             varint(props.len(), &mut body);
             body.extend_from_slice(&props);
         }
@@ -245,11 +248,17 @@ impl RawMqtt {
 
     /// The next whole packet, or `None` once the server closed (bounded by [`WAIT`]).
     pub async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        let packet = self.next_whole().await?;
+        let (head, _) = header(&packet)?;
+        Some((packet[0], packet[head..].to_vec()))
+    }
+
+    /// The next whole packet's bytes, fixed header included.
+    pub async fn next_whole(&mut self) -> Option<Vec<u8>> {
         loop {
             if let Some((head, len)) = header(&self.buf) {
                 if self.buf.len() >= head + len {
-                    let packet: Vec<u8> = self.buf.drain(..head + len).collect();
-                    return Some((packet[0], packet[head..].to_vec()));
+                    return Some(self.buf.drain(..head + len).collect());
                 }
             }
             let mut chunk = [0u8; 4096];

@@ -273,13 +273,15 @@ impl Hub {
         }
     }
 
-    pub(crate) fn unsubscribe(&self, sid: u64, filter: &str) {
+    /// Drops `sid`'s subscription to exactly `filter`; whether it had one.
+    pub(crate) fn unsubscribe(&self, sid: u64, filter: &str) -> bool {
         let mut state = lock(&self.state);
         if let Some(entry) = state.sessions.get_mut(&sid) {
             entry.set_no_local(filter, false);
         }
-        state.routes.unsubscribe(sid, filter);
+        let removed = state.routes.unsubscribe(sid, filter);
         self.save(&state, sid);
+        removed
     }
 
     /// Drops every `chat/{cid}` subscription of `user_id`'s sessions, stored ones included
@@ -480,6 +482,12 @@ impl Hub {
                 sender.send(Event::Replaced);
             }
         }
+    }
+
+    /// Whether `sid`'s entry is gone while its connection still runs: the session was taken
+    /// over (by a connection here or on another node, [`Self::release_client`]).
+    pub(crate) fn released(&self, sid: u64) -> bool {
+        !lock(&self.state).sessions.contains_key(&sid)
     }
 
     /// Tells `interest` which filters the sessions hold, now and after every change.

@@ -104,8 +104,10 @@ impl Routes {
         }
     }
 
-    pub(super) fn unsubscribe(&mut self, sid: u64, filter: &str) {
+    /// Drops `sid`'s subscription to exactly `filter`; whether it had one (held ones too).
+    pub(super) fn unsubscribe(&mut self, sid: u64, filter: &str) -> bool {
         let mut dropped = false;
+        let mut held = false;
         if let Some(filters) = self.wildcard.get_mut(&sid) {
             let before = filters.len();
             filters.retain(|(f, _)| f != filter);
@@ -115,7 +117,9 @@ impl Routes {
             }
         }
         if let Some(filters) = self.held.get_mut(&sid) {
+            let before = filters.len();
             filters.retain(|f| &**f != filter);
+            held = filters.len() < before;
             if filters.is_empty() {
                 self.held.remove(&sid);
             }
@@ -124,6 +128,7 @@ impl Routes {
         if dropped {
             self.released(sid, filter);
         }
+        dropped || held
     }
 
     /// Whether `sid` held exactly `filter`.

@@ -10,20 +10,40 @@ use tokio_util::sync::CancellationToken;
 use super::{Hub, Link};
 use crate::sync::lock;
 
-/// The Wills waiting here, by broker-side client id: when their connection ended (Unix ms)
-/// and what cancels each.
+/// A Will waiting here: when its connection began and ended (Unix ms), and what cancels it.
+struct Delayed {
+    attached_ms: u64,
+    ended_ms: u64,
+    cancel: CancellationToken,
+}
+
+/// The Wills waiting here, by broker-side client id.
 #[derive(Default)]
-pub(super) struct DelayedWills(Mutex<HashMap<Arc<str>, (u64, CancellationToken)>>);
+pub(super) struct DelayedWills(Mutex<HashMap<Arc<str>, Delayed>>);
 
 impl Hub {
-    /// A Will of `client_id`'s connection that ended at `ended_ms` waits for its delay; what
-    /// is cancelled if the client comes back on another node first. (A newer Will of the same
-    /// client id means it came back: the older one is cancelled.)
-    pub(crate) fn delay_will(&self, client_id: &Arc<str>, ended_ms: u64) -> CancellationToken {
+    /// A Will of `client_id`'s connection (session `sid`) that ended at `ended_ms` waits for
+    /// its delay; what is cancelled if the client comes back on another node first. (A newer
+    /// Will of the same client id means it came back: the older one is cancelled.)
+    pub(crate) fn delay_will(
+        &self,
+        client_id: &Arc<str>,
+        sid: u64,
+        ended_ms: u64,
+    ) -> CancellationToken {
+        let attached_ms = lock(&self.state)
+            .sessions
+            .get(&sid)
+            .map_or(ended_ms, |e| e.attached_ms);
         let cancel = CancellationToken::new();
-        let older = lock(&self.wills.0).insert(client_id.clone(), (ended_ms, cancel.clone()));
-        if let Some((_, older)) = older {
-            older.cancel();
+        let delayed = Delayed {
+            attached_ms,
+            ended_ms,
+            cancel: cancel.clone(),
+        };
+        let older = lock(&self.wills.0).insert(client_id.clone(), delayed);
+        if let Some(older) = older {
+            older.cancel.cancel();
         }
         cancel
     }
@@ -37,7 +57,7 @@ impl Hub {
         cancel: &CancellationToken,
     ) -> bool {
         let mut wills = lock(&self.wills.0);
-        if wills.get(client_id).is_some_and(|(at, _)| *at == ended_ms) {
+        if wills.get(client_id).is_some_and(|d| d.ended_ms == ended_ms) {
             wills.remove(client_id);
         }
         drop(wills);
@@ -45,14 +65,15 @@ impl Hub {
     }
 
     /// Another node claimed `client_id` (at `claimed_ms`, or just now): a Will waiting here
-    /// for a connection that ended before that is not sent.
+    /// for a connection that began before that is not sent. (Not "ended": a node may notice
+    /// a dropped connection only after the client is back elsewhere.)
     pub(super) fn cancel_will(&self, client_id: &str, claimed_ms: Option<u64>) {
         let mut wills = lock(&self.wills.0);
-        let Some((ended_ms, cancel)) = wills.get(client_id) else {
+        let Some(delayed) = wills.get(client_id) else {
             return;
         };
-        if claimed_ms.is_none_or(|at| at >= *ended_ms) {
-            cancel.cancel();
+        if claimed_ms.is_none_or(|at| at >= delayed.attached_ms) {
+            delayed.cancel.cancel();
             wills.remove(client_id);
         }
     }

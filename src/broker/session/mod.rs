@@ -127,6 +127,7 @@ pub(super) async fn start<T: Transport>(
         origin,
         version: admitted.version,
         max_packet_out: admitted.max_packet_out,
+        problem_info: admitted.problem_info,
         unacked: None,
         receive_max: admitted.receive_max.map_or(u32::MAX, u32::from),
         outstanding: 0,
@@ -218,7 +219,7 @@ pub(super) enum End {
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
     #[error("malformed packet: {0}")]
-    Malformed(String),
+    Malformed(v5::Malformed),
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
     #[error("keepalive expired")]
@@ -240,11 +241,7 @@ impl End {
     fn ending(&self) -> Option<v5::Ending> {
         Some(match self {
             End::Disconnect | End::DisconnectWithWill | End::Closed | End::Io(_) => return None,
-            End::Malformed(why) if why.starts_with(v5::QOS_NOT_SUPPORTED) => {
-                v5::Ending::QosNotSupported
-            }
-            End::Malformed(why) if why.starts_with(v5::TOO_LARGE) => v5::Ending::TooLarge,
-            End::Malformed(_) => v5::Ending::Malformed,
+            End::Malformed(why) => why.ending,
             End::Protocol(_) => v5::Ending::Protocol,
             End::Idle => v5::Ending::KeepAlive,
             End::Violations => v5::Ending::RateTooHigh,
@@ -290,6 +287,8 @@ pub(super) struct Session {
     version: Version,
     /// MQTT 5: the largest packet the client accepts (larger deliveries are not sent).
     max_packet_out: Option<u32>,
+    /// MQTT 5 Request Problem Information: Reason Strings may be sent.
+    problem_info: bool,
     /// What a persistent session keeps until the client acknowledges it, and what waits for
     /// room under MQTT 5's Receive Maximum (boxed, made on first use: a clean session with no
     /// receive maximum never needs it).
@@ -370,7 +369,11 @@ impl Session {
             let _ = tokio::time::timeout(LAST_WRITE, self.flush(&mut transport)).await;
         }
         if let (Some(will), false) = (self.will.take(), matches!(end, End::Disconnect)) {
-            self.will_goes(will, matches!(end, End::Replaced)).await;
+            // Taken over even when the connection's end was read first: another node's claim
+            // may have released the session here before this task saw the socket close.
+            let hub = &self.gateway.inner.hub;
+            let replaced = matches!(end, End::Replaced) || hub.released(self.registration.id);
+            self.will_goes(will, replaced).await;
         }
         let Session {
             registration,
@@ -414,7 +417,7 @@ impl Session {
         }
         let (gateway, identity) = (self.gateway.clone(), self.identity.clone());
         let (client_id, ended_ms) = (self.client_id.clone(), crate::model::call::now_ms());
-        let back_elsewhere = hub.delay_will(&client_id, ended_ms);
+        let back_elsewhere = hub.delay_will(&client_id, self.registration.id, ended_ms);
         tokio::spawn(async move {
             let shutdown = gateway.shutdown_token().clone();
             tokio::select! {
@@ -596,16 +599,12 @@ impl Session {
             let decoded = match self.version {
                 Version::V4 => codec::decode_checked(&mut self.inbuf, max)
                     .map(|p| p.map(|p| (p, v5::Extra::default()))),
-                Version::V5 => v5::decode(&mut self.inbuf, max).map_err(|e| e.0),
+                Version::V5 => v5::decode(&mut self.inbuf, max),
             };
             let Some((packet, extra)) = decoded.map_err(End::Malformed)? else {
                 break;
             };
-            // The codec takes an UNSUBSCRIBE with no filter; both versions call it a
-            // protocol violation (MQTT-3.10.3-2, MQTT 5 section 3.10.3).
-            if matches!(&packet, Packet::Unsubscribe(u) if u.topics.is_empty()) {
-                return Err(End::Malformed("UNSUBSCRIBE with no topic filter".into()));
-            }
+            codec::check(&packet).map_err(End::Malformed)?;
             if let Some(packet) = self.on_control(packet, &extra)? {
                 return Ok(Some((packet, extra)));
             }
@@ -623,9 +622,9 @@ impl Session {
             Packet::Subscribe(subscribe) => self.on_subscribe(subscribe, &extra.no_local).await,
             Packet::Unsubscribe(unsubscribe) => {
                 let hub = &self.gateway.inner.hub;
-                for filter in &unsubscribe.topics {
-                    hub.unsubscribe(sid, filter);
-                }
+                let removed: Vec<bool> = (unsubscribe.topics.iter())
+                    .map(|filter| hub.unsubscribe(sid, filter))
+                    .collect();
                 if self.persistent {
                     if let Err(e) = hub.persist(sid).await {
                         warn!(error = %e, "unsubscription not made durable");
@@ -634,10 +633,7 @@ impl Session {
                 let pkid = unsubscribe.pkid;
                 match self.version {
                     Version::V4 => self.send(Packet::UnsubAck(UnsubAck::new(pkid))),
-                    Version::V5 => {
-                        let count = unsubscribe.topics.len();
-                        self.answer(v5::Answer::UnsubAck { pkid, count })
-                    }
+                    Version::V5 => self.answer(v5::Answer::UnsubAck { pkid, removed }),
                 }
             }
             _ => {}
@@ -740,8 +736,18 @@ impl Session {
         }
     }
 
-    /// Writes what only MQTT 5 can say.
-    fn answer(&mut self, answer: v5::Answer) {
+    /// Writes what only MQTT 5 can say. A PUBACK's Reason String goes only to a client that
+    /// did not turn them off (Request Problem Information 0: MQTT-3.1.2-29) and only if it
+    /// keeps the packet within the client's Maximum Packet Size (MQTT-3.4.2-2).
+    fn answer(&mut self, mut answer: v5::Answer) {
+        if let v5::Answer::PubAck { reason, .. } = &mut answer {
+            // Fixed header, packet id, reason, property length, the property's id and length.
+            let size = 2 + 2 + 1 + 1 + 3 + reason.len();
+            let too_large = self.max_packet_out.is_some_and(|max| size > max as usize);
+            if !self.problem_info || too_large {
+                reason.clear();
+            }
+        }
         v5::answer(answer, &mut self.outbuf);
     }
 

@@ -22,6 +22,12 @@ pub(crate) enum Refused {
     RateExceeded,
     /// 0x88: the server cannot serve it now (a stored session unreadable).
     Unavailable,
+    /// 0x8C: an Authentication Method (no enhanced authentication is offered).
+    BadAuthMethod,
+    /// 0x9A: a Will to be retained (Retain Available is 0).
+    RetainNotSupported,
+    /// 0x9B: a Will above Maximum QoS.
+    QosNotSupported,
 }
 
 /// A SUBSCRIBE filter's outcome.
@@ -64,6 +70,9 @@ pub(crate) enum Ending {
     Protocol,
     Unavailable,
     QosNotSupported,
+    TopicNameInvalid,
+    TopicAliasInvalid,
+    SubscriptionIdsNotSupported,
 }
 
 /// What the server says in v5 that 3.1.1 cannot.
@@ -77,9 +86,10 @@ pub(crate) enum Answer {
         pkid: u16,
         granted: Vec<Granted>,
     },
+    /// Whether each filter removed a subscription (0x00) or found none (0x11).
     UnsubAck {
         pkid: u16,
-        count: usize,
+        removed: Vec<bool>,
     },
     PubAck {
         pkid: u16,
@@ -106,6 +116,9 @@ pub(crate) fn answer(answer: Answer, out: &mut BytesMut) {
                 Some(Refused::Busy) => C::ServerBusy,
                 Some(Refused::RateExceeded) => C::ConnectionRateExceeded,
                 Some(Refused::Unavailable) => C::ServerUnavailable,
+                Some(Refused::BadAuthMethod) => C::BadAuthenticationMethod,
+                Some(Refused::RetainNotSupported) => C::RetainNotSupported,
+                Some(Refused::QosNotSupported) => C::QoSNotSupported,
             };
             wire::Packet::ConnAck(wire::ConnAck {
                 session_present: present,
@@ -129,9 +142,14 @@ pub(crate) fn answer(answer: Answer, out: &mut BytesMut) {
                 properties: None,
             })
         }
-        Answer::UnsubAck { pkid, count } => wire::Packet::UnsubAck(wire::UnsubAck {
+        Answer::UnsubAck { pkid, removed } => wire::Packet::UnsubAck(wire::UnsubAck {
             pkid,
-            reasons: vec![wire::UnsubAckReason::Success; count],
+            reasons: (removed.into_iter())
+                .map(|removed| match removed {
+                    true => wire::UnsubAckReason::Success,
+                    false => wire::UnsubAckReason::NoSubscriptionExisted,
+                })
+                .collect(),
             properties: None,
         }),
         Answer::PubAck {
@@ -148,7 +166,7 @@ pub(crate) fn answer(answer: Answer, out: &mut BytesMut) {
             wire::Packet::PubAck(wire::PubAck {
                 pkid,
                 reason: code,
-                properties: Some(wire::PubAckProperties {
+                properties: (!reason.is_empty()).then(|| wire::PubAckProperties {
                     reason_string: Some(reason),
                     user_properties: Vec::new(),
                 }),
@@ -167,6 +185,9 @@ pub(crate) fn answer(answer: Answer, out: &mut BytesMut) {
                 Ending::Protocol => D::ProtocolError,
                 Ending::Unavailable => D::ServerBusy,
                 Ending::QosNotSupported => D::QoSNotSupported,
+                Ending::TopicNameInvalid => D::TopicNameInvalid,
+                Ending::TopicAliasInvalid => D::TopicAliasInvalid,
+                Ending::SubscriptionIdsNotSupported => D::SubscriptionIdentifiersNotSupported,
             };
             // Reason code and an empty property length, by hand: rumqttc writes a reason
             // without properties in a form its own reader refuses.

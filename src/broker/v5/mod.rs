@@ -4,8 +4,10 @@
 //! by [`Answer`]. What else a v5 packet says comes beside it as an [`Extra`]: a PUBLISH's
 //! expiry and the properties that travel on to v5 subscribers (`crate::bus::Extras`), a
 //! SUBSCRIBE's No Local filters, a DISCONNECT's reason and Session Expiry Interval. Other
-//! properties are dropped on the way in; a topic alias, which callbus does not offer (Topic
-//! Alias Maximum 0), is a protocol error.
+//! properties are dropped on the way in. What callbus does not offer ends the session with
+//! the reason MQTT 5 gives it ([`Malformed`] carries it): a topic alias (Topic Alias Maximum
+//! 0: 0x94), a Subscription Identifier (0xA1 in SUBSCRIBE, a protocol error in PUBLISH), QoS
+//! 2 (0x9B), AUTH (a protocol error).
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
@@ -19,13 +21,33 @@ pub(crate) use answer::{
     answer, connack_properties, Answer, Ending, Granted, PublishRefused, Refused,
 };
 
-/// How a [`Malformed`] packet over the Maximum Packet Size starts.
-pub(crate) const TOO_LARGE: &str = "packet too large";
-
-/// A packet that cannot be read, or that a v5 client may not send.
+/// A packet that cannot be read, or that a client may not send: why, and the DISCONNECT
+/// reason a v5 client is told (a 3.1.1 connection is just closed).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Malformed(pub String);
+#[error("{why}")]
+pub(crate) struct Malformed {
+    pub why: String,
+    pub ending: Ending,
+}
+
+impl Malformed {
+    /// A packet that cannot be read (0x81).
+    pub(crate) fn packet(why: impl Into<String>) -> Self {
+        Self::with(Ending::Malformed, why)
+    }
+
+    /// A packet that reads but may not be sent (0x82).
+    pub(crate) fn protocol(why: impl Into<String>) -> Self {
+        Self::with(Ending::Protocol, why)
+    }
+
+    pub(crate) fn with(ending: Ending, why: impl Into<String>) -> Self {
+        Self {
+            why: why.into(),
+            ending,
+        }
+    }
+}
 
 fn qos_in(q: WireQoS) -> QoS {
     match q {
@@ -61,6 +83,12 @@ pub(crate) struct Connect {
     pub max_packet_size: Option<u32>,
     /// How many QoS 1 messages the client takes unacknowledged at once.
     pub receive_max: Option<u16>,
+    /// Request Problem Information: whether Reason Strings may be sent (MQTT-3.1.2-29).
+    pub problem_info: bool,
+    /// An Authentication Method: enhanced authentication, which callbus does not offer.
+    pub auth_method: bool,
+    /// The Will's QoS.
+    pub will_qos: QoS,
 }
 
 /// Reads a v5 CONNECT (the first packet of a v5 connection).
@@ -69,6 +97,7 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Conn
         Ok(wire::Packet::Connect(connect, will, login)) => {
             let props = connect.properties.unwrap_or_default();
             let will_props = will.as_ref().and_then(|w| w.properties.clone());
+            let will_qos = will.as_ref().map_or(QoS::AtMostOnce, |w| qos_in(w.qos));
             let will = match will {
                 Some(w) => Some((topic_text(w.topic)?, w.message, w.retain)),
                 None => None,
@@ -95,20 +124,37 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Conn
                 session_expiry: props.session_expiry_interval.unwrap_or(0),
                 max_packet_size: props.max_packet_size,
                 receive_max: props.receive_maximum,
+                problem_info: props.request_problem_info != Some(0),
+                auth_method: props.authentication_method.is_some(),
+                will_qos,
             }))
         }
-        Ok(_) => Err(Malformed("first packet is not CONNECT".into())),
+        Ok(_) => Err(Malformed::protocol("first packet is not CONNECT")),
         Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-        Err(e) => Err(Malformed(e.to_string())),
+        Err(e) => Err(Malformed::packet(e.to_string())),
     }
 }
 
 fn topic_text(topic: Bytes) -> Result<String, Malformed> {
-    String::from_utf8(topic.to_vec()).map_err(|_| Malformed("topic is not UTF-8".into()))
+    String::from_utf8(topic.to_vec()).map_err(|_| Malformed::packet("topic is not UTF-8"))
 }
 
-/// How a [`Malformed`] PUBLISH above Maximum QoS starts.
-pub(crate) const QOS_NOT_SUPPORTED: &str = "QoS not supported";
+/// What a client's PUBLISH may not carry: a Topic Alias (Topic Alias Maximum is 0: 0x94), a
+/// Subscription Identifier (MQTT-3.3.4-6) or a Response Topic with wildcards
+/// (MQTT-3.3.2-14).
+fn check_publish_properties(props: &wire::PublishProperties) -> Result<(), Malformed> {
+    if props.topic_alias.is_some() {
+        let why = "topic alias (Topic Alias Maximum is 0)";
+        return Err(Malformed::with(Ending::TopicAliasInvalid, why));
+    }
+    if !props.subscription_identifiers.is_empty() {
+        return Err(Malformed::protocol("a subscription identifier in PUBLISH"));
+    }
+    if (props.response_topic.as_deref()).is_some_and(|t| t.contains(['+', '#'])) {
+        return Err(Malformed::protocol("a wildcard in the Response Topic"));
+    }
+    Ok(())
+}
 
 /// What a v5 packet says beside its 3.1.1 counterpart.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -149,34 +195,36 @@ pub(crate) fn decode(
 ) -> Result<Option<(v4::Packet, Extra)>, Malformed> {
     if let Some(&first) = buf.first() {
         if !super::codec::flags_valid(first) {
-            return Err(Malformed(format!(
-                "invalid fixed-header flags {first:#04x}"
-            )));
+            let why = format!("invalid fixed-header flags {first:#04x}");
+            return Err(Malformed::packet(why));
+        }
+        if first >> 4 == 15 {
+            return Err(Malformed::protocol("AUTH, and no enhanced authentication"));
         }
     }
     if let Some(extra) = short_disconnect(buf) {
         return Ok(Some((v4::Packet::Disconnect, extra)));
     }
+    if let Some(len) = super::codec::packet_len(buf).filter(|len| *len <= buf.len()) {
+        super::codec::check_subscribe_options(&buf[..len], true)?;
+    }
     let packet = match wire::Packet::read(buf, Some(max as u32)) {
         Ok(packet) => packet,
         Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
         Err(e @ rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { .. }) => {
-            return Err(Malformed(format!("{TOO_LARGE}: {e}")))
+            return Err(Malformed::with(Ending::TooLarge, e.to_string()))
         }
-        Err(e) => return Err(Malformed(e.to_string())),
+        Err(e) => return Err(Malformed::packet(e.to_string())),
     };
     let mut extra = Extra::default();
     let packet = match packet {
         wire::Packet::Publish(p) => {
-            if p.properties
-                .as_ref()
-                .is_some_and(|p| p.topic_alias.is_some())
-            {
-                return Err(Malformed("topic alias (Topic Alias Maximum is 0)".into()));
+            if let Some(props) = &p.properties {
+                check_publish_properties(props)?;
             }
             // CONNACK said Maximum QoS 1 (MQTT 5 section 3.3.1.2: DISCONNECT 0x9B).
             if p.qos == WireQoS::ExactlyOnce {
-                return Err(Malformed(format!("{QOS_NOT_SUPPORTED}: QoS 2")));
+                return Err(Malformed::with(Ending::QosNotSupported, "QoS 2"));
             }
             if let Some(props) = p.properties {
                 extra.message_expiry = props.message_expiry_interval;
@@ -198,6 +246,11 @@ pub(crate) fn decode(
             v4::Packet::Publish(publish)
         }
         wire::Packet::Subscribe(s) => {
+            // CONNACK said Subscription Identifiers Available 0.
+            if s.properties.as_ref().is_some_and(|p| p.id.is_some()) {
+                let why = "a subscription identifier";
+                return Err(Malformed::with(Ending::SubscriptionIdsNotSupported, why));
+            }
             let no_local = s.filters.iter().filter(|f| f.nolocal);
             extra.no_local = no_local.map(|f| f.path.clone()).collect();
             let filters = (s.filters.into_iter())
