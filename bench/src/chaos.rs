@@ -660,7 +660,20 @@ async fn postmortem(urls: &str, lost: &[(usize, u64)], record: &Record) -> anyho
         }
     }
     let mut queues = stream.consumers();
-    while let Some(Ok(info)) = queues.next().await {
+    let mut listing_errors = 0;
+    while let Some(listed) = queues.next().await {
+        let info = match listed {
+            Ok(info) => info,
+            // Said, and the listing goes on (a few times) past a page JetStream cannot give.
+            Err(e) => {
+                eprintln!("queue listing: {e}");
+                listing_errors += 1;
+                if listing_errors >= 5 {
+                    break;
+                }
+                continue;
+            }
+        };
         eprintln!(
             "queue {} on {}: delivered {} ack floor {} ack pending {} pending {} redelivered {} waiting {} leader {:?}",
             info.name,

@@ -40,8 +40,6 @@ enum Command {
 pub struct NatsBus {
     client: async_nats::Client,
     jetstream: async_nats::jetstream::Context,
-    /// Names this bus's messages to JetStream (with their sequence).
-    instance: u64,
     commands: mpsc::UnboundedSender<Command>,
     seq: AtomicU64,
 }
@@ -59,11 +57,6 @@ impl NatsBus {
             jetstream: async_nats::jetstream::ContextBuilder::new()
                 .timeout(DURABLE_ATTEMPT)
                 .build(client.clone()),
-            instance: {
-                let mut bytes = [0u8; 8];
-                let _ = getrandom::fill(&mut bytes);
-                u64::from_le_bytes(bytes)
-            },
             client,
             commands,
             seq: AtomicU64::new(0),
@@ -119,16 +112,17 @@ impl Bus for NatsBus {
     }
 
     /// Sent through JetStream (subscribers get it now); what it gives back resolves once the
-    /// stream stored it, sending it again (the stream keeps one copy: same message id) while
-    /// the stream elects a new leader, as it does when a NATS server is lost. Subscribers may
-    /// then get it twice; its `id` tells them.
+    /// stream stored it, sending it again while the stream elects a new leader, as it does
+    /// when a NATS server is lost. Subscribers, and the stream, may then have it twice; its
+    /// `id` tells them. No Nats-Msg-Id: on nats-server 2.9 (Debian's), a duplicate id that
+    /// reaches the stream's replicas is discarded by some and stored by others, and their
+    /// sequences drift apart (queues read from a lagging replica skip messages).
     fn publish_kept(&self, message: Message) -> BoxFuture<'_, Result<Kept, BusError>> {
         Box::pin(async move {
-            let (subject, seq, payload) = self.wrap(&message)?;
-            let id = format!("{:016x}-{seq}", self.instance);
+            let (subject, _, payload) = self.wrap(&message)?;
             let deadline = tokio::time::Instant::now() + DURABLE_WAIT;
             let jetstream = self.jetstream.clone();
-            let first = send_kept(&jetstream, &subject, &payload, &id).await;
+            let first = send_kept(&jetstream, &subject, &payload).await;
             let sent = first.is_ok();
             if sent {
                 metrics::BUS_PUBLISHED.inc();
@@ -156,7 +150,7 @@ impl Bus for NatsBus {
                             return Err(BusError::Closed);
                         }
                     }
-                    attempt = send_kept(&jetstream, &subject, &payload, &id).await;
+                    attempt = send_kept(&jetstream, &subject, &payload).await;
                 }
             });
             Ok(kept)
@@ -173,18 +167,16 @@ impl Bus for NatsBus {
     }
 }
 
-/// Sends `payload` on `subject` through JetStream as message `id`: what resolves once the
-/// stream acknowledged it.
+/// Sends `payload` on `subject` through JetStream: what resolves once the stream
+/// acknowledged it.
 async fn send_kept(
     jetstream: &async_nats::jetstream::Context,
     subject: &str,
     payload: &Bytes,
-    id: &str,
 ) -> Result<async_nats::jetstream::context::PublishAckFuture, async_nats::Error> {
-    let publish = async_nats::jetstream::message::PublishMessage::build()
-        .payload(payload.clone())
-        .message_id(id);
-    Ok(jetstream.send_publish(subject.to_owned(), publish).await?)
+    Ok(jetstream
+        .publish(subject.to_owned(), payload.clone())
+        .await?)
 }
 
 /// Applies interest changes in order: one reader task per filter.

@@ -43,6 +43,11 @@ const JETSTREAM_WAIT: Duration = Duration::from_secs(60);
 /// A lost queue is replayed from this long before its session was last known to be fine:
 /// anything it had delivered but not had acknowledged is redelivered by then.
 const REPLAY_MARGIN: Duration = Duration::from_secs(ACK_WAIT.as_secs() + 5);
+/// A queue JetStream has not been able to describe for this long is made again: its consumer's
+/// own Raft group has no leader (nats-server 2.9 answers "JetStream system temporarily
+/// unavailable" then, and a group can stay so after overlapping faults; seen in
+/// `callbus-bench chaos`, the whole two-minute drain long).
+const STUCK_QUEUE: Duration = Duration::from_secs(15);
 /// Expired sessions deleted per sweep.
 const SWEEP_BATCH: i64 = 256;
 
@@ -320,11 +325,16 @@ impl Queues {
     /// `replay` when given: what was published since then comes again (duplicates, not
     /// loss). A rewind that deleted the consumer but could not make it again leaves its start
     /// in `replay`, for the next attempt.
+    ///
+    /// `stuck` (its consumer could not be described for [`STUCK_QUEUE`], since that Unix ms):
+    /// it is deleted, whatever its state, and made again from `replay`, or from a little
+    /// before the trouble began.
     async fn bind(
         &self,
         name: &str,
         subject: &str,
         replay: &mut Option<Replay>,
+        stuck: Option<u64>,
     ) -> Result<consumer::PullConsumer, StoreError> {
         // Replicated like the stream (a Raft group of its own, hundreds of ms to make): a
         // consumer of one replica on a NATS server that is behind the stream (paused, or back
@@ -353,6 +363,19 @@ impl Queues {
             }
             None => consumer::DeliverPolicy::New,
         };
+        if let Some(since) = stuck {
+            let start = *replay.get_or_insert(Replay::Since(
+                since.saturating_sub(REPLAY_MARGIN.as_millis() as u64),
+            ));
+            warn!(consumer = %name, ?start, "a session's queue has been unanswerable: making it again");
+            match self.stream.delete_consumer(name).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(unavailable("making a stuck queue again", e)),
+            }
+            let created = self.stream.create_consumer(config(from(Some(start)))).await;
+            return created.map_err(|e| unavailable("making a stuck queue again", e));
+        }
         let info = self.stream.consumer_info(name).await;
         if let Ok(info) = &info {
             debug!(consumer = %name, waiting = info.num_waiting, ack_pending = info.num_ack_pending, "binding a queue");
@@ -408,18 +431,26 @@ impl Queues {
         loop {
             let bound = match consumer.take() {
                 Some(bound) => bound,
-                None => loop {
-                    match self.bind(&name, &subject, &mut replay).await {
-                        Ok(again) => break again,
-                        Err(e) => {
-                            warn!(client = %client_id, error = %e, "cannot bind a session's queue yet");
-                            tokio::select! {
-                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                _ = stop.cancelled() => return,
+                None => {
+                    // When binding began to fail (Unix ms, and as an instant).
+                    let mut failing: Option<(u64, tokio::time::Instant)> = None;
+                    loop {
+                        let stuck = failing
+                            .filter(|(_, at)| at.elapsed() >= STUCK_QUEUE)
+                            .map(|(ms, _)| ms);
+                        match self.bind(&name, &subject, &mut replay, stuck).await {
+                            Ok(again) => break again,
+                            Err(e) => {
+                                warn!(client = %client_id, error = %e, "cannot bind a session's queue yet");
+                                failing.get_or_insert((now_ms(), tokio::time::Instant::now()));
+                                tokio::select! {
+                                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                    _ = stop.cancelled() => return,
+                                }
                             }
                         }
                     }
-                },
+                }
             };
             match feed(&self.hub, &self.acks, (sid, self.bound), &bound, &stop).await {
                 Fed::Done => return,
@@ -439,6 +470,12 @@ impl Queues {
             replay = Some(Replay::Since(since));
         }
     }
+}
+
+/// Whether a deletion failed because the consumer is not there.
+fn is_not_found(e: &stream::ConsumerError) -> bool {
+    matches!(e.kind(), stream::ConsumerErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND)
 }
 
 /// Where a queue that is gone is made again from.
@@ -635,7 +672,7 @@ impl Durable for Queues {
                 let mut replay = since.map(Replay::Since);
                 let consumer = match replay {
                     Some(_) => None,
-                    None => Some(self.bind(&name, &subject, &mut replay).await?),
+                    None => Some(self.bind(&name, &subject, &mut replay, None).await?),
                 };
                 let Some(me) = self.me.upgrade() else {
                     return Err(StoreError::Unavailable("shutting down".into()));
