@@ -940,3 +940,60 @@ async fn stream_leader_apart_from_the_queue(cluster: &Cluster) -> usize {
     }
     panic!("the stream's leader stayed with the queue");
 }
+
+/// A publication JetStream was given twice (callbus sends one again, without a Nats-Msg-Id,
+/// when the stream's answer is lost in a failover) reaches each session once: live, and from
+/// a persistent session's queue.
+#[tokio::test]
+async fn a_publication_stored_twice_reaches_a_session_once() {
+    let cluster = Cluster::start(1).await;
+    let node = cluster.node(0);
+    phone_away(node).await;
+    let mut laptop = node.connect(Via::Tcp, "bob").await;
+    assert!(granted(
+        &laptop.subscribe(&["users/bob/notifications"]).await[0]
+    ));
+    notify_bob(node, 0..1).await;
+    assert_eq!(laptop.recv().await.json()["payload"]["n"], 0);
+
+    // The stream's last message is that notification: it is stored again, byte for byte.
+    let jetstream = async_nats::jetstream::new(first_nats(&cluster).await);
+    let mut stream = jetstream.get_stream("CALLBUS").await.expect("the stream");
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    let copy = stream
+        .get_raw_message(last)
+        .await
+        .expect("the last message");
+    assert!(
+        copy.payload.windows(5).any(|w| w == br#""n":0"#),
+        "not the notification"
+    );
+    let again = jetstream.publish(copy.subject.clone(), copy.payload.clone());
+    again.await.expect("publish").await.expect("stored");
+    assert_eq!(
+        stream.info().await.expect("info").state.last_sequence,
+        last + 1
+    );
+
+    notify_bob(node, 1..2).await;
+    assert_eq!(
+        laptop.recv().await.json()["payload"]["n"],
+        1,
+        "live: the copy came"
+    );
+    let mut phone = node
+        .connect_with(Via::Tcp, "bob", "phone", persistent)
+        .await;
+    assert!(phone.session_present);
+    assert_eq!(phone.recv().await.json()["payload"]["n"], 0);
+    assert_eq!(
+        phone.recv().await.json()["payload"]["n"],
+        1,
+        "queued: the copy came"
+    );
+}

@@ -113,8 +113,8 @@ impl Bus for NatsBus {
 
     /// Sent through JetStream (subscribers get it now); what it gives back resolves once the
     /// stream stored it, sending it again while the stream elects a new leader, as it does
-    /// when a NATS server is lost. Subscribers, and the stream, may then have it twice; its
-    /// `id` tells them. No Nats-Msg-Id: on nats-server 2.9 (Debian's), a duplicate id that
+    /// when a NATS server is lost. The stream may then have it twice; readers drop the second
+    /// copy ([`Recent`]). No Nats-Msg-Id: on nats-server 2.9 (Debian's), a duplicate id that
     /// reaches the stream's replicas is discarded by some and stored by others, and their
     /// sequences drift apart (queues read from a lagging replica skip messages).
     fn publish_kept(&self, message: Message) -> BoxFuture<'_, Result<Kept, BusError>> {
@@ -236,6 +236,7 @@ async fn read(
     stop: CancellationToken,
 ) {
     let mut messages = futures_util::stream::select_all(subscribers);
+    let mut recent = Recent::new();
     loop {
         let message = tokio::select! {
             message = messages.next() => message,
@@ -243,12 +244,47 @@ async fn read(
         };
         let Some(message) = message else { break };
         metrics::BUS_RECEIVED.inc();
+        if recent.repeated(message.subject.as_str(), &message.payload) {
+            debug!(subject = %message.subject, "a publication's second copy");
+            continue;
+        }
         match decode_delivery(message.subject.as_str(), message.payload) {
             Some(delivered) => deliver.deliver_via(&filter, delivered),
             None => warn!(subject = %message.subject, "not a callbus message"),
         }
     }
     debug!(%filter, "stopped reading");
+}
+
+/// How many payloads a reader remembers to tell a second copy from a first.
+const RECENT: usize = 256;
+
+/// The last payloads a reader handed on, by hash: a publication JetStream was given twice (a
+/// retry after its answer was lost in a failover, [`NatsBus::publish_kept`]) has the same
+/// subject and bytes both times, while two publications never do (each carries its node's
+/// sequence and its own `id`). The second copy is dropped.
+pub(crate) struct Recent(std::collections::VecDeque<u64>);
+
+impl Recent {
+    pub(crate) fn new() -> Self {
+        Self(std::collections::VecDeque::with_capacity(RECENT))
+    }
+
+    /// Whether `subject` and `payload` came among the last [`RECENT`]; remembers them.
+    pub(crate) fn repeated(&mut self, subject: &str, payload: &[u8]) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (subject, payload).hash(&mut hasher);
+        let hash = hasher.finish();
+        if self.0.contains(&hash) {
+            return true;
+        }
+        if self.0.len() == RECENT {
+            self.0.pop_front();
+        }
+        self.0.push_back(hash);
+        false
+    }
 }
 
 /// The message a subject of the bus carried (`None` for a subject outside the bus or a payload

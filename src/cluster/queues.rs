@@ -25,7 +25,7 @@ use async_nats::jetstream::{self, consumer, stream};
 
 use crate::broker::hub::{Durable, Receipt, MAILBOX_MESSAGES};
 use crate::broker::Hub;
-use crate::bus::nats::{decode_delivery, TOPIC_PREFIX};
+use crate::bus::nats::{decode_delivery, Recent, TOPIC_PREFIX};
 use crate::bus::subject::filter_subjects;
 use crate::model::call::now_ms;
 use crate::store::pg::Pg;
@@ -522,6 +522,7 @@ async fn feed(
         }
     };
     let mut dropped = 0;
+    let mut recent = Recent::new();
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
@@ -554,6 +555,16 @@ async fn feed(
                 pending = info.pending,
                 "queued message"
             );
+        }
+        // A publication the stream holds twice (a retry) goes once; one delivered again
+        // (not acknowledged in time) is not a copy.
+        let first = message.info().map_or(true, |info| info.delivered <= 1);
+        if first && recent.repeated(message.subject.as_str(), &message.payload) {
+            debug!(queue = %consumer.cached_info().name, "a publication's second copy");
+            if let Some(reply) = &message.reply {
+                let _ = acks.send(reply.clone());
+            }
+            continue;
         }
         let behind = message.info().map(|info| info.pending).unwrap_or(0);
         if behind >= bound {
