@@ -2,7 +2,9 @@
 
 use super::common::raw::{RawConnect, RawMqtt};
 use super::common::TestServer;
-use super::{closed_for, ending, next_is_marker, replaced, v5_connack, with_listener, WILL};
+use super::{
+    carol_with_will, closed_for, ending, next_is_marker, replaced, v5_connack, with_listener, WILL,
+};
 
 /// Alice's CONNECT at `level`, as `alice-raw`.
 fn alice(s: &TestServer, level: u8) -> RawConnect {
@@ -224,16 +226,6 @@ async fn mqtt_3_2_2_1_v5_connack_flags_other_than_session_present_are_0() {
             "level {level}"
         );
     }
-}
-
-/// Carol at `level` with a Will on `chat/c1`.
-async fn carol_with_will(s: &TestServer, level: u8) -> RawMqtt {
-    let mut connect = RawConnect::v5("carol-dev", "carol", &s.token("carol"));
-    connect.level = level;
-    connect.will = Some(("chat/c1".into(), WILL.as_bytes().to_vec()));
-    let (carol, (_, code)) = RawMqtt::connect(s.mqtt, &connect).await;
-    assert_eq!(code, 0);
-    carol
 }
 
 #[tokio::test]

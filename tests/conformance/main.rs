@@ -38,9 +38,10 @@ async fn next_is_marker(s: &TestServer, alice: &mut Client, text: &str) {
     assert_eq!(alice.recv().await.json()["text"], text);
 }
 
-/// Carol on MQTT 5 with a Last Will on `chat/c1`.
-async fn carol_with_will(s: &TestServer) -> RawMqtt {
+/// Carol at MQTT `level` (4 or 5) with a Last Will on `chat/c1`.
+async fn carol_with_will(s: &TestServer, level: u8) -> RawMqtt {
     let mut connect = RawConnect::v5("carol-dev", "carol", &s.token("carol"));
+    connect.level = level;
     connect.will = Some(("chat/c1".into(), WILL.as_bytes().to_vec()));
     let (carol, (_, code)) = RawMqtt::connect(s.mqtt, &connect).await;
     assert_eq!(code, 0);
@@ -52,7 +53,7 @@ async fn mqtt_3_14_2_1_a_disconnect_of_length_0_is_normal_and_discards_the_will(
     // Also MQTT-3.1.2-10 and MQTT-3.14.4-3: a normal DISCONNECT publishes no Will. `E0 00` is
     // what paho-mqtt, aiomqtt and mosquitto_pub/sub -V 5 send.
     let (s, mut alice) = with_listener().await;
-    let mut carol = carol_with_will(&s).await;
+    let mut carol = carol_with_will(&s, 5).await;
     carol.send(&[0xE0, 0x00]).await;
     assert!(
         carol.closed_silently().await,
@@ -60,7 +61,7 @@ async fn mqtt_3_14_2_1_a_disconnect_of_length_0_is_normal_and_discards_the_will(
     );
     next_is_marker(&s, &mut alice, "after a normal disconnect").await;
     // The same with the reason written out (`E0 01 00`, as MQTT.js sends it).
-    let mut carol = carol_with_will(&s).await;
+    let mut carol = carol_with_will(&s, 5).await;
     carol.send(&[0xE0, 0x01, 0x00]).await;
     assert!(carol.closed_silently().await);
     next_is_marker(&s, &mut alice, "after a normal disconnect, again").await;
@@ -69,7 +70,7 @@ async fn mqtt_3_14_2_1_a_disconnect_of_length_0_is_normal_and_discards_the_will(
 #[tokio::test]
 async fn mqtt_3_14_2_1_a_disconnect_with_reason_0x04_publishes_the_will() {
     let (s, mut alice) = with_listener().await;
-    let mut carol = carol_with_will(&s).await;
+    let mut carol = carol_with_will(&s, 5).await;
     carol.send(&[0xE0, 0x01, 0x04]).await;
     assert!(carol.closed_silently().await);
     let will = alice.recv().await.json();
@@ -78,7 +79,7 @@ async fn mqtt_3_14_2_1_a_disconnect_with_reason_0x04_publishes_the_will() {
         (&json!("carol is gone"), &json!("carol"))
     );
     // A connection that just drops publishes it too (the allowed case of MQTT-3.1.2-8).
-    let carol = carol_with_will(&s).await;
+    let carol = carol_with_will(&s, 5).await;
     drop(carol);
     assert_eq!(alice.recv().await.json()["text"], "carol is gone");
 }

@@ -102,33 +102,28 @@ async fn mqtt_3_1_2_22_v5_a_silent_client_is_closed_after_one_and_a_half_keep_al
     );
 }
 
+/// The CONNACK reason for carol's v5 CONNECT with a Will and these `flags`, which must be
+/// followed by the connection's close.
+async fn will_refused(s: &TestServer, flags: u8) -> u8 {
+    let mut connect = RawConnect::v5("carol-dev", "carol", &s.token("carol"));
+    let will = br#"{"type":"message","text":"x"}"#.to_vec();
+    (connect.will, connect.flags) = (Some(("chat/c1".into(), will)), Some(flags));
+    let (mut raw, _, code, _) = v5_connack(s, &connect).await;
+    assert!(raw.closed_silently().await);
+    code
+}
+
 #[tokio::test]
 async fn mqtt_3_2_2_12_a_will_qos_above_maximum_qos_gets_0x9b() {
     let s = TestServer::with_c1().await;
-    let mut connect = RawConnect::v5("carol-dev", "carol", &s.token("carol"));
-    connect.will = Some((
-        "chat/c1".into(),
-        br#"{"type":"message","text":"x"}"#.to_vec(),
-    ));
-    connect.flags = Some(0xC2 | 0x04 | 0x10); // Will QoS 2
-    let (mut raw, _, code, _) = v5_connack(&s, &connect).await;
-    assert_eq!(code, 0x9B);
-    assert!(raw.closed_silently().await);
+    assert_eq!(will_refused(&s, 0xC2 | 0x04 | 0x10).await, 0x9B); // Will QoS 2
 }
 
 #[tokio::test]
 async fn mqtt_3_2_2_13_a_will_to_retain_gets_0x9a() {
     // Retain Available is 0. (3.1.1 has no such code: CONNACK 0x05 there, see will_retain.)
     let s = TestServer::with_c1().await;
-    let mut connect = RawConnect::v5("carol-dev", "carol", &s.token("carol"));
-    connect.will = Some((
-        "chat/c1".into(),
-        br#"{"type":"message","text":"x"}"#.to_vec(),
-    ));
-    connect.flags = Some(0xC2 | 0x04 | 0x20);
-    let (mut raw, _, code, _) = v5_connack(&s, &connect).await;
-    assert_eq!(code, 0x9A);
-    assert!(raw.closed_silently().await);
+    assert_eq!(will_refused(&s, 0xC2 | 0x04 | 0x20).await, 0x9A);
 }
 
 #[tokio::test]
